@@ -1,0 +1,22 @@
+//! Sources of endpoints for podgate.
+//!
+//! Data flow: a *source* (today a folder of manifests, [`ManifestsCluster`]; later a Kubernetes
+//! watch) sees Services and EndpointSlices and writes what it knows per
+//! (cluster, namespace, service) into the [`Store`]. The store tells its [`Listener`]s which
+//! [`ServiceKey`]s changed; the gateway then reads the [`ServiceState`] and resolves the
+//! upstream's port into Pod addresses with [`ServiceState::endpoints`].
+//!
+//! ```text
+//! manifests folder ──> ManifestsCluster ──reset_cluster──> Store ──changed(keys)──> gateway
+//!                                                            └── get(key) → ServiceState::endpoints(port)
+//! ```
+//!
+//! Nothing here is on the request path: the gateway turns notifications into its own snapshots.
+
+mod manifests;
+mod model;
+mod store;
+
+pub use manifests::{ManifestsCluster, ManifestsError, ManifestsStatus, WatchGuard};
+pub use model::{Endpoint, PortRef, ResolveError, ServiceKey, ServiceState};
+pub use store::{Listener, Store};
