@@ -1,0 +1,126 @@
+//! The admin listener: `/healthz`, `/readyz` and `/upstreams` (what podgate discovered).
+//!
+//! It runs as its own Pingora service on its own address (loopback by default), so scraping or
+//! inspecting never competes with proxy traffic for a listener.
+
+use crate::upstream::Upstreams;
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use podgate_discovery::ManifestsCluster;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub struct Admin {
+    pub upstreams: Arc<Upstreams>,
+    pub manifests: Vec<(Arc<str>, Arc<ManifestsCluster>)>,
+}
+
+fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: u16, v: &Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+impl Admin {
+    /// The discovered state: every upstream with its services and live backends, every cluster
+    /// with how its last read went.
+    pub fn upstreams_json(&self) -> Value {
+        let mut names: Vec<&String> = self.upstreams.by_name.keys().collect();
+        names.sort();
+        let upstreams: Vec<Value> = names
+            .into_iter()
+            .map(|name| {
+                let up = &self.upstreams.by_name[name];
+                let views = up.service_views();
+                let services: Vec<Value> = up
+                    .conf
+                    .services
+                    .iter()
+                    .zip(views)
+                    .map(|(s, view)| {
+                        let endpoints: Vec<Value> = view
+                            .endpoints
+                            .iter()
+                            .map(|e| {
+                                json!({
+                                    "address": e.addr.to_string(),
+                                    "pod": e.pod, "node": e.node, "zone": e.zone,
+                                    "slice": e.slice,
+                                    "ready": e.ready, "serving": e.serving,
+                                    "terminating": e.terminating,
+                                    "weight": s.weight,
+                                })
+                            })
+                            .collect();
+                        json!({
+                            "cluster": &*s.cluster, "namespace": s.namespace,
+                            "service": s.service, "port": s.port.to_string(),
+                            "weight": s.weight, "problem": view.problem,
+                            "endpoints": endpoints,
+                        })
+                    })
+                    .collect();
+                let live: Vec<Value> = up
+                    .selection()
+                    .backends()
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "address": b.addr.to_string(), "weight": b.weight,
+                            "cluster": b.cluster.as_deref(), "pod": b.pod.as_deref(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": name,
+                    "scheme": match up.conf.scheme { crate::config::Scheme::Http => "http", crate::config::Scheme::Https => "https" },
+                    "tags": up.conf.tags,
+                    "services": services,
+                    "backends": live,
+                })
+            })
+            .collect();
+        let clusters: Vec<Value> = self
+            .manifests
+            .iter()
+            .map(|(name, m)| {
+                let s = m.status();
+                json!({
+                    "name": &**name, "kind": "manifests",
+                    "files": s.files, "reloads": s.reloads, "errors": s.errors,
+                    "last_error": s.last_error,
+                    "last_sync_unix": s.last_reload
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs_f64()),
+                })
+            })
+            .collect();
+        json!({ "upstreams": upstreams, "clusters": clusters })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            "/healthz" => respond(200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
+            "/upstreams" => json_response(200, &self.upstreams_json()),
+            _ => json_response(
+                404,
+                &json!({"error": "not_found", "paths": ["/healthz", "/readyz", "/upstreams"]}),
+            ),
+        }
+    }
+}

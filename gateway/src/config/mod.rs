@@ -1,0 +1,978 @@
+//! The config file: its public YAML format and the validated form the gateway runs on.
+//!
+//! The two are kept apart (as river does): [`load`] reads the YAML tree, reports every mistake at
+//! once with field path and line, and only a fully valid file becomes a [`Config`]. Everything
+//! downstream can then trust the values (ports in range, names unique, references resolved).
+//!
+//! Relative paths in the file (manifests folders, kubeconfigs, certificates) are relative to the
+//! folder of the config file, so `podgate -c conf/quickstart.yaml` works from any directory.
+
+mod yaml;
+
+pub use yaml::{parse_address, parse_duration, ConfigError, ConfigErrors};
+
+use podgate_discovery::PortRef;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use yaml::{Fields, Node, Reader};
+
+/// Most services one upstream may list (the product's contract).
+pub const MAX_SERVICES_PER_UPSTREAM: usize = 20;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this came from, as given on the command line.
+    pub source: PathBuf,
+    pub listeners: Vec<Listener>,
+    pub admin: Admin,
+    pub server: ServerSettings,
+    pub clusters: Vec<Cluster>,
+    pub upstreams: Vec<Arc<UpstreamConf>>,
+    pub routes: Vec<RouteConf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: Option<ListenerTls>,
+    /// Accept HTTP/2 without TLS (prior knowledge). Off by default: plain listeners speak HTTP/1.1.
+    pub h2c: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub kind: ClusterKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum ClusterKind {
+    /// A folder of Service and EndpointSlice manifests standing in for a cluster.
+    Manifests(PathBuf),
+    Kubeconfig {
+        path: PathBuf,
+        context: Option<String>,
+    },
+    InCluster,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    /// Name sent in SNI and checked against the Pod's certificate.
+    pub sni: Option<String>,
+    pub verify: bool,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamConf {
+    pub name: String,
+    pub scheme: Scheme,
+    pub host_header: Option<String>,
+    pub tls: UpstreamTls,
+    pub tags: BTreeMap<String, String>,
+    /// Extra attempts after the first one, each on a different endpoint.
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub services: Vec<ServiceRef>,
+    pub nodes: Vec<StaticNode>,
+}
+
+impl UpstreamConf {
+    /// The name to send in SNI and verify against: `tls.sni`, else `host_header`.
+    pub fn sni(&self) -> Option<&str> {
+        self.tls.sni.as_deref().or(self.host_header.as_deref())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceRef {
+    pub cluster: Arc<str>,
+    pub namespace: String,
+    pub service: String,
+    pub port: PortRef,
+    /// Weight of each Pod of this service.
+    pub weight: u32,
+    /// Extra Pod-label subset (honoured by the Kubernetes source).
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StaticNode {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConf {
+    pub name: String,
+    /// Empty means any host.
+    pub hosts: Vec<String>,
+    pub path_prefix: String,
+    /// Empty means any method.
+    pub methods: Vec<http::Method>,
+    pub strip_prefix: bool,
+    pub upstream: String,
+}
+
+// Defaults, each chosen to match what users of nginx/Envoy expect, and documented in the README.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
+pub const DEFAULT_RETRIES: u32 = 1;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// nginx's `proxy_read_timeout`.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: shown.clone(),
+            line: None,
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    parse(&shown, &text, &base).map(|mut c| {
+        c.source = path.to_path_buf();
+        c
+    })
+}
+
+/// Validates config text; `base` is the folder relative paths are resolved against.
+pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    let doc = yaml::parse_document(file, text).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut r = Reader::new(file);
+    let config = read_config(&mut r, &doc, base);
+    match config {
+        Some(c) if r.errors.is_empty() => Ok(c),
+        _ => {
+            let mut errors = r.errors;
+            // Report in file order; errors without a line (whole-file) first.
+            errors.sort_by_key(|e| e.line.unwrap_or(0));
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "listeners",
+    "admin",
+    "server",
+    "clusters",
+    "upstreams",
+    "routes",
+];
+
+fn read_config(r: &mut Reader, doc: &Node, base: &Path) -> Option<Config> {
+    let f = r.fields(doc, "", TOP_KEYS)?;
+    let resolve = |p: String| -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            base.join(p)
+        }
+    };
+
+    let listeners = match f.get("listeners") {
+        Some(n) => r
+            .list(n, "listeners")
+            .into_iter()
+            .filter_map(|(path, n)| read_listener(r, n, &path, &resolve))
+            .collect(),
+        None => {
+            r.error(Some(doc), "listeners", "is required: at least one listener");
+            Vec::new()
+        }
+    };
+    if f.get("listeners").is_some() && listeners.is_empty() {
+        r.error(
+            f.get("listeners"),
+            "listeners",
+            "needs at least one listener",
+        );
+    }
+    let mut seen = HashSet::new();
+    for l in &listeners {
+        if !seen.insert(l.address) {
+            r.error(
+                f.get("listeners"),
+                "listeners",
+                format!("address {} is used twice", l.address),
+            );
+        }
+    }
+
+    let admin = read_admin(r, f.get("admin"));
+    if listeners.iter().any(|l| l.address == admin.address) {
+        r.error(
+            f.get("admin"),
+            "admin.address",
+            "must differ from every listener address",
+        );
+    }
+    let server = read_server(r, f.get("server"));
+
+    let mut clusters: Vec<Cluster> = Vec::new();
+    for (path, n) in f
+        .get("clusters")
+        .map(|n| r.list(n, "clusters"))
+        .unwrap_or_default()
+    {
+        let Some(c) = read_cluster(r, n, &path, &resolve) else {
+            continue;
+        };
+        if clusters.iter().any(|x| x.name == c.name) {
+            r.error(
+                Some(n),
+                &format!("{path}.name"),
+                format!("duplicate cluster name `{}`", c.name),
+            );
+        } else {
+            clusters.push(c);
+        }
+    }
+
+    let mut upstreams: Vec<Arc<UpstreamConf>> = Vec::new();
+    for (path, n) in f
+        .get("upstreams")
+        .map(|n| r.list(n, "upstreams"))
+        .unwrap_or_default()
+    {
+        if let Some(u) = read_upstream(r, n, &path, &clusters, &resolve) {
+            if upstreams.iter().any(|x| x.name == u.name) {
+                r.error(
+                    Some(n),
+                    &format!("{path}.name"),
+                    format!("duplicate upstream name `{}`", u.name),
+                );
+            } else {
+                upstreams.push(Arc::new(u));
+            }
+        }
+    }
+
+    let mut routes: Vec<RouteConf> = Vec::new();
+    for (path, n) in f
+        .get("routes")
+        .map(|n| r.list(n, "routes"))
+        .unwrap_or_default()
+    {
+        if let Some(route) = read_route(r, n, &path, &upstreams) {
+            if routes.iter().any(|x| x.name == route.name) {
+                r.error(
+                    Some(n),
+                    &format!("{path}.name"),
+                    format!("duplicate route name `{}`", route.name),
+                );
+            } else if let Some(other) = routes.iter().find(|x| {
+                x.path_prefix == route.path_prefix
+                    && x.hosts == route.hosts
+                    && x.methods.iter().any(|m| route.methods.contains(m))
+            }) {
+                r.error(
+                    Some(n),
+                    &path,
+                    format!(
+                        "matches the same hosts, path_prefix and methods as route `{}`",
+                        other.name
+                    ),
+                );
+            } else {
+                routes.push(route);
+            }
+        }
+    }
+
+    Some(Config {
+        source: PathBuf::new(),
+        listeners,
+        admin,
+        server,
+        clusters,
+        upstreams,
+        routes,
+    })
+}
+
+fn read_listener(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> Option<Listener> {
+    let f = r.fields(n, path, &["address", "tls", "h2c"])?;
+    let address = match f.get("address") {
+        Some(a) => r.address(a, &f.child("address")),
+        None => {
+            r.error(Some(n), &f.child("address"), "is required");
+            None
+        }
+    };
+    let tls = f.get("tls").and_then(|t| {
+        let tf = r.fields(t, &f.child("tls"), &["cert", "key"])?;
+        let cert = r.required_string(&tf, "cert").map(resolve);
+        let key = r.required_string(&tf, "key").map(resolve);
+        for (k, p) in [("cert", &cert), ("key", &key)] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    r.error(
+                        tf.get(k),
+                        &tf.child(k),
+                        format!("file {} does not exist", p.display()),
+                    );
+                }
+            }
+        }
+        Some(ListenerTls {
+            cert: cert?,
+            key: key?,
+        })
+    });
+    let h2c = r.bool(&f, "h2c", false);
+    if h2c && f.get("tls").is_some() {
+        r.error(
+            f.get("h2c"),
+            &f.child("h2c"),
+            "h2c is for plain listeners; TLS listeners offer h2 by ALPN already",
+        );
+    }
+    Some(Listener {
+        address: address?,
+        tls,
+        h2c,
+    })
+}
+
+fn read_admin(r: &mut Reader, n: Option<&Node>) -> Admin {
+    let default = Admin {
+        address: DEFAULT_ADMIN.parse().expect("valid default"),
+    };
+    let Some(n) = n else { return default };
+    let Some(f) = r.fields(n, "admin", &["address"]) else {
+        return default;
+    };
+    let address = f
+        .get("address")
+        .and_then(|a| r.address(a, "admin.address"))
+        .unwrap_or(default.address);
+    Admin { address }
+}
+
+fn read_server(r: &mut Reader, n: Option<&Node>) -> ServerSettings {
+    let threads_default = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut s = ServerSettings {
+        threads: threads_default,
+        grace_period: DEFAULT_GRACE_PERIOD,
+    };
+    let Some(n) = n else { return s };
+    let Some(f) = r.fields(n, "server", &["threads", "grace_period"]) else {
+        return s;
+    };
+    if let Some(t) = r.optional_int(&f, "threads", 1, 1024) {
+        s.threads = t as usize;
+    }
+    s.grace_period = r.duration(&f, "grace_period", DEFAULT_GRACE_PERIOD);
+    s
+}
+
+fn read_cluster(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> Option<Cluster> {
+    let f = r.fields(
+        n,
+        path,
+        &["name", "manifests", "kubeconfig", "context", "in_cluster"],
+    )?;
+    let name = r.required_string(&f, "name");
+    if let Some(name) = &name {
+        check_name(r, f.get("name"), &f.child("name"), name);
+    }
+    let given: Vec<&str> = ["manifests", "kubeconfig", "in_cluster"]
+        .into_iter()
+        .filter(|k| f.get(k).is_some())
+        .collect();
+    if given.len() != 1 {
+        r.error(
+            Some(n),
+            path,
+            format!(
+                "give exactly one of manifests, kubeconfig or in_cluster (found {})",
+                if given.is_empty() {
+                    "none".to_string()
+                } else {
+                    given.join(" and ")
+                }
+            ),
+        );
+        return None;
+    }
+    if f.get("context").is_some() && given[0] != "kubeconfig" {
+        r.error(
+            f.get("context"),
+            &f.child("context"),
+            "context only applies to kubeconfig clusters",
+        );
+    }
+    let kind = match given[0] {
+        "manifests" => {
+            let dir = resolve(r.required_string(&f, "manifests")?);
+            if !dir.is_dir() {
+                r.error(
+                    f.get("manifests"),
+                    &f.child("manifests"),
+                    format!("folder {} does not exist", dir.display()),
+                );
+            }
+            ClusterKind::Manifests(dir)
+        }
+        "kubeconfig" => {
+            let file = resolve(r.required_string(&f, "kubeconfig")?);
+            if !file.is_file() {
+                r.error(
+                    f.get("kubeconfig"),
+                    &f.child("kubeconfig"),
+                    format!("file {} does not exist", file.display()),
+                );
+            }
+            // Honest about scope: the Kubernetes watcher is not in this build yet, and a cluster
+            // that silently yields no Pods would be worse than a refusal.
+            r.error(
+                f.get("kubeconfig"),
+                &f.child("kubeconfig"),
+                "kubeconfig clusters are not supported by this build yet (use manifests)",
+            );
+            ClusterKind::Kubeconfig {
+                path: file,
+                context: r.optional_string(&f, "context"),
+            }
+        }
+        _ => {
+            if !r.bool(&f, "in_cluster", false) {
+                r.error(
+                    f.get("in_cluster"),
+                    &f.child("in_cluster"),
+                    "in_cluster: false names no cluster; remove the entry or give manifests/kubeconfig",
+                );
+            }
+            r.error(
+                f.get("in_cluster"),
+                &f.child("in_cluster"),
+                "in_cluster clusters are not supported by this build yet (use manifests)",
+            );
+            ClusterKind::InCluster
+        }
+    };
+    Some(Cluster {
+        name: Arc::from(name?.as_str()),
+        kind,
+    })
+}
+
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "scheme",
+    "host_header",
+    "tls",
+    "tags",
+    "retries",
+    "connect_timeout",
+    "read_timeout",
+    "health_check",
+    "services",
+    "nodes",
+];
+
+fn read_upstream(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    clusters: &[Cluster],
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> Option<UpstreamConf> {
+    let f = r.fields(n, path, UPSTREAM_KEYS)?;
+    let name = r.required_string(&f, "name");
+    if let Some(name) = &name {
+        check_name(r, f.get("name"), &f.child("name"), name);
+    }
+    let scheme = match r.optional_string(&f, "scheme").as_deref() {
+        None | Some("http") => Scheme::Http,
+        Some("https") => Scheme::Https,
+        Some(other) => {
+            r.error(
+                f.get("scheme"),
+                &f.child("scheme"),
+                format!("`{other}` is not a scheme: use http or https"),
+            );
+            Scheme::Http
+        }
+    };
+    let host_header = r.optional_string(&f, "host_header");
+    if let Some(h) = &host_header {
+        if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(' ') {
+            r.error(
+                f.get("host_header"),
+                &f.child("host_header"),
+                format!("`{h}` is not a valid Host header value"),
+            );
+        }
+    }
+    let mut tls = UpstreamTls {
+        sni: None,
+        verify: true,
+        ca_file: None,
+    };
+    if let Some(t) = f.get("tls") {
+        if scheme != Scheme::Https {
+            r.error(
+                Some(t),
+                &f.child("tls"),
+                "tls settings only apply with scheme: https",
+            );
+        }
+        if let Some(tf) = r.fields(t, &f.child("tls"), &["sni", "verify", "ca_file"]) {
+            tls.sni = r.optional_string(&tf, "sni");
+            if tls.sni.as_deref() == Some("") {
+                r.error(
+                    tf.get("sni"),
+                    &tf.child("sni"),
+                    "must not be empty (an empty SNI turns verification off)",
+                );
+            }
+            tls.verify = r.bool(&tf, "verify", true);
+            tls.ca_file = r.optional_string(&tf, "ca_file").map(resolve);
+            if let Some(ca) = &tls.ca_file {
+                if !ca.is_file() {
+                    r.error(
+                        tf.get("ca_file"),
+                        &tf.child("ca_file"),
+                        format!("file {} does not exist", ca.display()),
+                    );
+                }
+            }
+        }
+    }
+    if scheme == Scheme::Https && tls.verify && tls.sni.is_none() && host_header.is_none() {
+        r.error(
+            Some(n),
+            path,
+            "scheme https with verification needs a name to verify: set tls.sni or host_header \
+             (or tls.verify: false)",
+        );
+    }
+    let tags = f
+        .get("tags")
+        .map(|t| r.string_map(t, &f.child("tags")).into_iter().collect())
+        .unwrap_or_default();
+    let retries = r
+        .optional_int(&f, "retries", 0, 10)
+        .map(|v| v as u32)
+        .unwrap_or(DEFAULT_RETRIES);
+    let connect_timeout = r.duration(&f, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    let read_timeout = r.duration(&f, "read_timeout", DEFAULT_READ_TIMEOUT);
+    for (key, d) in [
+        ("connect_timeout", connect_timeout),
+        ("read_timeout", read_timeout),
+    ] {
+        if d.is_zero() {
+            r.error(f.get(key), &f.child(key), "must be longer than zero");
+        }
+    }
+    if let Some(h) = f.get("health_check") {
+        r.error(
+            Some(h),
+            &f.child("health_check"),
+            "active health checks are not supported by this build yet",
+        );
+    }
+
+    let mut services = Vec::new();
+    if let Some(s) = f.get("services") {
+        let items = r.list(s, &f.child("services"));
+        if items.len() > MAX_SERVICES_PER_UPSTREAM {
+            r.error(
+                Some(s),
+                &f.child("services"),
+                format!(
+                    "lists {} services; an upstream takes at most {MAX_SERVICES_PER_UPSTREAM}",
+                    items.len()
+                ),
+            );
+        }
+        for (p, sn) in items {
+            if let Some(svc) = read_service_ref(r, sn, &p, clusters) {
+                let dup = services.iter().any(|x: &ServiceRef| {
+                    x.cluster == svc.cluster
+                        && x.namespace == svc.namespace
+                        && x.service == svc.service
+                        && x.port == svc.port
+                        && x.labels == svc.labels
+                });
+                if dup {
+                    r.error(Some(sn), &p, "the same service is listed twice");
+                }
+                services.push(svc);
+            }
+        }
+    }
+    let mut nodes: Vec<StaticNode> = Vec::new();
+    if let Some(ns) = f.get("nodes") {
+        for (p, nn) in r.list(ns, &f.child("nodes")) {
+            let Some(nf) = r.fields(nn, &p, &["address", "weight"]) else {
+                continue;
+            };
+            let address = match nf.get("address") {
+                Some(a) => r.address(a, &nf.child("address")),
+                None => {
+                    r.error(Some(nn), &nf.child("address"), "is required");
+                    None
+                }
+            };
+            let weight = read_weight(r, &nf);
+            if let Some(address) = address {
+                if nodes.iter().any(|x| x.address == address) {
+                    r.error(Some(nn), &p, format!("node {address} is listed twice"));
+                }
+                nodes.push(StaticNode { address, weight });
+            }
+        }
+    }
+    if f.get("services").is_none() && f.get("nodes").is_none() {
+        r.error(
+            Some(n),
+            path,
+            "needs services (Kubernetes services) or nodes (static addresses), or both",
+        );
+    }
+    Some(UpstreamConf {
+        name: name?,
+        scheme,
+        host_header,
+        tls,
+        tags,
+        retries,
+        connect_timeout,
+        read_timeout,
+        services,
+        nodes,
+    })
+}
+
+fn read_weight(r: &mut Reader, f: &Fields<'_>) -> u32 {
+    r.optional_int(f, "weight", 1, 100)
+        .map(|w| w as u32)
+        .unwrap_or(DEFAULT_WEIGHT)
+}
+
+fn read_service_ref(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    clusters: &[Cluster],
+) -> Option<ServiceRef> {
+    let f = r.fields(
+        n,
+        path,
+        &[
+            "cluster",
+            "namespace",
+            "service",
+            "port",
+            "weight",
+            "labels",
+        ],
+    )?;
+    let cluster = r.required_string(&f, "cluster").and_then(|c| {
+        match clusters.iter().find(|x| *x.name == *c) {
+            Some(x) => Some(x.name.clone()),
+            None => {
+                let known: Vec<&str> = clusters.iter().map(|c| &*c.name).collect();
+                r.error(
+                    f.get("cluster"),
+                    &f.child("cluster"),
+                    format!(
+                        "unknown cluster `{c}` (clusters: {})",
+                        if known.is_empty() {
+                            "none defined".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                None
+            }
+        }
+    });
+    let namespace = r
+        .optional_string(&f, "namespace")
+        .unwrap_or_else(|| "default".into());
+    if let Err(why) = dns1123_label(&namespace) {
+        r.error(
+            f.get("namespace"),
+            &f.child("namespace"),
+            format!("`{namespace}` is not a valid namespace: {why}"),
+        );
+    }
+    let service = r.required_string(&f, "service");
+    if let Some(s) = &service {
+        if let Err(why) = dns1035_label(s) {
+            r.error(
+                f.get("service"),
+                &f.child("service"),
+                format!("`{s}` is not a valid service name: {why}"),
+            );
+        }
+    }
+    let port = match f.get("port") {
+        None => {
+            r.error(
+                Some(n),
+                &f.child("port"),
+                "is required (a Service port number or name)",
+            );
+            None
+        }
+        Some(p) => read_port_ref(r, p, &f.child("port")),
+    };
+    let weight = read_weight(r, &f);
+    let labels: BTreeMap<String, String> = f
+        .get("labels")
+        .map(|l| r.string_map(l, &f.child("labels")).into_iter().collect())
+        .unwrap_or_default();
+    if !labels.is_empty() {
+        r.error(
+            f.get("labels"),
+            &f.child("labels"),
+            "label subsets need the Kubernetes Pod watch, which this build does not have yet",
+        );
+    }
+    Some(ServiceRef {
+        cluster: cluster?,
+        namespace,
+        service: service?,
+        port: port?,
+        weight,
+        labels,
+    })
+}
+
+fn read_port_ref(r: &mut Reader, n: &Node, path: &str) -> Option<PortRef> {
+    match yaml::scalar(n) {
+        yaml::Scalar::Int(i) if (1..=65535).contains(&i) => Some(PortRef::Number(i as u16)),
+        yaml::Scalar::Int(i) => {
+            r.error(Some(n), path, format!("port {i} is outside 1..65535"));
+            None
+        }
+        yaml::Scalar::Str(name) => match port_name(name) {
+            Ok(()) => Some(PortRef::Name(name.to_string())),
+            Err(why) => {
+                r.error(
+                    Some(n),
+                    path,
+                    format!("`{name}` is not a valid port name: {why}"),
+                );
+                None
+            }
+        },
+        yaml::Scalar::Other(kind) => {
+            r.error(
+                Some(n),
+                path,
+                format!("expected a Service port number or name, found {kind}"),
+            );
+            None
+        }
+    }
+}
+
+fn read_route(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    upstreams: &[Arc<UpstreamConf>],
+) -> Option<RouteConf> {
+    let f = r.fields(
+        n,
+        path,
+        &[
+            "name",
+            "hosts",
+            "path_prefix",
+            "methods",
+            "strip_prefix",
+            "upstream",
+        ],
+    )?;
+    let name = r.required_string(&f, "name");
+    if let Some(name) = &name {
+        check_name(r, f.get("name"), &f.child("name"), name);
+    }
+    let mut hosts = Vec::new();
+    if let Some(h) = f.get("hosts") {
+        for (p, hn) in r.list(h, &f.child("hosts")) {
+            if let Some(host) = r.string(hn, &p) {
+                match check_host(&host) {
+                    Ok(()) => hosts.push(host.to_ascii_lowercase()),
+                    Err(why) => r.error(Some(hn), &p, format!("`{host}` {why}")),
+                }
+            }
+        }
+    }
+    hosts.sort();
+    hosts.dedup();
+    let path_prefix = r
+        .optional_string(&f, "path_prefix")
+        .unwrap_or_else(|| "/".into());
+    if !path_prefix.starts_with('/') || path_prefix.contains(['?', '#', ' ']) {
+        r.error(
+            f.get("path_prefix"),
+            &f.child("path_prefix"),
+            format!("`{path_prefix}` must start with / and hold no ?, # or spaces"),
+        );
+    }
+    let mut methods = Vec::new();
+    if let Some(m) = f.get("methods") {
+        for (p, mn) in r.list(m, &f.child("methods")) {
+            if let Some(s) = r.string(mn, &p) {
+                const KNOWN: &[&str] = &[
+                    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+                ];
+                if KNOWN.contains(&s.as_str()) {
+                    methods.push(http::Method::from_bytes(s.as_bytes()).expect("known method"));
+                } else {
+                    r.error(
+                        Some(mn),
+                        &p,
+                        format!("`{s}` is not an HTTP method (use upper case, e.g. GET)"),
+                    );
+                }
+            }
+        }
+    }
+    let strip_prefix = r.bool(&f, "strip_prefix", false);
+    let upstream = r.required_string(&f, "upstream");
+    if let Some(u) = &upstream {
+        if !upstreams.iter().any(|x| x.name == *u) {
+            r.error(
+                f.get("upstream"),
+                &f.child("upstream"),
+                format!("unknown upstream `{u}`"),
+            );
+        }
+    }
+    Some(RouteConf {
+        name: name?,
+        hosts,
+        path_prefix,
+        methods,
+        strip_prefix,
+        upstream: upstream?,
+    })
+}
+
+/// Names of clusters, upstreams and routes end up in metric labels and logs: keep them tame.
+fn check_name(r: &mut Reader, n: Option<&Node>, path: &str, name: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        r.error(
+            n,
+            path,
+            format!("`{name}` is not a valid name: 1 to 63 letters, digits, '-', '_' or '.'"),
+        );
+    }
+}
+
+/// Kubernetes namespace names (RFC 1123 label).
+pub fn dns1123_label(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 63 {
+        return Err("must be 1 to 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("only lower-case letters, digits and '-' are allowed");
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+/// Kubernetes Service names (RFC 1035 label: an RFC 1123 label that starts with a letter).
+pub fn dns1035_label(s: &str) -> Result<(), &'static str> {
+    dns1123_label(s)?;
+    if !s.as_bytes()[0].is_ascii_lowercase() {
+        return Err("must start with a lower-case letter");
+    }
+    Ok(())
+}
+
+/// Kubernetes port names (IANA_SVC_NAME).
+fn port_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 15 {
+        return Err("must be 1 to 15 characters");
+    }
+    dns1123_label(s).map_err(|_| "only lower-case letters, digits and '-', not at either end")?;
+    if !s.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err("must contain at least one letter");
+    }
+    Ok(())
+}
+
+fn check_host(h: &str) -> Result<(), &'static str> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    if name.is_empty() || name.contains('*') {
+        return Err("is not a host: a wildcard is only allowed as the first label (*.example.com)");
+    }
+    if name.contains(':') {
+        return Err("is not a host: leave the port out");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err("is not a host name");
+    }
+    Ok(())
+}

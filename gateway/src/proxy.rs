@@ -1,0 +1,290 @@
+//! The Pingora `ProxyHttp` service: route, pick a Pod, build the peer, map failures to answers.
+//!
+//! Error answers are small JSON bodies with a fixed text per status; nothing about Pods, addresses
+//! or internal errors reaches the client (they go to the log).
+
+use crate::balance::Backend;
+use crate::config::Scheme;
+use crate::routing::{normalize_host, Match, Route, Router};
+use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Method;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub type GatewayRoute = Route<Arc<Upstream>>;
+pub type GatewayRouter = Router<Arc<Upstream>>;
+
+/// The proxy; the router is swapped as a whole when the config changes.
+pub struct Gateway {
+    pub router: Arc<ArcSwap<GatewayRouter>>,
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct Ctx {
+    route: Option<Arc<GatewayRoute>>,
+    /// The client's Host (normalised), passed on as X-Forwarded-Host.
+    host: String,
+    /// Backends tried so far, in order; the last one is the current attempt.
+    tried: Vec<SocketAddr>,
+    current: Option<Backend>,
+}
+
+impl Ctx {
+    fn upstream(&self) -> Option<&Arc<Upstream>> {
+        self.route.as_ref().map(|r| &r.upstream)
+    }
+
+    /// Whether the upstream's retry budget allows another attempt.
+    fn may_retry(&self) -> bool {
+        let budget = self.upstream().map_or(0, |u| u.conf.retries as usize);
+        self.tried.len() <= budget
+    }
+}
+
+/// The answer for a failure of kind `status`: a fixed text, never the internal error.
+fn error_body(status: u16) -> (&'static str, &'static str) {
+    match status {
+        404 => ("not_found", "no route matches this host and path"),
+        405 => (
+            "method_not_allowed",
+            "the route does not accept this method",
+        ),
+        502 => ("bad_gateway", "the upstream could not be reached"),
+        503 => ("no_endpoint", "the upstream has no ready endpoint"),
+        504 => ("gateway_timeout", "the upstream did not answer in time"),
+        400 => ("bad_request", "the request could not be processed"),
+        _ => (
+            "internal_error",
+            "the gateway failed to process the request",
+        ),
+    }
+}
+
+async fn send_json_error(
+    session: &mut Session,
+    status: u16,
+    allow: Option<&[Method]>,
+    keepalive: bool,
+) -> Result<()> {
+    let (code, message) = error_body(status);
+    let body = Bytes::from(format!(
+        "{{\"error\":\"{code}\",\"status\":{status},\"message\":\"{message}\"}}\n"
+    ));
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(methods) = allow {
+        let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
+        resp.insert_header(http::header::ALLOW, list.join(", "))?;
+    }
+    if !keepalive {
+        session.set_keepalive(None);
+    }
+    let head_only = session.req_header().method == Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+fn request_host(req: &RequestHeader) -> String {
+    let raw = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    normalize_host(raw)
+}
+
+fn is_tls(session: &Session) -> bool {
+    session
+        .as_downstream()
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.host = request_host(req);
+        let router = self.router.load();
+        let outcome = match router.find(&ctx.host, req.uri.path(), &req.method) {
+            Match::Found(route) => {
+                ctx.route = Some(route.clone());
+                return Ok(false);
+            }
+            Match::NotFound => (404, None),
+            Match::MethodNotAllowed(allowed) => (405, Some(allowed)),
+        };
+        send_json_error(session, outcome.0, outcome.1.as_deref(), true).await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(upstream) = ctx.upstream().cloned() else {
+            return Error::e_explain(ErrorType::InternalError, "no route in context");
+        };
+        let Some(backend) = upstream.pick(&ctx.tried) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "upstream has no endpoint");
+        };
+        ctx.tried.push(backend.addr);
+        let conf = &upstream.conf;
+        let tls = conf.scheme == Scheme::Https;
+        // With verification on, the config guarantees a name. Without one (verify: false) the
+        // Pod IP stands in: rustls sends no SNI for an IP, whereas an empty name fails the
+        // handshake (and in pingora would also turn verification off silently).
+        let sni = match (tls, conf.sni()) {
+            (false, _) => String::new(),
+            (true, Some(name)) => name.to_string(),
+            (true, None) => backend.addr.ip().to_string(),
+        };
+        let mut peer = HttpPeer::new(backend.addr, tls, sni);
+        peer.options.connection_timeout = Some(conf.connect_timeout);
+        peer.options.read_timeout = Some(conf.read_timeout);
+        if tls {
+            peer.options.verify_cert = conf.tls.verify;
+            peer.options.verify_hostname = conf.tls.verify;
+            peer.options.ca = upstream.ca.clone();
+            peer.group_key = upstream.pool_group;
+        }
+        ctx.current = Some(backend);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.as_ref() else {
+            return Ok(());
+        };
+        if route.strip_prefix {
+            let original = req
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_string();
+            let stripped = route.upstream_path(&original);
+            if stripped != original {
+                let uri: http::Uri = stripped
+                    .parse()
+                    .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "strip_prefix", e))?;
+                req.set_uri(uri);
+            }
+        }
+        if let Some(host) = &route.upstream.conf.host_header {
+            req.insert_header(http::header::HOST, host.as_str())?;
+        }
+        if let Some(ip) = session
+            .as_downstream()
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            // Append, as nginx's $proxy_add_x_forwarded_for does, so earlier hops stay visible.
+            let xff = match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+                _ => ip.to_string(),
+            };
+            req.insert_header("x-forwarded-for", xff)?;
+        }
+        let proto = if is_tls(session) { "https" } else { "http" };
+        req.insert_header("x-forwarded-proto", proto)?;
+        if !ctx.host.is_empty() {
+            req.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent yet, so any method may go to another endpoint.
+        e.set_retry(ctx.may_retry());
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        // Pingora's policy: only idempotent requests with an intact body buffer, and errors that
+        // happen on a reused pooled connection before any response byte. On top: our budget.
+        if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+            || !ctx.may_retry()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+        use ErrorType::*;
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => match e.etype() {
+                    ReadTimedout | WriteTimedout => 504,
+                    _ => 502,
+                },
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
+                    ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
+                    | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert => 502,
+                    ReadTimedout => 504,
+                    _ => 500,
+                },
+            },
+        };
+        let written = session.response_written().is_some();
+        if code > 0 && !written {
+            if let Err(err) = send_json_error(session, code, None, false).await {
+                log::debug!("could not send the error answer: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Upstreams: merge the endpoint sets of their services, apply weights, keep the balancer current.
+//!
+//! Discovery pushes: when the store reports changed services, only the upstreams that name one of
+//! them are rebuilt, and each swaps its new selection in atomically. Nothing here runs on the
+//! request path except [`Upstream::pick`].
+
+use crate::balance::{Backend, Balancer, Selection};
+use crate::config::{Scheme, UpstreamConf};
+use podgate_discovery::{Endpoint, ServiceKey, Store};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+/// What an upstream's last rebuild found for one of its services (for the admin view and logs).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceView {
+    pub endpoints: Vec<Endpoint>,
+    /// Why nothing could be resolved, e.g. an unknown port; `None` when resolution worked.
+    pub problem: Option<String>,
+}
+
+pub struct Upstream {
+    pub conf: Arc<UpstreamConf>,
+    balancer: Balancer,
+    /// Per service entry (same order as `conf.services`); written on rebuilds only.
+    views: Mutex<Vec<ServiceView>>,
+    /// The CA of `tls.ca_file`, parsed once.
+    pub ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
+    /// Separates pooled connections by trust anchor: pingora's pool key covers SNI and the
+    /// verify flags but not the CA, so without it a connection verified against one upstream's
+    /// CA could be reused by an upstream that trusts a different one.
+    pub pool_group: u64,
+}
+
+impl Upstream {
+    pub fn new(conf: Arc<UpstreamConf>) -> Result<Self, String> {
+        let ca = match (&conf.scheme, &conf.tls.ca_file) {
+            (Scheme::Https, Some(path)) => Some(load_ca(path)?),
+            _ => None,
+        };
+        let pool_group = ca.as_ref().map_or(0, |certs| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for c in certs.iter() {
+                c.borrow_raw_cert().hash(&mut h);
+            }
+            h.finish()
+        });
+        Ok(Upstream {
+            pool_group,
+            views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
+            conf,
+            balancer: Balancer::default(),
+            ca,
+        })
+    }
+
+    pub fn key(&self, i: usize) -> ServiceKey {
+        let s = &self.conf.services[i];
+        ServiceKey {
+            cluster: s.cluster.clone(),
+            namespace: s.namespace.clone(),
+            service: s.service.clone(),
+        }
+    }
+
+    /// The next backend, avoiding `tried` when another exists. Lock-free.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Backend> {
+        self.balancer.pick(tried)
+    }
+
+    pub fn selection(&self) -> Arc<Selection> {
+        self.balancer.selection()
+    }
+
+    pub fn service_views(&self) -> Vec<ServiceView> {
+        self.views.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Recomputes the backends from the store and swaps them in.
+    ///
+    /// Kubernetes conditions decide who gets traffic: ready endpoints (`ready` unset counts as
+    /// ready) when there is any in the whole upstream; otherwise the `serving` ones, terminating or
+    /// not, as a fallback, because a draining Pod still beats a 503.
+    pub fn rebuild(&self, store: &Store) {
+        let mut views = Vec::with_capacity(self.conf.services.len());
+        let mut candidates: Vec<(&Endpoint, u32, Arc<str>)> = Vec::new();
+        let states: Vec<_> = (0..self.conf.services.len())
+            .map(|i| store.get(&self.key(i)))
+            .collect();
+        for (i, svc) in self.conf.services.iter().enumerate() {
+            let view = match &states[i] {
+                None => ServiceView {
+                    endpoints: Vec::new(),
+                    problem: Some("no such Service or EndpointSlice seen yet".into()),
+                },
+                Some(state) => match state.endpoints(&svc.port) {
+                    Ok(endpoints) => ServiceView {
+                        endpoints,
+                        problem: None,
+                    },
+                    Err(e) => ServiceView {
+                        endpoints: Vec::new(),
+                        problem: Some(e.to_string()),
+                    },
+                },
+            };
+            if let Some(p) = &view.problem {
+                log::warn!("upstream {}: service {}: {p}", self.conf.name, self.key(i));
+            }
+            views.push(view);
+        }
+        for (i, view) in views.iter().enumerate() {
+            let svc = &self.conf.services[i];
+            for ep in &view.endpoints {
+                candidates.push((ep, svc.weight, svc.cluster.clone()));
+            }
+        }
+        let any_ready = candidates.iter().any(|(e, ..)| e.ready);
+        let mut backends: Vec<Backend> = candidates
+            .into_iter()
+            .filter(|(e, ..)| if any_ready { e.ready } else { e.serving })
+            .map(|(e, weight, cluster)| Backend {
+                addr: e.addr,
+                weight,
+                cluster: Some(cluster),
+                pod: e.pod.as_deref().map(Arc::from),
+            })
+            .collect();
+        backends.extend(self.conf.nodes.iter().map(|n| Backend {
+            addr: n.address,
+            weight: n.weight,
+            cluster: None,
+            pod: None,
+        }));
+        let selection = Selection::new(backends);
+        log::info!(
+            "upstream {}: {} backend(s) live",
+            self.conf.name,
+            selection.backends().len()
+        );
+        self.balancer.swap(selection);
+        if let Ok(mut v) = self.views.lock() {
+            *v = views;
+        }
+    }
+}
+
+fn load_ca(path: &std::path::Path) -> Result<Arc<pingora_core::protocols::tls::CaType>, String> {
+    use pingora_core::utils::tls::WrappedX509;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut certs = Vec::new();
+    for item in CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+    {
+        let der = item.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        certs.push(WrappedX509::new(der.to_vec(), |raw| {
+            pingora_core::utils::tls::parse_x509(raw)
+        }));
+    }
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(Arc::from(certs.into_boxed_slice()))
+}
+
+/// All upstreams of a config, and which of them each watched service feeds.
+pub struct Upstreams {
+    pub by_name: HashMap<String, Arc<Upstream>>,
+    by_key: HashMap<ServiceKey, Vec<Arc<Upstream>>>,
+    store: Arc<Store>,
+}
+
+impl Upstreams {
+    pub fn new(confs: &[Arc<UpstreamConf>], store: Arc<Store>) -> Result<Arc<Self>, String> {
+        let mut by_name = HashMap::new();
+        let mut by_key: HashMap<ServiceKey, Vec<Arc<Upstream>>> = HashMap::new();
+        for conf in confs {
+            let up = Arc::new(
+                Upstream::new(conf.clone()).map_err(|e| format!("upstream {}: {e}", conf.name))?,
+            );
+            for i in 0..conf.services.len() {
+                let list = by_key.entry(up.key(i)).or_default();
+                if !list.iter().any(|u| Arc::ptr_eq(u, &up)) {
+                    list.push(up.clone());
+                }
+            }
+            by_name.insert(conf.name.clone(), up);
+        }
+        let this = Arc::new(Upstreams {
+            by_name,
+            by_key,
+            store,
+        });
+        for up in this.by_name.values() {
+            up.rebuild(&this.store);
+        }
+        Ok(this)
+    }
+
+    /// Every service some upstream names: what discovery has to watch.
+    pub fn watched(&self) -> Vec<ServiceKey> {
+        let mut keys: Vec<_> = self.by_key.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+}
+
+impl podgate_discovery::Listener for Upstreams {
+    fn changed(&self, keys: &[ServiceKey]) {
+        let mut done: Vec<*const Upstream> = Vec::new();
+        for key in keys {
+            for up in self.by_key.get(key).into_iter().flatten() {
+                if !done.contains(&Arc::as_ptr(up)) {
+                    done.push(Arc::as_ptr(up));
+                    up.rebuild(&self.store);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The `podgate` package: the `podgate` binary, plus the demo Pods that the quickstart and the
+//! integration tests run behind it.
+
+pub mod demo;

@@ -1,0 +1,63 @@
+//! `podgate`: the gateway binary.
+//!
+//! Exit codes: 0 after a clean stop or a good `-t`; 64 for a bad config (before any port is
+//! bound); 1 when start-up fails for another reason.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// An API gateway that sends every request straight to a Kubernetes Pod.
+#[derive(Parser, Debug)]
+#[command(name = "podgate", version, about)]
+struct Cli {
+    /// The config file (YAML).
+    #[arg(short = 'c', long = "conf", value_name = "FILE")]
+    conf: PathBuf,
+
+    /// Check the config file, print every mistake, and exit: 0 if good, 64 if not.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+
+    /// Take over the listening sockets of a running podgate (send it SIGQUIT) for a
+    /// zero-downtime binary upgrade.
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+}
+
+/// EX_USAGE from sysexits.h, as for a bad command line.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    let config = match podgate_gateway::config::load(&cli.conf) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!(
+                "podgate: {} has {} mistake(s):",
+                cli.conf.display(),
+                errors.0.len()
+            );
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if cli.test {
+        println!("podgate: {} is valid", cli.conf.display());
+        return ExitCode::SUCCESS;
+    }
+    let opts = podgate_gateway::server::RunOptions {
+        upgrade: cli.upgrade,
+    };
+    match podgate_gateway::server::run(config, opts) {
+        Ok(never) => match never {},
+        Err(e) => {
+            eprintln!("podgate: cannot start: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
