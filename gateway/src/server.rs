@@ -54,6 +54,15 @@ pub fn build(config: &Config) -> Result<Built, String> {
             }
         }
     }
+    for u in &config.upstreams {
+        if u.scheme == crate::config::Scheme::Https && !u.tls.verify {
+            log::warn!(
+                "upstream {}: tls.verify is false: Pod certificates are not checked, so anyone on \
+                 the path to the Pods can impersonate them",
+                u.name
+            );
+        }
+    }
     let upstreams = Upstreams::new(&config.upstreams, store.clone())?;
     store.subscribe(upstreams.clone());
     let routes = config

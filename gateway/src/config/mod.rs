@@ -205,24 +205,21 @@ fn read_config(r: &mut Reader, doc: &Node, base: &Path) -> Option<Config> {
         }
     };
 
-    let listeners = match f.get("listeners") {
-        Some(n) => r
-            .list(n, "listeners")
-            .into_iter()
-            .filter_map(|(path, n)| read_listener(r, n, &path, &resolve))
-            .collect(),
-        None => {
-            r.error(Some(doc), "listeners", "is required: at least one listener");
-            Vec::new()
-        }
+    let listener_nodes = match f.get("listeners") {
+        Some(n) => r.list(n, "listeners"),
+        None => Vec::new(),
     };
-    if f.get("listeners").is_some() && listeners.is_empty() {
+    if listener_nodes.is_empty() {
         r.error(
-            f.get("listeners"),
+            f.get("listeners").or(Some(doc)),
             "listeners",
             "needs at least one listener",
         );
     }
+    let listeners: Vec<Listener> = listener_nodes
+        .into_iter()
+        .filter_map(|(path, n)| read_listener(r, n, &path, &resolve))
+        .collect();
     let mut seen = HashSet::new();
     for l in &listeners {
         if !seen.insert(l.address) {

@@ -314,11 +314,14 @@ impl Reader {
             return default;
         };
         let path = f.child(key);
-        let parsed = match scalar_str(n) {
-            Some(s) => parse_duration(s),
-            None => Err(format!(
-                "expected a duration such as 250ms, 1s or 2m, found {}",
-                kind(n)
+        let parsed = match scalar(n) {
+            Scalar::Str(s) => parse_duration(s),
+            // A bare number is the most common slip; say which fix is meant.
+            Scalar::Int(i) => Err(format!(
+                "`{i}` is not a duration: add a unit, e.g. {i}s or {i}ms"
+            )),
+            Scalar::Other(kind) => Err(format!(
+                "expected a duration such as 250ms, 1s or 2m, found {kind}"
             )),
         };
         match parsed {
