@@ -55,6 +55,12 @@ pub enum Match<'r, U> {
     MethodNotAllowed(Vec<Method>),
 }
 
+impl<U> Match<'_, U> {
+    pub fn is_found(&self) -> bool {
+        matches!(self, Match::Found(_))
+    }
+}
+
 /// Routes indexed for matching; immutable once built (a new config builds a new router).
 #[derive(Debug)]
 pub struct Router<U> {

@@ -205,10 +205,25 @@ impl Gateway {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, body: &str) -> Gateway {
+        Self::start_with_listener(dir, "", body).await
+    }
+
+    /// Like [`Gateway::start_in`], with `listener_extra` (e.g. `tls: {...}`) added to the one
+    /// listener's mapping.
+    pub async fn start_with_listener(
+        dir: tempfile::TempDir,
+        listener_extra: &str,
+        body: &str,
+    ) -> Gateway {
         let port = free_port();
         let admin_port = free_port();
+        let extra = if listener_extra.is_empty() {
+            String::new()
+        } else {
+            format!("    {listener_extra}\n")
+        };
         let conf = format!(
-            "listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n\
+            "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n\
              server:\n  threads: 1\n  grace_period: 1s\n{body}"
         );
         let conf_path = dir.path().join("podgate.yaml");

@@ -1,0 +1,44 @@
+# podgate container image.
+#   docker build -t podgate .
+#   docker run -p 8080:8080 -v $PWD/conf:/etc/podgate podgate
+# Ports: 8080 (proxy, as in the default conf), 9901 (admin; loopback-only unless the conf says
+# otherwise). The conf is read from /etc/podgate/podgate.yaml.
+
+# --- build ------------------------------------------------------------------------------------
+FROM rust:1.95-bookworm AS build
+# pingora-core builds zlib-ng with cmake.
+RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+
+# Dependencies first, in their own layer: only the manifests, with stub sources, so that a code
+# change does not rebuild Pingora and friends.
+COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
+COPY gateway/Cargo.toml gateway/
+COPY discovery/Cargo.toml discovery/
+RUN mkdir -p src/bin gateway/src discovery/src \
+ && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > src/bin/demo-pods.rs \
+ && touch src/lib.rs gateway/src/lib.rs discovery/src/lib.rs \
+ && cargo build --release --locked --bin podgate \
+ && rm -rf src gateway/src discovery/src
+
+COPY src src
+COPY gateway/src gateway/src
+COPY discovery/src discovery/src
+# touch: make cargo see the real sources as newer than the stub build.
+RUN touch src/main.rs src/lib.rs gateway/src/lib.rs discovery/src/lib.rs \
+ && cargo build --release --locked --bin podgate \
+ && cp target/release/podgate /podgate
+
+# --- run --------------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home podgate
+COPY --from=build /podgate /usr/local/bin/podgate
+COPY conf/container.yaml /etc/podgate/podgate.yaml
+COPY conf/quickstart/cluster /etc/podgate/quickstart/cluster
+USER 10001
+EXPOSE 8080 9901
+ENTRYPOINT ["/usr/local/bin/podgate"]
+CMD ["-c", "/etc/podgate/podgate.yaml"]

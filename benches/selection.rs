@@ -1,0 +1,42 @@
+//! Smooth weighted selection: one pick with 3, 1k and 10k backends in a few weight classes, and a
+//! rebuild of a 10k-backend selection after one endpoint changed.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use podgate_gateway::balance::{Backend, Balancer, Selection};
+use std::hint::black_box;
+use std::net::SocketAddr;
+
+fn backends(n: usize) -> Vec<Backend> {
+    (0..n)
+        .map(|i| Backend {
+            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)),
+            // Three services with different weights, as an upstream with a canary would have.
+            weight: [10, 10, 1][i % 3],
+            cluster: None,
+            pod: None,
+        })
+        .collect()
+}
+
+fn pick(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick");
+    for n in [3, 1_000, 10_000] {
+        let b = Balancer::new(Selection::new(backends(n)));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &b, |bench, b| {
+            bench.iter(|| black_box(b.pick(&[])))
+        });
+    }
+    g.finish();
+}
+
+fn rebuild(c: &mut Criterion) {
+    let base = backends(10_000);
+    let mut changed = base.clone();
+    changed[5_000].addr.set_port(8081);
+    c.bench_function("rebuild_10k_one_changed", |bench| {
+        bench.iter(|| black_box(Selection::new(changed.clone())))
+    });
+}
+
+criterion_group!(benches, pick, rebuild);
+criterion_main!(benches);
