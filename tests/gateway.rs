@@ -322,3 +322,64 @@ async fn terminating_pods_are_a_fallback_only() {
         "a serving, terminating Pod still beats a 503"
     );
 }
+
+#[tokio::test]
+async fn a_replaced_slice_never_leaves_the_service_empty() {
+    let pods = pods_same_port(&["one-v1", "two-v2"]).await;
+    let port = pods[0].addr.port();
+    let conf = with_cluster(&format!(
+        "upstreams:\n{}routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+        one_service_upstream("web", "web", "")
+    ));
+    let gw = Gateway::start(
+        &conf,
+        &[
+            ("cluster/svc.yaml", &service_yaml("web")),
+            (
+                "cluster/a.yaml",
+                &slice_yaml("web-a", "web", port, &[Ep::ready(&pods[0])]),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(gw.pod_for("h", "/").await, "one-v1");
+
+    // Requests run throughout; the old slice goes away and a new one comes a moment later.
+    let addr = gw.addr;
+    let load = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        loop {
+            let r = get(addr, "h", "/").await.expect("request");
+            let done = r.header("x-pod").as_deref() == Some("two-v2");
+            statuses.push(r.status);
+            if done {
+                return statuses;
+            }
+        }
+    });
+    std::fs::remove_file(gw.path("cluster/a.yaml")).unwrap();
+    wait_for("the deletion to be seen", || async {
+        gw.upstreams_json().await["upstreams"][0]["services"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.is_empty())
+            || gw.log_text().contains("lost its last endpoint")
+    })
+    .await;
+    write_atomically(
+        &gw.path("cluster/b.yaml"),
+        &slice_yaml("web-b", "web", port, &[Ep::ready(&pods[1])]),
+    );
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{} requests, not all 200: {statuses:?}",
+        statuses.len()
+    );
+
+    // Scaling to zero for real still empties the service once the hold is over.
+    std::fs::remove_file(gw.path("cluster/b.yaml")).unwrap();
+    wait_for("503 after the service really emptied", || async {
+        gw.get("h", "/").await.status == 503
+    })
+    .await;
+}

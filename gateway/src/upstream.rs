@@ -10,6 +10,7 @@ use podgate_discovery::{Endpoint, ServiceKey, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What an upstream's last rebuild found for one of its services (for the admin view and logs).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -17,6 +18,44 @@ pub struct ServiceView {
     pub endpoints: Vec<Endpoint>,
     /// Why nothing could be resolved, e.g. an unknown port; `None` when resolution worked.
     pub problem: Option<String>,
+    /// Set while the service is reported empty but its previous endpoints are still used.
+    pub emptied_at: Option<Instant>,
+}
+
+/// How long a service that had endpoints keeps them after it is reported empty.
+///
+/// Kubernetes may replace a slice by deleting it and creating another; in between the service
+/// looks empty for a moment. Serving the last endpoints for this long bridges that, and a service
+/// that really scaled to zero still goes empty soon after.
+pub const EMPTY_HOLD: Duration = Duration::from_secs(1);
+
+/// The outcome of [`Upstream::rebuild`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rebuilt {
+    Done,
+    /// Some service is held non-empty; rebuild again after [`EMPTY_HOLD`] to let it go.
+    Holding,
+}
+
+fn has_usable(v: &ServiceView) -> bool {
+    v.endpoints.iter().any(|e| e.ready || e.serving)
+}
+
+/// Applies the empty hold: `fresh` replaces `old` unless it empties a service that had usable
+/// endpoints less than [`EMPTY_HOLD`] ago.
+fn hold_if_emptied(old: &ServiceView, fresh: ServiceView, now: Instant) -> ServiceView {
+    if has_usable(&fresh) || !has_usable(old) {
+        return fresh;
+    }
+    let since = old.emptied_at.unwrap_or(now);
+    if now.duration_since(since) >= EMPTY_HOLD {
+        return fresh;
+    }
+    ServiceView {
+        endpoints: old.endpoints.clone(),
+        problem: fresh.problem,
+        emptied_at: Some(since),
+    }
 }
 
 pub struct Upstream {
@@ -82,30 +121,50 @@ impl Upstream {
     /// Kubernetes conditions decide who gets traffic: ready endpoints (`ready` unset counts as
     /// ready) when there is any in the whole upstream; otherwise the `serving` ones, terminating or
     /// not, as a fallback, because a draining Pod still beats a 503.
-    pub fn rebuild(&self, store: &Store) {
+    pub fn rebuild(&self, store: &Store) -> Rebuilt {
+        // Held for the whole rebuild: concurrent rebuilds (several sources, the hold timer) then
+        // apply in order and an older one can never overwrite a newer one.
+        let mut views_guard = match self.views.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now = Instant::now();
+        let mut holding = false;
         let mut views = Vec::with_capacity(self.conf.services.len());
         let mut candidates: Vec<(&Endpoint, u32, Arc<str>)> = Vec::new();
         let states: Vec<_> = (0..self.conf.services.len())
             .map(|i| store.get(&self.key(i)))
             .collect();
         for (i, svc) in self.conf.services.iter().enumerate() {
-            let view = match &states[i] {
+            let fresh = match &states[i] {
                 None => ServiceView {
-                    endpoints: Vec::new(),
                     problem: Some("no such Service or EndpointSlice seen yet".into()),
+                    ..ServiceView::default()
                 },
                 Some(state) => match state.endpoints(&svc.port) {
                     Ok(endpoints) => ServiceView {
                         endpoints,
-                        problem: None,
+                        ..ServiceView::default()
                     },
                     Err(e) => ServiceView {
-                        endpoints: Vec::new(),
                         problem: Some(e.to_string()),
+                        ..ServiceView::default()
                     },
                 },
             };
-            if let Some(p) = &view.problem {
+            let view = match views_guard.get(i) {
+                Some(old) => hold_if_emptied(old, fresh, now),
+                None => fresh,
+            };
+            if view.emptied_at.is_some() {
+                holding = true;
+                log::info!(
+                    "upstream {}: service {} lost its last endpoint; keeping the previous ones \
+                     for up to {EMPTY_HOLD:?} in case a replacement slice follows",
+                    self.conf.name,
+                    self.key(i)
+                );
+            } else if let Some(p) = &view.problem {
                 log::warn!("upstream {}: service {}: {p}", self.conf.name, self.key(i));
             }
             views.push(view);
@@ -140,8 +199,11 @@ impl Upstream {
             selection.backends().len()
         );
         self.balancer.swap(selection);
-        if let Ok(mut v) = self.views.lock() {
-            *v = views;
+        *views_guard = views;
+        if holding {
+            Rebuilt::Holding
+        } else {
+            Rebuilt::Done
         }
     }
 }
@@ -199,6 +261,19 @@ impl Upstreams {
         Ok(this)
     }
 
+    /// Rebuilds `up`; when a service is being held non-empty, checks again once the hold is over.
+    fn rebuild(&self, up: &Arc<Upstream>) {
+        if up.rebuild(&self.store) == Rebuilt::Holding {
+            let (up, store) = (up.clone(), self.store.clone());
+            // A plain thread: listeners are called from sources' own threads and tasks, with no
+            // runtime guaranteed; holds are rare (a service losing its last endpoint).
+            std::thread::spawn(move || {
+                std::thread::sleep(EMPTY_HOLD + Duration::from_millis(10));
+                up.rebuild(&store);
+            });
+        }
+    }
+
     /// Every service some upstream names: what discovery has to watch.
     pub fn watched(&self) -> Vec<ServiceKey> {
         let mut keys: Vec<_> = self.by_key.keys().cloned().collect();
@@ -214,7 +289,7 @@ impl podgate_discovery::Listener for Upstreams {
             for up in self.by_key.get(key).into_iter().flatten() {
                 if !done.contains(&Arc::as_ptr(up)) {
                     done.push(Arc::as_ptr(up));
-                    up.rebuild(&self.store);
+                    self.rebuild(up);
                 }
             }
         }
