@@ -46,7 +46,9 @@ pub fn build(config: &Config) -> Result<Built, String> {
                     .map_err(|e| format!("cluster {}: {e}", c.name))?;
                 manifests.push((c.name.clone(), m));
             }
-            ClusterKind::Kubeconfig { .. } | ClusterKind::InCluster => {
+            ClusterKind::Kubeconfig { .. }
+            | ClusterKind::InCluster
+            | ClusterKind::Server { .. } => {
                 return Err(format!(
                     "cluster {}: kind not supported by this build",
                     c.name

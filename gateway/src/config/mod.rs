@@ -73,7 +73,14 @@ pub enum ClusterKind {
         path: PathBuf,
         context: Option<String>,
     },
+    /// The service-account token and CA of the Pod podgate runs in.
     InCluster,
+    /// An API server URL with an optional bearer-token file and CA bundle.
+    Server {
+        url: String,
+        token_file: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -406,6 +413,10 @@ fn read_server(r: &mut Reader, n: Option<&Node>) -> ServerSettings {
     s
 }
 
+/// Set while the Kubernetes source is not wired into the gateway: a cluster that silently
+/// yields no Pods would be worse than an honest refusal.
+const KUBERNETES_CLUSTERS_SUPPORTED: bool = false;
+
 fn read_cluster(
     r: &mut Reader,
     n: &Node,
@@ -415,13 +426,22 @@ fn read_cluster(
     let f = r.fields(
         n,
         path,
-        &["name", "manifests", "kubeconfig", "context", "in_cluster"],
+        &[
+            "name",
+            "manifests",
+            "kubeconfig",
+            "context",
+            "in_cluster",
+            "server",
+            "token_file",
+            "ca_file",
+        ],
     )?;
     let name = r.required_string(&f, "name");
     if let Some(name) = &name {
         check_name(r, f.get("name"), &f.child("name"), name);
     }
-    let given: Vec<&str> = ["manifests", "kubeconfig", "in_cluster"]
+    let given: Vec<&str> = ["manifests", "kubeconfig", "in_cluster", "server"]
         .into_iter()
         .filter(|k| f.get(k).is_some())
         .collect();
@@ -430,7 +450,7 @@ fn read_cluster(
             Some(n),
             path,
             format!(
-                "give exactly one of manifests, kubeconfig or in_cluster (found {})",
+                "give exactly one of manifests, kubeconfig, in_cluster or server (found {})",
                 if given.is_empty() {
                     "none".to_string()
                 } else {
@@ -440,14 +460,32 @@ fn read_cluster(
         );
         return None;
     }
-    if f.get("context").is_some() && given[0] != "kubeconfig" {
-        r.error(
-            f.get("context"),
-            &f.child("context"),
-            "context only applies to kubeconfig clusters",
-        );
+    let kind = given[0];
+    for (key, owner) in [
+        ("context", "kubeconfig"),
+        ("token_file", "server"),
+        ("ca_file", "server"),
+    ] {
+        if f.get(key).is_some() && kind != owner {
+            r.error(
+                f.get(key),
+                &f.child(key),
+                format!("{key} only applies to {owner} clusters"),
+            );
+        }
     }
-    let kind = match given[0] {
+    let existing_file = |r: &mut Reader, key: &str| -> Option<PathBuf> {
+        let file = resolve(r.optional_string(&f, key)?);
+        if !file.is_file() {
+            r.error(
+                f.get(key),
+                &f.child(key),
+                format!("file {} does not exist", file.display()),
+            );
+        }
+        Some(file)
+    };
+    let kind = match kind {
         "manifests" => {
             let dir = resolve(r.required_string(&f, "manifests")?);
             if !dir.is_dir() {
@@ -459,25 +497,25 @@ fn read_cluster(
             }
             ClusterKind::Manifests(dir)
         }
-        "kubeconfig" => {
-            let file = resolve(r.required_string(&f, "kubeconfig")?);
-            if !file.is_file() {
+        "kubeconfig" => ClusterKind::Kubeconfig {
+            path: existing_file(r, "kubeconfig")?,
+            context: r.optional_string(&f, "context"),
+        },
+        "server" => {
+            let url = r.required_string(&f, "server")?;
+            if !(url.starts_with("https://") || url.starts_with("http://"))
+                || url.parse::<http::Uri>().is_err()
+            {
                 r.error(
-                    f.get("kubeconfig"),
-                    &f.child("kubeconfig"),
-                    format!("file {} does not exist", file.display()),
+                    f.get("server"),
+                    &f.child("server"),
+                    format!("`{url}` is not an API server URL (e.g. https://10.0.0.1:6443)"),
                 );
             }
-            // Honest about scope: the Kubernetes watcher is not in this build yet, and a cluster
-            // that silently yields no Pods would be worse than a refusal.
-            r.error(
-                f.get("kubeconfig"),
-                &f.child("kubeconfig"),
-                "kubeconfig clusters are not supported by this build yet (use manifests)",
-            );
-            ClusterKind::Kubeconfig {
-                path: file,
-                context: r.optional_string(&f, "context"),
+            ClusterKind::Server {
+                url,
+                token_file: existing_file(r, "token_file"),
+                ca_file: existing_file(r, "ca_file"),
             }
         }
         _ => {
@@ -485,17 +523,19 @@ fn read_cluster(
                 r.error(
                     f.get("in_cluster"),
                     &f.child("in_cluster"),
-                    "in_cluster: false names no cluster; remove the entry or give manifests/kubeconfig",
+                    "in_cluster: false names no cluster; remove the entry or use another kind",
                 );
             }
-            r.error(
-                f.get("in_cluster"),
-                &f.child("in_cluster"),
-                "in_cluster clusters are not supported by this build yet (use manifests)",
-            );
             ClusterKind::InCluster
         }
     };
+    if !KUBERNETES_CLUSTERS_SUPPORTED && !matches!(kind, ClusterKind::Manifests(_)) {
+        r.error(
+            Some(n),
+            path,
+            "Kubernetes API clusters are not supported by this build yet (use manifests)",
+        );
+    }
     Some(Cluster {
         name: Arc::from(name?.as_str()),
         kind,
