@@ -110,6 +110,64 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// Discovery metrics, read from the sources' own counters at scrape time so that the sources
+    /// need not know about Prometheus.
+    fn discovery_registry(&self) -> prometheus::Registry {
+        use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+        let reg = prometheus::Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            reg.register(Box::new(c.clone())).expect("registers once");
+            c
+        };
+        let events = counter(
+            "podgate_discovery_events_total",
+            "Changes read from a cluster (manifests: folder re-reads).",
+            &["cluster", "kind"],
+        );
+        let errors = counter(
+            "podgate_discovery_errors_total",
+            "Discovery errors by cluster and reason.",
+            &["cluster", "reason"],
+        );
+        let relists = counter(
+            "podgate_discovery_relists_total",
+            "Full re-lists of a cluster after its watch broke.",
+            &["cluster"],
+        );
+        let last_sync = IntGaugeVec::new(
+            Opts::new(
+                "podgate_discovery_last_sync_timestamp_seconds",
+                "Unix time of the last successful read of a cluster.",
+            ),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(last_sync.clone()))
+            .expect("registers once");
+        for (name, m) in &self.manifests {
+            let s = m.status();
+            events
+                .with_label_values(&[&**name, "reload"])
+                .inc_by(s.reloads);
+            errors
+                .with_label_values(&[&**name, "parse"])
+                .inc_by(s.errors);
+            relists.with_label_values(&[&**name]).inc_by(0);
+            if let Some(t) = s
+                .last_reload
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                last_sync
+                    .with_label_values(&[&**name])
+                    .set(t.as_secs() as i64);
+            }
+        }
+        reg
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -117,9 +175,14 @@ impl ServeHttp for Admin {
             "/healthz" => respond(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
             "/upstreams" => json_response(200, &self.upstreams_json()),
+            "/metrics" => respond(
+                200,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(&self.discovery_registry()),
+            ),
             _ => json_response(
                 404,
-                &json!({"error": "not_found", "paths": ["/healthz", "/readyz", "/upstreams"]}),
+                &json!({"error": "not_found", "paths": ["/healthz", "/readyz", "/upstreams", "/metrics"]}),
             ),
         }
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

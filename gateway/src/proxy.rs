@@ -5,6 +5,7 @@
 
 use crate::balance::Backend;
 use crate::config::Scheme;
+use crate::metrics::{self, RouteMetrics};
 use crate::routing::{normalize_host, Match, Route, Router};
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -17,18 +18,38 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-pub type GatewayRoute = Route<Arc<Upstream>>;
-pub type GatewayRouter = Router<Arc<Upstream>>;
+/// Where a route sends requests, with its metric handles resolved once.
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    pub metrics: RouteMetrics,
+}
+
+pub type GatewayRoute = Route<Target>;
+pub type GatewayRouter = Router<Target>;
 
 /// The proxy; the router is swapped as a whole when the config changes.
 pub struct Gateway {
     pub router: Arc<ArcSwap<GatewayRouter>>,
+    /// Metrics of requests that matched no route.
+    pub unmatched: RouteMetrics,
+}
+
+impl Gateway {
+    pub fn new(router: Arc<ArcSwap<GatewayRouter>>) -> Self {
+        Gateway {
+            router,
+            unmatched: RouteMetrics::new(metrics::UNMATCHED, metrics::UNMATCHED),
+        }
+    }
 }
 
 /// Per-request state.
-#[derive(Default)]
 pub struct Ctx {
+    start: Instant,
+    /// When the current attempt's Pod was chosen (for time to first byte).
+    attempt_start: Option<Instant>,
     route: Option<Arc<GatewayRoute>>,
     /// The client's Host (normalised), passed on as X-Forwarded-Host.
     host: String,
@@ -39,7 +60,13 @@ pub struct Ctx {
 
 impl Ctx {
     fn upstream(&self) -> Option<&Arc<Upstream>> {
-        self.route.as_ref().map(|r| &r.upstream)
+        self.route.as_ref().map(|r| &r.upstream.upstream)
+    }
+
+    fn count_retry(&self, retry: bool) {
+        if let (true, Some(u)) = (retry, self.upstream()) {
+            u.metrics.retries.inc();
+        }
     }
 
     /// Whether the upstream's retry budget allows another attempt.
@@ -120,7 +147,14 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::default()
+        Ctx {
+            start: Instant::now(),
+            attempt_start: None,
+            route: None,
+            host: String::new(),
+            tried: Vec::new(),
+            current: None,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -167,6 +201,7 @@ impl ProxyHttp for Gateway {
             peer.group_key = upstream.pool_group;
         }
         ctx.current = Some(backend);
+        ctx.attempt_start = Some(Instant::now());
         Ok(Box::new(peer))
     }
 
@@ -193,7 +228,7 @@ impl ProxyHttp for Gateway {
                 req.set_uri(uri);
             }
         }
-        if let Some(host) = &route.upstream.conf.host_header {
+        if let Some(host) = &route.upstream.upstream.conf.host_header {
             req.insert_header(http::header::HOST, host.as_str())?;
         }
         if let Some(ip) = session
@@ -229,7 +264,9 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing was sent yet, so any method may go to another endpoint.
-        e.set_retry(ctx.may_retry());
+        let retry = ctx.may_retry();
+        e.set_retry(retry);
+        ctx.count_retry(retry);
         e
     }
 
@@ -252,7 +289,29 @@ impl ProxyHttp for Gateway {
         } else {
             e.retry.decide_reuse(client_reused);
         }
+        ctx.count_retry(e.retry());
         e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(t), Some(u)) = (ctx.attempt_start.take(), ctx.upstream()) {
+            u.metrics.first_byte.observe(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let m = ctx
+            .route
+            .as_ref()
+            .map_or(&self.unmatched, |r| &r.upstream.metrics);
+        m.observe(status, ctx.start.elapsed());
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {

@@ -6,7 +6,8 @@
 
 use crate::admin::Admin;
 use crate::config::{ClusterKind, Config};
-use crate::proxy::{Gateway, GatewayRoute, GatewayRouter};
+use crate::metrics::RouteMetrics;
+use crate::proxy::{Gateway, GatewayRoute, GatewayRouter, Target};
 use crate::routing::Route;
 use crate::upstream::Upstreams;
 use arc_swap::ArcSwap;
@@ -77,7 +78,10 @@ pub fn build(config: &Config) -> Result<Built, String> {
                 path_prefix: r.path_prefix.clone(),
                 methods: r.methods.clone(),
                 strip_prefix: r.strip_prefix,
-                upstream,
+                upstream: Target {
+                    metrics: RouteMetrics::new(&r.name, &r.upstream),
+                    upstream,
+                },
             };
             (r.hosts.clone(), route)
         })
@@ -113,6 +117,7 @@ impl BackgroundService for Watchers {
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
     let built = build(&config)?;
+    crate::metrics::init_build_info();
 
     let mut conf = ServerConf {
         threads: config.server.threads,
@@ -138,9 +143,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         if listeners.is_empty() {
             continue;
         }
-        let gateway = Gateway {
-            router: built.router.clone(),
-        };
+        let gateway = Gateway::new(built.router.clone());
         let mut svc = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             gateway,

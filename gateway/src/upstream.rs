@@ -69,6 +69,7 @@ pub struct Upstream {
     /// verify flags but not the CA, so without it a connection verified against one upstream's
     /// CA could be reused by an upstream that trusts a different one.
     pub pool_group: u64,
+    pub metrics: crate::metrics::UpstreamMetrics,
 }
 
 impl Upstream {
@@ -86,6 +87,7 @@ impl Upstream {
             h.finish()
         });
         Ok(Upstream {
+            metrics: crate::metrics::UpstreamMetrics::new(&conf.name),
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
             conf,
@@ -199,12 +201,51 @@ impl Upstream {
             selection.backends().len()
         );
         self.balancer.swap(selection);
+        self.metrics
+            .set_endpoints(&self.endpoint_counts(&views, any_ready));
         *views_guard = views;
         if holding {
             Rebuilt::Holding
         } else {
             Rebuilt::Done
         }
+    }
+}
+
+impl Upstream {
+    /// Endpoints per cluster and state, for the `podgate_upstream_endpoints` gauge. Every cluster
+    /// the upstream names is listed, so a state that drops to zero is set to zero.
+    fn endpoint_counts(&self, views: &[ServiceView], any_ready: bool) -> Vec<(String, [i64; 4])> {
+        fn slot(counts: &mut Vec<(String, [i64; 4])>, cluster: &str) -> usize {
+            match counts.iter().position(|(c, _)| c == cluster) {
+                Some(i) => i,
+                None => {
+                    counts.push((cluster.to_string(), [0; 4]));
+                    counts.len() - 1
+                }
+            }
+        }
+        let mut counts: Vec<(String, [i64; 4])> = Vec::new();
+        for (svc, view) in self.conf.services.iter().zip(views) {
+            let i = slot(&mut counts, &svc.cluster);
+            for e in &view.endpoints {
+                // ready: gets traffic; draining: terminating or serving-only (a fallback only
+                // when nothing is ready); unhealthy: failing readiness.
+                let state = if e.ready || (e.serving && !any_ready) {
+                    0
+                } else if e.serving || e.terminating {
+                    1
+                } else {
+                    2
+                };
+                counts[i].1[state] += 1;
+            }
+        }
+        if !self.conf.nodes.is_empty() {
+            let i = slot(&mut counts, "static");
+            counts[i].1[0] += self.conf.nodes.len() as i64;
+        }
+        counts
     }
 }
 

@@ -1,0 +1,156 @@
+//! Prometheus metrics, in the `prometheus` crate's default registry (the one `pingora-prometheus`
+//! serves too), rendered by the admin listener's `/metrics`.
+//!
+//! Label values stay bounded: route and upstream names come from the config, status codes are
+//! folded into classes, clusters are config names. Never a Pod IP or a raw path. The request path
+//! touches only handles resolved when a route is built, so it does no label lookup.
+
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry, TextEncoder,
+};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// Latency buckets from 1 ms to 30 s: gateway hops are fast, Pods may not be.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_requests_total",
+        "Requests answered, by route, upstream and status class (1xx..5xx).",
+        &["route", "upstream", "code"]
+    )
+    .expect("metric registers once")
+});
+
+static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "podgate_request_duration_seconds",
+        "Whole request duration as the gateway saw it.",
+        &["route", "upstream"],
+        BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
+static UPSTREAM_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "podgate_upstream_duration_seconds",
+        "Time from choosing a Pod to its first response byte (per attempt that got one).",
+        &["upstream"],
+        BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
+static RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_upstream_retries_total",
+        "Attempts retried on another endpoint.",
+        &["upstream"]
+    )
+    .expect("metric registers once")
+});
+
+static ENDPOINTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "podgate_upstream_endpoints",
+        "Endpoints of an upstream by cluster (`static` for nodes) and state: ready (gets \
+         traffic), draining (terminating or serving-only), unhealthy (not ready), ejected.",
+        &["upstream", "cluster", "state"]
+    )
+    .expect("metric registers once")
+});
+
+static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "podgate_build_info",
+        "Always 1; the version label says which build.",
+        &["version"]
+    )
+    .expect("metric registers once")
+});
+
+/// Label for requests that matched no route.
+pub const UNMATCHED: &str = "(none)";
+
+pub const STATES: [&str; 4] = ["ready", "draining", "unhealthy", "ejected"];
+
+/// Handles of one route's request metrics.
+pub struct RouteMetrics {
+    /// Index 0 is 1xx … index 4 is 5xx.
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str, upstream: &str) -> Self {
+        let class = |c: &str| REQUESTS.with_label_values(&[route, upstream, c]);
+        RouteMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: REQUEST_DURATION.with_label_values(&[route, upstream]),
+        }
+    }
+
+    /// Counts one answered request (`status` 0 means the client went away before an answer).
+    pub fn observe(&self, status: u16, took: Duration) {
+        if (100..600).contains(&status) {
+            self.by_class[usize::from(status / 100 - 1)].inc();
+        }
+        self.duration.observe(took.as_secs_f64());
+    }
+}
+
+/// Handles of one upstream's metrics.
+pub struct UpstreamMetrics {
+    pub first_byte: Histogram,
+    pub retries: IntCounter,
+    name: String,
+}
+
+impl UpstreamMetrics {
+    pub fn new(upstream: &str) -> Self {
+        UpstreamMetrics {
+            first_byte: UPSTREAM_DURATION.with_label_values(&[upstream]),
+            retries: RETRIES.with_label_values(&[upstream]),
+            name: upstream.to_string(),
+        }
+    }
+
+    /// Sets the endpoint gauges of this upstream: `counts` holds (cluster, [count per STATES]).
+    pub fn set_endpoints(&self, counts: &[(String, [i64; 4])]) {
+        for (cluster, per_state) in counts {
+            for (state, n) in STATES.iter().zip(per_state) {
+                ENDPOINTS
+                    .with_label_values(&[self.name.as_str(), cluster.as_str(), state])
+                    .set(*n);
+            }
+        }
+    }
+}
+
+pub fn init_build_info() {
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+}
+
+/// The text exposition of the default registry plus `extra` (metrics built at scrape time).
+pub fn render(extra: &Registry) -> Vec<u8> {
+    let mut families = prometheus::gather();
+    families.extend(extra.gather());
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        log::error!("cannot encode metrics: {e}");
+    }
+    out
+}

@@ -1,0 +1,88 @@
+//! `/metrics` on the admin listener: counts that follow real traffic, bounded labels.
+
+mod support;
+
+use support::*;
+
+/// The value of the sample whose line starts with `series` (name plus labels, as rendered).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_follow_traffic_and_discovery() {
+    let pods = pods_same_port(&["m-v1", "m-v2"]).await;
+    let port = pods[0].addr.port();
+    let mut draining = Ep::ready(&pods[1]);
+    draining.ready = Some(false);
+    draining.terminating = Some(true);
+    let manifest = format!(
+        "{}---\n{}",
+        service_yaml("web"),
+        slice_yaml("web-1", "web", port, &[Ep::ready(&pods[0]), draining])
+    );
+    let conf = format!(
+        "clusters:\n  - name: local\n    manifests: cluster\n\
+         upstreams:\n  - name: web\n    services: [{{cluster: local, service: web, port: 8000}}]\n\
+         \x20   nodes: [{{address: \"{}\"}}]\n\
+         routes:\n  - {{name: web-route, path_prefix: /web, upstream: web}}\n",
+        pods[0].addr
+    );
+    let gw = Gateway::start(&conf, &[("cluster/web.yaml", &manifest)]).await;
+    for _ in 0..3 {
+        assert_eq!(gw.get("h", "/web/x").await.status, 200);
+    }
+    assert_eq!(gw.get("h", "/elsewhere").await.status, 404);
+
+    let text =
+        String::from_utf8(get(gw.admin, "a", "/metrics").await.unwrap().body.to_vec()).unwrap();
+    let expect = |series: &str, want: f64| {
+        assert_eq!(sample(&text, series), Some(want), "{series} in\n{text}");
+    };
+    expect(
+        r#"podgate_requests_total{code="2xx",route="web-route",upstream="web"}"#,
+        3.0,
+    );
+    expect(
+        r#"podgate_requests_total{code="4xx",route="(none)",upstream="(none)"}"#,
+        1.0,
+    );
+    expect(
+        r#"podgate_request_duration_seconds_count{route="web-route",upstream="web"}"#,
+        3.0,
+    );
+    expect(
+        r#"podgate_upstream_duration_seconds_count{upstream="web"}"#,
+        3.0,
+    );
+    expect(
+        r#"podgate_upstream_endpoints{cluster="local",state="ready",upstream="web"}"#,
+        1.0,
+    );
+    expect(
+        r#"podgate_upstream_endpoints{cluster="local",state="draining",upstream="web"}"#,
+        1.0,
+    );
+    expect(
+        r#"podgate_upstream_endpoints{cluster="static",state="ready",upstream="web"}"#,
+        1.0,
+    );
+    expect(r#"podgate_build_info{version="0.1.0"}"#, 1.0);
+    expect(
+        r#"podgate_discovery_errors_total{cluster="local",reason="parse"}"#,
+        0.0,
+    );
+    assert!(sample(
+        &text,
+        r#"podgate_discovery_last_sync_timestamp_seconds{cluster="local"}"#
+    )
+    .is_some_and(|t| t > 1.7e9));
+    assert!(!text.contains("127.0."), "no addresses in metric labels");
+    assert!(
+        !text.contains("/elsewhere"),
+        "no raw paths in metric labels"
+    );
+}
