@@ -86,3 +86,64 @@ async fn metrics_follow_traffic_and_discovery() {
         "no raw paths in metric labels"
     );
 }
+
+#[tokio::test]
+async fn access_log_lines_and_request_ids() {
+    let pods = pods_same_port(&["log-v1"]).await;
+    let conf = format!(
+        "access_log: {{path: access.log}}\n\
+         upstreams:\n  - {{name: web, nodes: [{{address: \"{}\"}}]}}\n\
+         routes:\n  - {{name: web-route, path_prefix: /web, upstream: web}}\n",
+        pods[0].addr
+    );
+    let gw = Gateway::start(&conf, &[]).await;
+    let given = request(
+        gw.addr,
+        "GET",
+        "h.example",
+        "/web/a?secret=1",
+        &[("x-request-id", "abc-123")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(given.header("x-request-id").as_deref(), Some("abc-123"));
+    assert_eq!(
+        given.json()["headers"]["x-request-id"],
+        "abc-123",
+        "passed to the Pod"
+    );
+    let made = gw.get("h.example", "/web/b").await;
+    let id = made.json()["headers"]["x-request-id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(id.len(), 32, "generated when missing");
+    assert_eq!(made.header("x-request-id"), Some(id.clone()));
+    assert_eq!(gw.get("h.example", "/nowhere").await.status, 404);
+
+    let path = gw.path("access.log");
+    wait_for("three access log lines", || async {
+        std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() >= 3)
+    })
+    .await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let first = &lines[0];
+    assert_eq!(first["request_id"], "abc-123");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["host"], "h.example");
+    assert_eq!(first["path"], "/web/a", "no query string in the log");
+    assert_eq!(first["route"], "web-route");
+    assert_eq!(first["upstream"], "web");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["retries"], 0);
+    assert!(first["bytes"].as_u64().unwrap() > 0);
+    assert!(first["duration_ms"].as_f64().unwrap() >= first["upstream_ms"].as_f64().unwrap());
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["request_id"], id.as_str());
+    assert_eq!(lines[2]["status"], 404);
+    assert!(lines[2]["route"].is_null());
+}

@@ -4,6 +4,7 @@
 //! Flow: `config` → `upstream` (endpoint sets from discovery, weighted) → `balance` (selection)
 //! and `routing` (request → route) → `proxy` (Pingora `ProxyHttp`) ; `server` wires them up.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;

@@ -3,6 +3,7 @@
 //! Error answers are small JSON bodies with a fixed text per status; nothing about Pods, addresses
 //! or internal errors reaches the client (they go to the log).
 
+use crate::access_log::{self, AccessLog};
 use crate::balance::Backend;
 use crate::config::Scheme;
 use crate::metrics::{self, RouteMetrics};
@@ -34,14 +35,41 @@ pub struct Gateway {
     pub router: Arc<ArcSwap<GatewayRouter>>,
     /// Metrics of requests that matched no route.
     pub unmatched: RouteMetrics,
+    pub access_log: AccessLog,
 }
 
 impl Gateway {
-    pub fn new(router: Arc<ArcSwap<GatewayRouter>>) -> Self {
+    pub fn new(router: Arc<ArcSwap<GatewayRouter>>, access_log: AccessLog) -> Self {
         Gateway {
             router,
             unmatched: RouteMetrics::new(metrics::UNMATCHED, metrics::UNMATCHED),
+            access_log,
         }
+    }
+
+    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16) -> Vec<u8> {
+        let req = session.req_header();
+        let route = ctx.route.as_ref();
+        let backend = ctx.current.as_ref();
+        let line = serde_json::json!({
+            "time": access_log::rfc3339(std::time::SystemTime::now()),
+            "request_id": ctx.request_id,
+            "client": session.as_downstream().client_addr().map(|a| a.to_string()),
+            "method": req.method.as_str(),
+            "host": ctx.host,
+            "path": req.uri.path(),
+            "route": route.map(|r| r.name.as_str()),
+            "upstream": route.map(|r| r.upstream.upstream.conf.name.as_str()),
+            "cluster": backend.and_then(|b| b.cluster.as_deref()),
+            "pod": backend.and_then(|b| b.pod.as_deref()),
+            "pod_address": backend.map(|b| b.addr.to_string()),
+            "status": status,
+            "bytes": session.as_downstream().body_bytes_sent(),
+            "duration_ms": ctx.start.elapsed().as_secs_f64() * 1000.0,
+            "upstream_ms": ctx.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+            "retries": ctx.tried.len().saturating_sub(1),
+        });
+        serde_json::to_vec(&line).unwrap_or_default()
     }
 }
 
@@ -50,6 +78,10 @@ pub struct Ctx {
     start: Instant,
     /// When the current attempt's Pod was chosen (for time to first byte).
     attempt_start: Option<Instant>,
+    /// Time to the first response byte of the attempt that answered.
+    first_byte: Option<std::time::Duration>,
+    /// The client's X-Request-Id, or one made here; passed to the Pod and back to the client.
+    request_id: String,
     route: Option<Arc<GatewayRoute>>,
     /// The client's Host (normalised), passed on as X-Forwarded-Host.
     host: String,
@@ -150,6 +182,8 @@ impl ProxyHttp for Gateway {
         Ctx {
             start: Instant::now(),
             attempt_start: None,
+            first_byte: None,
+            request_id: String::new(),
             route: None,
             host: String::new(),
             tried: Vec::new(),
@@ -158,6 +192,21 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.request_id = match session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if !id.is_empty() && id.len() <= 200 => id.to_string(),
+            _ => {
+                let id = access_log::request_id();
+                session
+                    .req_header_mut()
+                    .insert_header("x-request-id", id.as_str())?;
+                id
+            }
+        };
         let req = session.req_header();
         ctx.host = request_host(req);
         let router = self.router.load();
@@ -299,8 +348,24 @@ impl ProxyHttp for Gateway {
         _resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(t), Some(u)) = (ctx.attempt_start.take(), ctx.upstream()) {
-            u.metrics.first_byte.observe(t.elapsed().as_secs_f64());
+        if let Some(t) = ctx.attempt_start.take() {
+            let took = t.elapsed();
+            ctx.first_byte = Some(took);
+            if let Some(u) = ctx.upstream() {
+                u.metrics.first_byte.observe(took.as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.headers.get("x-request-id").is_none() {
+            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
         Ok(())
     }
@@ -312,6 +377,9 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map_or(&self.unmatched, |r| &r.upstream.metrics);
         m.observe(status, ctx.start.elapsed());
+        if self.access_log.enabled() {
+            self.access_log.write(self.log_line(session, ctx, status));
+        }
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {

@@ -118,6 +118,8 @@ impl BackgroundService for Watchers {
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
     let built = build(&config)?;
     crate::metrics::init_build_info();
+    let access_log = crate::access_log::AccessLog::start(&config.access_log)
+        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
 
     let mut conf = ServerConf {
         threads: config.server.threads,
@@ -143,7 +145,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         if listeners.is_empty() {
             continue;
         }
-        let gateway = Gateway::new(built.router.clone());
+        let gateway = Gateway::new(built.router.clone(), access_log.clone());
         let mut svc = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             gateway,

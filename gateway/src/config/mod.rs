@@ -32,6 +32,7 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     pub upstreams: Vec<Arc<UpstreamConf>>,
     pub routes: Vec<RouteConf>,
+    pub access_log: crate::access_log::Sink,
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +195,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, ConfigErrors
 
 const TOP_KEYS: &[&str] = &[
     "listeners",
+    "access_log",
     "admin",
     "server",
     "clusters",
@@ -319,7 +321,9 @@ fn read_config(r: &mut Reader, doc: &Node, base: &Path) -> Option<Config> {
         }
     }
 
+    let access_log = read_access_log(r, f.get("access_log"), &resolve);
     Some(Config {
+        access_log,
         source: PathBuf::new(),
         listeners,
         admin,
@@ -377,6 +381,39 @@ fn read_listener(
         tls,
         h2c,
     })
+}
+
+fn read_access_log(
+    r: &mut Reader,
+    n: Option<&Node>,
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> crate::access_log::Sink {
+    use crate::access_log::Sink;
+    let Some(n) = n else { return Sink::Stdout };
+    let Some(f) = r.fields(n, "access_log", &["enabled", "path"]) else {
+        return Sink::Stdout;
+    };
+    if !r.bool(&f, "enabled", true) {
+        return Sink::Off;
+    }
+    match r.optional_string(&f, "path") {
+        None => Sink::Stdout,
+        Some(p) if p == "stdout" || p == "-" => Sink::Stdout,
+        Some(p) => {
+            let path = resolve(p);
+            if !path
+                .parent()
+                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir())
+            {
+                r.error(
+                    f.get("path"),
+                    "access_log.path",
+                    format!("the folder of {} does not exist", path.display()),
+                );
+            }
+            Sink::File(path)
+        }
+    }
 }
 
 fn read_admin(r: &mut Reader, n: Option<&Node>) -> Admin {
