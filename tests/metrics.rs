@@ -37,8 +37,25 @@ async fn metrics_follow_traffic_and_discovery() {
     }
     assert_eq!(gw.get("h", "/elsewhere").await.status, 404);
 
-    let text =
-        String::from_utf8(get(gw.admin, "a", "/metrics").await.unwrap().body.to_vec()).unwrap();
+    // Requests are counted when Pingora finishes them, just after the answer went out.
+    let scrape = || async {
+        String::from_utf8(get(gw.admin, "a", "/metrics").await.unwrap().body.to_vec()).unwrap()
+    };
+    let counted = |t: &str| {
+        sample(
+            t,
+            r#"podgate_requests_total{code="2xx",route="web-route",upstream="web"}"#,
+        ) == Some(3.0)
+            && sample(
+                t,
+                r#"podgate_requests_total{code="4xx",route="(none)",upstream="(none)"}"#,
+            ) == Some(1.0)
+    };
+    wait_for("the requests to be counted", || async {
+        counted(&scrape().await)
+    })
+    .await;
+    let text = scrape().await;
     let expect = |series: &str, want: f64| {
         assert_eq!(sample(&text, series), Some(want), "{series} in\n{text}");
     };

@@ -3,18 +3,16 @@
 //! It runs as its own Pingora service on its own address (loopback by default), so scraping or
 //! inspecting never competes with proxy traffic for a listener.
 
-use crate::upstream::Upstreams;
+use crate::live::Live;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
-use podgate_discovery::ManifestsCluster;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub struct Admin {
-    pub upstreams: Arc<Upstreams>,
-    pub manifests: Vec<(Arc<str>, Arc<ManifestsCluster>)>,
+    pub live: Arc<Live>,
 }
 
 fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -36,12 +34,13 @@ impl Admin {
     /// The discovered state: every upstream with its services and live backends, every cluster
     /// with how its last read went.
     pub fn upstreams_json(&self) -> Value {
-        let mut names: Vec<&String> = self.upstreams.by_name.keys().collect();
+        let all = self.live.upstreams();
+        let mut names: Vec<&String> = all.by_name.keys().collect();
         names.sort();
         let upstreams: Vec<Value> = names
             .into_iter()
             .map(|name| {
-                let up = &self.upstreams.by_name[name];
+                let up = &all.by_name[name];
                 let views = up.service_views();
                 let services: Vec<Value> = up
                     .conf
@@ -92,7 +91,8 @@ impl Admin {
             })
             .collect();
         let clusters: Vec<Value> = self
-            .manifests
+            .live
+            .manifests()
             .iter()
             .map(|(name, m)| {
                 let s = m.status();
@@ -146,7 +146,7 @@ impl Admin {
         .expect("valid metric");
         reg.register(Box::new(last_sync.clone()))
             .expect("registers once");
-        for (name, m) in &self.manifests {
+        for (name, m) in &self.live.manifests() {
             let s = m.status();
             events
                 .with_label_values(&[&**name, "reload"])

@@ -2,15 +2,13 @@
 //!
 //! Order matters: discovery sources are read first (so the first request already sees the Pods),
 //! then upstreams are built from what they found and subscribed to later changes, then listeners
-//! open. Nothing binds a port before the config and the sources were accepted.
+//! open. Nothing binds a port before the config and the sources were accepted. SIGHUP re-reads
+//! the config ([`Live::reload`]).
 
 use crate::admin::Admin;
-use crate::config::{ClusterKind, Config};
-use crate::metrics::RouteMetrics;
-use crate::proxy::{Gateway, GatewayRoute, GatewayRouter, Target};
-use crate::routing::Route;
-use crate::upstream::Upstreams;
-use arc_swap::ArcSwap;
+use crate::config::Config;
+use crate::live::Live;
+use crate::proxy::Gateway;
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
@@ -18,7 +16,6 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
-use podgate_discovery::{ManifestsCluster, Store};
 use std::sync::Arc;
 
 /// How the process was started, beyond the config file.
@@ -28,95 +25,38 @@ pub struct RunOptions {
     pub upgrade: bool,
 }
 
-/// Everything built from a config before Pingora takes over.
-pub struct Built {
-    pub store: Arc<Store>,
-    pub upstreams: Arc<Upstreams>,
-    pub router: Arc<ArcSwap<GatewayRouter>>,
-    pub manifests: Vec<(Arc<str>, Arc<ManifestsCluster>)>,
-}
-
-/// Reads the discovery sources and builds upstreams and routes; binds nothing.
-pub fn build(config: &Config) -> Result<Built, String> {
-    let store = Store::new();
-    let mut manifests = Vec::new();
-    for c in &config.clusters {
-        match &c.kind {
-            ClusterKind::Manifests(dir) => {
-                let m = ManifestsCluster::load(&c.name, dir, store.clone())
-                    .map_err(|e| format!("cluster {}: {e}", c.name))?;
-                manifests.push((c.name.clone(), m));
-            }
-            ClusterKind::Kubeconfig { .. }
-            | ClusterKind::InCluster
-            | ClusterKind::Server { .. } => {
-                return Err(format!(
-                    "cluster {}: kind not supported by this build",
-                    c.name
-                ))
-            }
-        }
-    }
-    for u in &config.upstreams {
-        if u.scheme == crate::config::Scheme::Https && !u.tls.verify {
-            log::warn!(
-                "upstream {}: tls.verify is false: Pod certificates are not checked, so anyone on \
-                 the path to the Pods can impersonate them",
-                u.name
-            );
-        }
-    }
-    let upstreams = Upstreams::new(&config.upstreams, store.clone())?;
-    store.subscribe(upstreams.clone());
-    let routes = config
-        .routes
-        .iter()
-        .map(|r| {
-            let upstream = upstreams.by_name[&r.upstream].clone();
-            let route: GatewayRoute = Route {
-                name: r.name.clone(),
-                path_prefix: r.path_prefix.clone(),
-                methods: r.methods.clone(),
-                strip_prefix: r.strip_prefix,
-                upstream: Target {
-                    metrics: RouteMetrics::new(&r.name, &r.upstream),
-                    upstream,
-                },
-            };
-            (r.hosts.clone(), route)
-        })
-        .collect();
-    Ok(Built {
-        store,
-        upstreams,
-        router: Arc::new(ArcSwap::from_pointee(GatewayRouter::new(routes))),
-        manifests,
-    })
-}
-
-/// Keeps the manifests folders watched for as long as the server runs.
-struct Watchers(Vec<Arc<ManifestsCluster>>);
+/// Reloads the config on SIGHUP for as long as the server runs.
+struct Reloader(Arc<Live>);
 
 #[async_trait]
-impl BackgroundService for Watchers {
+impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut guards = Vec::new();
-        for m in &self.0 {
-            match m.watch() {
-                Ok(g) => guards.push(g),
-                Err(e) => {
-                    log::error!("cannot watch a manifests folder, changes will not be seen: {e}")
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, config reloads are off: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    log::info!("SIGHUP: reloading {}", self.0.config().source.display());
+                    let live = self.0.clone();
+                    // Reading files and manifests folders is blocking work.
+                    let _ = tokio::task::spawn_blocking(move || live.reload()).await;
                 }
+                _ = shutdown.changed() => return,
             }
         }
-        let _ = shutdown.changed().await;
-        drop(guards);
     }
 }
 
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
-    let built = build(&config)?;
+    let live = Live::start(config.clone())?;
+    live.watch();
     crate::metrics::init_build_info();
     let access_log = crate::access_log::AccessLog::start(&config.access_log)
         .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
@@ -145,7 +85,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         if listeners.is_empty() {
             continue;
         }
-        let gateway = Gateway::new(built.router.clone(), access_log.clone());
+        let gateway = Gateway::new(live.router.clone(), access_log.clone());
         let mut svc = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             gateway,
@@ -180,10 +120,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         server.add_service(svc);
     }
 
-    let admin = Admin {
-        upstreams: built.upstreams.clone(),
-        manifests: built.manifests.clone(),
-    };
+    let admin = Admin { live: live.clone() };
     let mut admin_svc = Service::new(
         "podgate admin".to_string(),
         pingora_core::apps::http_app::HttpServer::new_app(admin),
@@ -192,8 +129,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     log::info!("admin on http://{}", config.admin.address);
     server.add_service(admin_svc);
 
-    let watchers = Watchers(built.manifests.iter().map(|(_, m)| m.clone()).collect());
-    server.add_service(background_service("manifests watchers", watchers));
+    server.add_service(background_service(
+        "config reloader",
+        Reloader(live.clone()),
+    ));
 
     server.run_forever()
 }

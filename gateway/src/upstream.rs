@@ -277,12 +277,30 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(confs: &[Arc<UpstreamConf>], store: Arc<Store>) -> Result<Arc<Self>, String> {
+        Self::new_reusing(confs, store, None)
+    }
+
+    /// Builds the upstreams of `confs`, taking over from `previous` every upstream whose config
+    /// did not change, with its balancer rotation, endpoint view and metrics handles.
+    pub fn new_reusing(
+        confs: &[Arc<UpstreamConf>],
+        store: Arc<Store>,
+        previous: Option<&Upstreams>,
+    ) -> Result<Arc<Self>, String> {
         let mut by_name = HashMap::new();
         let mut by_key: HashMap<ServiceKey, Vec<Arc<Upstream>>> = HashMap::new();
         for conf in confs {
-            let up = Arc::new(
-                Upstream::new(conf.clone()).map_err(|e| format!("upstream {}: {e}", conf.name))?,
-            );
+            let kept = previous
+                .and_then(|p| p.by_name.get(&conf.name))
+                .filter(|old| *old.conf == **conf)
+                .cloned();
+            let up = match kept {
+                Some(up) => up,
+                None => Arc::new(
+                    Upstream::new(conf.clone())
+                        .map_err(|e| format!("upstream {}: {e}", conf.name))?,
+                ),
+            };
             for i in 0..conf.services.len() {
                 let list = by_key.entry(up.key(i)).or_default();
                 if !list.iter().any(|u| Arc::ptr_eq(u, &up)) {
@@ -296,10 +314,22 @@ impl Upstreams {
             by_key,
             store,
         });
-        for up in this.by_name.values() {
-            up.rebuild(&this.store);
-        }
+        this.rebuild_all();
         Ok(this)
+    }
+
+    /// Rebuilds every upstream from the store.
+    pub fn rebuild_all(&self) {
+        for up in self.by_name.values() {
+            self.rebuild(up);
+        }
+    }
+
+    /// Whether `up` is one of these upstreams (the same object, not just the same name).
+    pub fn contains(&self, up: &Arc<Upstream>) -> bool {
+        self.by_name
+            .get(&up.conf.name)
+            .is_some_and(|mine| Arc::ptr_eq(mine, up))
     }
 
     /// Rebuilds `up`; when a service is being held non-empty, checks again once the hold is over.

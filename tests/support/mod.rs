@@ -177,6 +177,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     child: Child,
     pub log: PathBuf,
+    /// The listeners/admin/server part of the config, kept for [`Gateway::rewrite_config`].
+    conf_head: String,
 }
 
 impl Drop for Gateway {
@@ -222,10 +224,11 @@ impl Gateway {
         } else {
             format!("    {listener_extra}\n")
         };
-        let conf = format!(
+        let conf_head = format!(
             "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n\
-             server:\n  threads: 1\n  grace_period: 1s\n{body}"
+             server:\n  threads: 1\n  grace_period: 1s\n"
         );
+        let conf = format!("{conf_head}{body}");
         let conf_path = dir.path().join("podgate.yaml");
         std::fs::write(&conf_path, conf).unwrap();
         let log = dir.path().join("podgate.log");
@@ -243,6 +246,7 @@ impl Gateway {
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             child,
             log,
+            conf_head,
         };
         let (addr, admin) = (gw.addr, gw.admin);
         let start = Instant::now();
@@ -263,6 +267,29 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Replaces the config body (what [`Gateway::start`] took), atomically.
+    pub fn rewrite_config(&self, body: &str) {
+        write_atomically(
+            &self.path("podgate.yaml"),
+            &format!("{}{body}", self.conf_head),
+        );
+    }
+
+    /// Sends a signal (e.g. "HUP", "TERM") to the podgate process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

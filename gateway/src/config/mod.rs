@@ -22,7 +22,7 @@ use yaml::{Fields, Node, Reader};
 /// Most services one upstream may list (the product's contract).
 pub const MAX_SERVICES_PER_UPSTREAM: usize = 20;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// The file this came from, as given on the command line.
     pub source: PathBuf,
@@ -35,7 +35,7 @@ pub struct Config {
     pub access_log: crate::access_log::Sink,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
     pub address: SocketAddr,
     pub tls: Option<ListenerTls>,
@@ -43,30 +43,30 @@ pub struct Listener {
     pub h2c: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ListenerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Cluster {
     pub name: Arc<str>,
     pub kind: ClusterKind,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ClusterKind {
     /// A folder of Service and EndpointSlice manifests standing in for a cluster.
     Manifests(PathBuf),
@@ -90,7 +90,7 @@ pub enum Scheme {
     Https,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamTls {
     /// Name sent in SNI and checked against the Pod's certificate.
     pub sni: Option<String>,
@@ -98,7 +98,7 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamConf {
     pub name: String,
     pub scheme: Scheme,
@@ -120,7 +120,7 @@ impl UpstreamConf {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceRef {
     pub cluster: Arc<str>,
     pub namespace: String,
@@ -132,13 +132,13 @@ pub struct ServiceRef {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StaticNode {
     pub address: SocketAddr,
     pub weight: u32,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RouteConf {
     pub name: String,
     /// Empty means any host.

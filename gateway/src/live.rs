@@ -1,0 +1,277 @@
+//! What the running gateway is made of, and how a new config replaces it without a restart.
+//!
+//! [`Live`] owns the discovery store, the cluster sources feeding it, the upstreams built from it
+//! and the router. A reload validates the new file first; only a fully valid file changes
+//! anything, and then: new clusters are read before anything switches (a failure leaves the old
+//! config running), upstreams whose config is unchanged are carried over with their endpoints and
+//! rotation, the router is swapped atomically, and clusters no longer named are stopped last.
+
+use crate::config::{self, Cluster, ClusterKind, Config};
+use crate::metrics::RouteMetrics;
+use crate::proxy::{GatewayRoute, GatewayRouter, Target};
+use crate::routing::Route;
+use crate::upstream::Upstreams;
+use arc_swap::ArcSwap;
+use podgate_discovery::{Listener, ManifestsCluster, ServiceKey, Store, WatchGuard};
+use prometheus::{register_int_counter_vec, IntCounterVec};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_config_reloads_total",
+        "Config reloads by result (success, failure).",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// A running discovery source.
+pub enum Source {
+    Manifests {
+        cluster: Arc<ManifestsCluster>,
+        /// Keeps the folder watched; `None` until [`Live::watch`] ran.
+        guard: Option<WatchGuard>,
+    },
+}
+
+struct RunningCluster {
+    conf: Cluster,
+    source: Source,
+}
+
+/// Forwards store notifications to whatever upstreams are current.
+struct Forward(Arc<ArcSwap<Upstreams>>);
+
+impl Listener for Forward {
+    fn changed(&self, keys: &[ServiceKey]) {
+        self.0.load().changed(keys);
+    }
+}
+
+pub struct Live {
+    pub store: Arc<Store>,
+    pub router: Arc<ArcSwap<GatewayRouter>>,
+    upstreams: Arc<ArcSwap<Upstreams>>,
+    clusters: Mutex<Vec<RunningCluster>>,
+    config: ArcSwap<Config>,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+}
+
+fn start_cluster(c: &Cluster, store: &Arc<Store>) -> Result<Source, String> {
+    match &c.kind {
+        ClusterKind::Manifests(dir) => {
+            let cluster = ManifestsCluster::load(&c.name, dir, store.clone())
+                .map_err(|e| format!("cluster {}: {e}", c.name))?;
+            Ok(Source::Manifests {
+                cluster,
+                guard: None,
+            })
+        }
+        ClusterKind::Kubeconfig { .. } | ClusterKind::InCluster | ClusterKind::Server { .. } => {
+            Err(format!(
+                "cluster {}: kind not supported by this build",
+                c.name
+            ))
+        }
+    }
+}
+
+fn build_router(config: &Config, upstreams: &Upstreams) -> GatewayRouter {
+    let routes = config
+        .routes
+        .iter()
+        .map(|r| {
+            let route: GatewayRoute = Route {
+                name: r.name.clone(),
+                path_prefix: r.path_prefix.clone(),
+                methods: r.methods.clone(),
+                strip_prefix: r.strip_prefix,
+                upstream: Target {
+                    metrics: RouteMetrics::new(&r.name, &r.upstream),
+                    upstream: upstreams.by_name[&r.upstream].clone(),
+                },
+            };
+            (r.hosts.clone(), route)
+        })
+        .collect();
+    GatewayRouter::new(routes)
+}
+
+fn warn_insecure(config: &Config) {
+    for u in &config.upstreams {
+        if u.scheme == config::Scheme::Https && !u.tls.verify {
+            log::warn!(
+                "upstream {}: tls.verify is false: Pod certificates are not checked, so anyone on \
+                 the path to the Pods can impersonate them",
+                u.name
+            );
+        }
+    }
+}
+
+impl Live {
+    /// Reads the discovery sources and builds upstreams and routes; binds nothing and watches
+    /// nothing yet (see [`Live::watch`]).
+    pub fn start(config: Config) -> Result<Arc<Live>, String> {
+        let store = Store::new();
+        let mut clusters = Vec::new();
+        for c in &config.clusters {
+            clusters.push(RunningCluster {
+                source: start_cluster(c, &store)?,
+                conf: c.clone(),
+            });
+        }
+        warn_insecure(&config);
+        let upstreams = Upstreams::new(&config.upstreams, store.clone())?;
+        let router = build_router(&config, &upstreams);
+        let upstreams = Arc::new(ArcSwap::new(upstreams));
+        store.subscribe(Arc::new(Forward(upstreams.clone())));
+        Ok(Arc::new(Live {
+            store,
+            router: Arc::new(ArcSwap::from_pointee(router)),
+            upstreams,
+            clusters: Mutex::new(clusters),
+            config: ArcSwap::from_pointee(config),
+            reloading: Mutex::new(()),
+        }))
+    }
+
+    /// Starts following changes of every source that is not followed yet.
+    pub fn watch(&self) {
+        let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        for rc in clusters.iter_mut() {
+            match &mut rc.source {
+                Source::Manifests { cluster, guard } if guard.is_none() => match cluster.watch() {
+                    Ok(g) => *guard = Some(g),
+                    Err(e) => log::error!(
+                        "cluster {}: cannot watch the manifests folder, changes will not be \
+                         seen: {e}",
+                        rc.conf.name
+                    ),
+                },
+                Source::Manifests { .. } => {}
+            }
+        }
+    }
+
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.upstreams.load_full()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The manifests clusters, for the admin view and metrics.
+    pub fn manifests(&self) -> Vec<(Arc<str>, Arc<ManifestsCluster>)> {
+        let clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        clusters
+            .iter()
+            .map(|rc| match &rc.source {
+                Source::Manifests { cluster, .. } => (rc.conf.name.clone(), cluster.clone()),
+            })
+            .collect()
+    }
+
+    /// Re-reads the config file and applies it; on any error the running config stays.
+    /// Returns a one-line summary, or every error.
+    pub fn reload(&self) -> Result<String, Vec<String>> {
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.try_reload();
+        RELOADS
+            .with_label_values(&[if result.is_ok() { "success" } else { "failure" }])
+            .inc();
+        match &result {
+            Ok(summary) => log::info!("config reloaded: {summary}"),
+            Err(errors) => {
+                log::error!(
+                    "config reload refused, the running config stays ({} error(s)):",
+                    errors.len()
+                );
+                for e in errors {
+                    log::error!("  {e}");
+                }
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<String, Vec<String>> {
+        let old = self.config();
+        let new = config::load(&old.source)
+            .map_err(|errs| errs.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        for (what, changed) in [
+            ("listeners", new.listeners != old.listeners),
+            ("admin", new.admin != old.admin),
+            ("server", new.server != old.server),
+            ("access_log", new.access_log != old.access_log),
+        ] {
+            if changed {
+                log::warn!("config reload: `{what}` changed; that takes a restart to apply");
+            }
+        }
+
+        // New or changed clusters are read before anything switches.
+        let mut started: Vec<RunningCluster> = Vec::new();
+        {
+            let running = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &new.clusters {
+                if running.iter().any(|rc| rc.conf == *c) {
+                    continue;
+                }
+                let source = start_cluster(c, &self.store).map_err(|e| vec![e])?;
+                started.push(RunningCluster {
+                    conf: c.clone(),
+                    source,
+                });
+            }
+        }
+
+        warn_insecure(&new);
+        let previous = self.upstreams();
+        let upstreams = Upstreams::new_reusing(&new.upstreams, self.store.clone(), Some(&previous))
+            .map_err(|e| vec![e])?;
+        let kept = upstreams
+            .by_name
+            .values()
+            .filter(|u| previous.contains(u))
+            .count();
+        let router = build_router(&new, &upstreams);
+        self.upstreams.store(upstreams.clone());
+        // Events that reached the previous upstreams between building and swapping are caught up.
+        upstreams.rebuild_all();
+        self.router.store(Arc::new(router));
+
+        // Clusters no longer named (or redefined) stop last, and their services leave the store.
+        let (added, mut removed) = (started.len(), 0);
+        {
+            let mut running = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stay = Vec::new();
+            for rc in running.drain(..) {
+                if new.clusters.contains(&rc.conf) {
+                    stay.push(rc);
+                } else {
+                    removed += 1;
+                    let name = rc.conf.name.clone();
+                    drop(rc);
+                    let replaced = started.iter().any(|s| s.conf.name == name);
+                    if !replaced {
+                        self.store.reset_cluster(&name, HashMap::new());
+                    }
+                }
+            }
+            stay.extend(started);
+            *running = stay;
+        }
+        self.watch();
+        self.config.store(Arc::new(new));
+        let cfg = self.config();
+        Ok(format!(
+            "{} route(s), {} upstream(s) ({kept} unchanged), clusters +{added} -{removed}",
+            cfg.routes.len(),
+            cfg.upstreams.len()
+        ))
+    }
+}
