@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 pub struct Admin {
     pub live: Arc<Live>,
+    pub lifecycle: Arc<crate::server::Lifecycle>,
 }
 
 fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -173,6 +174,9 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
             "/healthz" => respond(200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" if self.lifecycle.draining() => {
+                respond(503, "text/plain", b"draining\n".to_vec())
+            }
             "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
             "/upstreams" => json_response(200, &self.upstreams_json()),
             "/metrics" => respond(

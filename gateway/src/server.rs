@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use std::sync::Arc;
@@ -53,6 +53,57 @@ impl BackgroundService for Reloader {
     }
 }
 
+/// Whether the gateway is on its way out; `/readyz` says 503 from the first moment it is.
+#[derive(Default)]
+pub struct Lifecycle {
+    draining: std::sync::atomic::AtomicBool,
+}
+
+impl Lifecycle {
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Pingora's signal handling, with a drain step in front of a graceful stop: on SIGTERM podgate
+/// reports not-ready at once but keeps accepting for `drain_delay`, so that Kubernetes stops
+/// sending before connections are refused; only then do listeners close.
+struct Signals {
+    lifecycle: Arc<Lifecycle>,
+    drain_delay: std::time::Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot listen for signals; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = quit.recv() => {
+                log::info!("SIGQUIT: handing the listening sockets to the new process");
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => {
+                self.lifecycle.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                log::info!(
+                    "SIGTERM: /readyz now answers 503; listeners close in {:?}",
+                    self.drain_delay
+                );
+                tokio::time::sleep(self.drain_delay).await;
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}
+
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
     let live = Live::start(config.clone())?;
@@ -61,11 +112,18 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     let access_log = crate::access_log::AccessLog::start(&config.access_log)
         .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
 
+    // After the drain delay, Pingora closes the listeners, waits its grace period for in-flight
+    // requests, then gives runtimes up to 1 s: the three add up to at most `grace_period`
+    // (Pingora's own default would be 300 s; Kubernetes kills at 30 s by default).
+    let after_drain = config
+        .server
+        .grace_period
+        .saturating_sub(config.server.drain_delay)
+        .as_secs();
     let mut conf = ServerConf {
         threads: config.server.threads,
-        // Pingora would otherwise wait 300 s after SIGTERM; Kubernetes kills at 30 s by default.
-        grace_period_seconds: Some(config.server.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(5),
+        grace_period_seconds: Some(after_drain.saturating_sub(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
         // Per-upstream budgets are enforced in the proxy; this is only the ceiling (retries ≤ 10).
         max_retries: 11,
         upgrade_sock: "/tmp/podgate_upgrade.sock".into(),
@@ -120,7 +178,11 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         server.add_service(svc);
     }
 
-    let admin = Admin { live: live.clone() };
+    let lifecycle = Arc::new(Lifecycle::default());
+    let admin = Admin {
+        live: live.clone(),
+        lifecycle: lifecycle.clone(),
+    };
     let mut admin_svc = Service::new(
         "podgate admin".to_string(),
         pingora_core::apps::http_app::HttpServer::new_app(admin),
@@ -134,5 +196,12 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         Reloader(live.clone()),
     ));
 
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            lifecycle,
+            drain_delay: config.server.drain_delay,
+        }),
+    });
+    log::info!("stopped");
+    std::process::exit(0)
 }

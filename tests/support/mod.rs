@@ -217,6 +217,17 @@ impl Gateway {
         listener_extra: &str,
         body: &str,
     ) -> Gateway {
+        Self::start_full(dir, listener_extra, "threads: 1\n  grace_period: 1s", body).await
+    }
+
+    /// The most general start: `server` is the body of the `server:` mapping (indented by two
+    /// spaces after its first line).
+    pub async fn start_full(
+        dir: tempfile::TempDir,
+        listener_extra: &str,
+        server: &str,
+        body: &str,
+    ) -> Gateway {
         let port = free_port();
         let admin_port = free_port();
         let extra = if listener_extra.is_empty() {
@@ -226,7 +237,7 @@ impl Gateway {
         };
         let conf_head = format!(
             "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n\
-             server:\n  threads: 1\n  grace_period: 1s\n"
+             server:\n  {server}\n"
         );
         let conf = format!("{conf_head}{body}");
         let conf_path = dir.path().join("podgate.yaml");
@@ -290,6 +301,11 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The exit status once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -476,3 +492,4 @@ pub async fn https_pod(name: &str, pki: &TestPki) -> Pod {
         task,
     }
 }
+pub mod fake_kube;

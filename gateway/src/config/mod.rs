@@ -58,6 +58,9 @@ pub struct Admin {
 pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
+    /// After SIGTERM, how long listeners keep accepting while `/readyz` already says 503, so
+    /// that Kubernetes takes the Pod out of its Service before connections are refused.
+    pub drain_delay: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -153,6 +156,8 @@ pub struct RouteConf {
 // Defaults, each chosen to match what users of nginx/Envoy expect, and documented in the README.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
+/// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.
@@ -438,15 +443,30 @@ fn read_server(r: &mut Reader, n: Option<&Node>) -> ServerSettings {
     let mut s = ServerSettings {
         threads: threads_default,
         grace_period: DEFAULT_GRACE_PERIOD,
+        drain_delay: DEFAULT_DRAIN_DELAY,
     };
     let Some(n) = n else { return s };
-    let Some(f) = r.fields(n, "server", &["threads", "grace_period"]) else {
+    let Some(f) = r.fields(n, "server", &["threads", "grace_period", "drain_delay"]) else {
         return s;
     };
     if let Some(t) = r.optional_int(&f, "threads", 1, 1024) {
         s.threads = t as usize;
     }
     s.grace_period = r.duration(&f, "grace_period", DEFAULT_GRACE_PERIOD);
+    // A short grace period implies a short drain unless one is given.
+    let drain_default = DEFAULT_DRAIN_DELAY.min(s.grace_period / 4);
+    s.drain_delay = r.duration(&f, "drain_delay", drain_default);
+    if s.drain_delay >= s.grace_period {
+        r.error(
+            f.get("drain_delay").or(f.get("grace_period")),
+            "server.drain_delay",
+            format!(
+                "{:?} must be shorter than server.grace_period ({:?}): in-flight requests need \
+                 time to finish after listeners close",
+                s.drain_delay, s.grace_period
+            ),
+        );
+    }
     s
 }
 
