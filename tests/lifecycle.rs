@@ -108,3 +108,77 @@ async fn sigterm_drains_then_finishes_in_flight_work() {
         "nothing listens after exit"
     );
 }
+
+#[tokio::test]
+async fn binary_upgrade_under_load_loses_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let pods = pods_same_port(&["up-v1"]).await;
+    let conf = format!(
+        "upstreams:\n  - {{name: web, nodes: [{{address: \"{}\"}}]}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+        pods[0].addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let mut old = Gateway::start_full(
+        dir,
+        "",
+        &format!(
+            "threads: 1\n  grace_period: 2s\n  drain_delay: 0s\n  upgrade_sock: {}",
+            sock.display()
+        ),
+        &conf,
+    )
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), old.addr);
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr, "h", "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    wait_for("load to run", || async { ok.load(Ordering::Relaxed) > 50 }).await;
+
+    let mut new = old.spawn_upgrade();
+    wait_for("the new process to wait for the sockets", || {
+        std::future::ready(sock.exists())
+    })
+    .await;
+    old.signal("QUIT");
+    let mut status = None;
+    wait_for("the old process to exit", || {
+        status = old.exited();
+        std::future::ready(status.is_some())
+    })
+    .await;
+    assert!(new.try_wait().unwrap().is_none(), "the new process runs");
+    let at_handover = ok.load(Ordering::Relaxed);
+    wait_for("the new process to serve", || async {
+        ok.load(Ordering::Relaxed) > at_handover + 50
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("binary upgrade under load: {ok} requests ok, {failed} failed");
+    let _ = new.kill();
+    let _ = new.wait();
+    assert_eq!(
+        failed,
+        0,
+        "{ok} ok, {failed} failed\nold:\n{}\nnew:\n{}",
+        old.log_text(),
+        std::fs::read_to_string(old.path("upgrade.log")).unwrap_or_default()
+    );
+}

@@ -126,7 +126,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         graceful_shutdown_timeout_seconds: Some(1),
         // Per-upstream budgets are enforced in the proxy; this is only the ceiling (retries ≤ 10).
         max_retries: 11,
-        upgrade_sock: "/tmp/podgate_upgrade.sock".into(),
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         pid_file: "/tmp/podgate.pid".into(),
         ..ServerConf::default()
     };

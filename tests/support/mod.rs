@@ -303,6 +303,20 @@ impl Gateway {
         self.child.id()
     }
 
+    /// Starts a second podgate on the same config with `-u`, to take over this one's sockets
+    /// once this one gets SIGQUIT. Its log goes to `upgrade.log` in the gateway's folder.
+    pub fn spawn_upgrade(&self) -> Child {
+        Command::new(podgate_bin())
+            .arg("-u")
+            .arg("-c")
+            .arg(self.path("podgate.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path("upgrade.log")).unwrap())
+            .spawn()
+            .expect("spawn podgate -u")
+    }
+
     /// The exit status once the process has ended.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().unwrap()

@@ -61,6 +61,8 @@ pub struct ServerSettings {
     /// After SIGTERM, how long listeners keep accepting while `/readyz` already says 503, so
     /// that Kubernetes takes the Pod out of its Service before connections are refused.
     pub drain_delay: Duration,
+    /// Unix socket over which a new process (`-u`) receives the listening sockets.
+    pub upgrade_sock: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -158,6 +160,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
 /// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/podgate_upgrade.sock";
 pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.
@@ -253,7 +256,7 @@ fn read_config(r: &mut Reader, doc: &Node, base: &Path) -> Option<Config> {
             "must differ from every listener address",
         );
     }
-    let server = read_server(r, f.get("server"));
+    let server = read_server(r, f.get("server"), &resolve);
 
     let mut clusters: Vec<Cluster> = Vec::new();
     for (path, n) in f
@@ -436,7 +439,11 @@ fn read_admin(r: &mut Reader, n: Option<&Node>) -> Admin {
     Admin { address }
 }
 
-fn read_server(r: &mut Reader, n: Option<&Node>) -> ServerSettings {
+fn read_server(
+    r: &mut Reader,
+    n: Option<&Node>,
+    resolve: &dyn Fn(String) -> PathBuf,
+) -> ServerSettings {
     let threads_default = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -444,11 +451,19 @@ fn read_server(r: &mut Reader, n: Option<&Node>) -> ServerSettings {
         threads: threads_default,
         grace_period: DEFAULT_GRACE_PERIOD,
         drain_delay: DEFAULT_DRAIN_DELAY,
+        upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
     };
     let Some(n) = n else { return s };
-    let Some(f) = r.fields(n, "server", &["threads", "grace_period", "drain_delay"]) else {
+    let Some(f) = r.fields(
+        n,
+        "server",
+        &["threads", "grace_period", "drain_delay", "upgrade_sock"],
+    ) else {
         return s;
     };
+    if let Some(p) = r.optional_string(&f, "upgrade_sock") {
+        s.upgrade_sock = resolve(p);
+    }
     if let Some(t) = r.optional_int(&f, "threads", 1, 1024) {
         s.threads = t as usize;
     }
