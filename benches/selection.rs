@@ -14,6 +14,7 @@ fn backends(n: usize) -> Vec<Backend> {
             weight: [10, 10, 1][i % 3],
             cluster: None,
             pod: None,
+            outlier: Default::default(),
         })
         .collect()
 }
@@ -23,7 +24,7 @@ fn pick(c: &mut Criterion) {
     for n in [3, 1_000, 10_000] {
         let b = Balancer::new(Selection::new(backends(n)));
         g.bench_with_input(BenchmarkId::from_parameter(n), &b, |bench, b| {
-            bench.iter(|| black_box(b.pick(&[])))
+            bench.iter(|| black_box(b.pick(|_| false)))
         });
     }
     g.finish();

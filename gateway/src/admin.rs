@@ -179,11 +179,16 @@ impl ServeHttp for Admin {
             }
             "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
             "/upstreams" => json_response(200, &self.upstreams_json()),
-            "/metrics" => respond(
-                200,
-                "text/plain; version=0.0.4",
-                crate::metrics::render(&self.discovery_registry()),
-            ),
+            "/metrics" => {
+                for up in self.live.upstreams().by_name.values() {
+                    up.refresh_ejected_gauge();
+                }
+                respond(
+                    200,
+                    "text/plain; version=0.0.4",
+                    crate::metrics::render(&self.discovery_registry()),
+                )
+            }
             _ => json_response(
                 404,
                 &json!({"error": "not_found", "paths": ["/healthz", "/readyz", "/upstreams", "/metrics"]}),

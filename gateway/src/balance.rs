@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Where traffic can go, with what it is known as (for logs and the admin view).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
     /// 1..=100.
@@ -32,6 +32,8 @@ pub struct Backend {
     /// The cluster it was discovered in; `None` for a static node.
     pub cluster: Option<Arc<str>>,
     pub pod: Option<Arc<str>>,
+    /// Its failure record, shared by every selection it appears in.
+    pub outlier: Arc<crate::outlier::Outlier>,
 }
 
 /// An immutable set of backends ready for picking.
@@ -120,9 +122,9 @@ impl Balancer {
         self.current.load_full()
     }
 
-    /// The next backend in smooth weighted order, skipping those in `exclude` (already tried) as
-    /// long as another one exists. `None` only when there is no backend at all.
-    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Backend> {
+    /// The next backend in smooth weighted order, passing over those `skip` refuses (already
+    /// tried, ejected) as long as another one exists. `None` only when there is no backend at all.
+    pub fn pick(&self, skip: impl Fn(&Backend) -> bool) -> Option<Backend> {
         let guard = self.current.load();
         if guard.is_empty() {
             return None;
@@ -134,9 +136,9 @@ impl Balancer {
                 rot.follow(arc_swap::Guard::into_inner(guard));
             }
             let mut idx = rot.next();
-            // A retry wants a different backend; stop after one full lap of distinct choices.
+            // Stop after one full lap of distinct choices: better a refused one than none.
             for _ in 0..rot.selection.backends.len() {
-                if !exclude.contains(&rot.selection.backends[idx].addr) {
+                if !skip(&rot.selection.backends[idx]) {
                     break;
                 }
                 idx = rot.next();
@@ -240,12 +242,13 @@ mod tests {
             weight,
             cluster: None,
             pod: None,
+            outlier: Default::default(),
         }
     }
 
     fn picks(b: &Balancer, n: usize) -> Vec<u8> {
         (0..n)
-            .map(|_| match b.pick(&[]).unwrap().addr.ip() {
+            .map(|_| match b.pick(|_| false).unwrap().addr.ip() {
                 std::net::IpAddr::V4(v4) => v4.octets()[3],
                 _ => unreachable!(),
             })
@@ -310,18 +313,18 @@ mod tests {
     #[test]
     fn retries_skip_tried_backends() {
         let b = Balancer::new(Selection::new(vec![backend(1, 1), backend(2, 1)]));
-        let first = b.pick(&[]).unwrap();
-        let second = b.pick(&[first.addr]).unwrap();
+        let first = b.pick(|_| false).unwrap();
+        let second = b.pick(|b| b.addr == first.addr).unwrap();
         assert_ne!(first.addr, second.addr);
         // With everything excluded there is still an answer (better a retry than none).
-        assert!(b.pick(&[first.addr, second.addr]).is_some());
+        assert!(b.pick(|_| true).is_some());
     }
 
     #[test]
     fn empty_and_zero_weights() {
         let b = Balancer::new(Selection::new(vec![backend(1, 0)]));
-        assert!(b.pick(&[]).is_none());
+        assert!(b.pick(|_| false).is_none());
         let b = Balancer::default();
-        assert!(b.pick(&[]).is_none());
+        assert!(b.pick(|_| false).is_none());
     }
 }

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod live;
 pub mod metrics;
+pub mod outlier;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -65,6 +65,15 @@ static ENDPOINTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static EJECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_upstream_ejections_total",
+        "Endpoints ejected by passive outlier detection.",
+        &["upstream"]
+    )
+    .expect("metric registers once")
+});
+
 static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "podgate_build_info",
@@ -114,6 +123,7 @@ impl RouteMetrics {
 pub struct UpstreamMetrics {
     pub first_byte: Histogram,
     pub retries: IntCounter,
+    pub ejections: IntCounter,
     name: String,
 }
 
@@ -122,14 +132,25 @@ impl UpstreamMetrics {
         UpstreamMetrics {
             first_byte: UPSTREAM_DURATION.with_label_values(&[upstream]),
             retries: RETRIES.with_label_values(&[upstream]),
+            ejections: EJECTIONS.with_label_values(&[upstream]),
             name: upstream.to_string(),
         }
     }
 
-    /// Sets the endpoint gauges of this upstream: `counts` holds (cluster, [count per STATES]).
+    /// Sets the `ejected` endpoint gauges: (cluster, count).
+    pub fn set_ejected(&self, counts: &[(String, i64)]) {
+        for (cluster, n) in counts {
+            ENDPOINTS
+                .with_label_values(&[self.name.as_str(), cluster.as_str(), "ejected"])
+                .set(*n);
+        }
+    }
+
+    /// Sets the ready/draining/unhealthy endpoint gauges: (cluster, [count per STATES]); the
+    /// `ejected` state is [`UpstreamMetrics::set_ejected`]'s.
     pub fn set_endpoints(&self, counts: &[(String, [i64; 4])]) {
         for (cluster, per_state) in counts {
-            for (state, n) in STATES.iter().zip(per_state) {
+            for (state, n) in STATES.iter().zip(per_state).take(3) {
                 ENDPOINTS
                     .with_label_values(&[self.name.as_str(), cluster.as_str(), state])
                     .set(*n);

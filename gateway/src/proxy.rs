@@ -95,6 +95,13 @@ impl Ctx {
         self.route.as_ref().map(|r| &r.upstream.upstream)
     }
 
+    /// Tells the upstream how the current attempt went (passive ejection).
+    fn record(&self, ok: bool) {
+        if let (Some(b), Some(u)) = (self.current.as_ref(), self.upstream()) {
+            u.record(b, ok);
+        }
+    }
+
     fn count_retry(&self, retry: bool) {
         if let (true, Some(u)) = (retry, self.upstream()) {
             u.metrics.retries.inc();
@@ -312,6 +319,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.record(false);
         // Nothing was sent yet, so any method may go to another endpoint.
         let retry = ctx.may_retry();
         e.set_retry(retry);
@@ -327,6 +335,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
+        ctx.record(false);
         let mut e = e.more_context(format!("peer: {peer}"));
         // Pingora's policy: only idempotent requests with an intact body buffer, and errors that
         // happen on a reused pooled connection before any response byte. On top: our budget.
@@ -345,9 +354,12 @@ impl ProxyHttp for Gateway {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _resp: &mut ResponseHeader,
+        resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if !resp.status.is_informational() {
+            ctx.record(resp.status.as_u16() < 500);
+        }
         if let Some(t) = ctx.attempt_start.take() {
             let took = t.elapsed();
             ctx.first_byte = Some(took);

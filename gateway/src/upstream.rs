@@ -6,9 +6,11 @@
 
 use crate::balance::{Backend, Balancer, Selection};
 use crate::config::{Scheme, UpstreamConf};
+use crate::outlier::{self, Outlier};
 use podgate_discovery::{Endpoint, ServiceKey, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +72,8 @@ pub struct Upstream {
     /// CA could be reused by an upstream that trusts a different one.
     pub pool_group: u64,
     pub metrics: crate::metrics::UpstreamMetrics,
+    /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
+    eject_horizon: AtomicU64,
 }
 
 impl Upstream {
@@ -87,6 +91,7 @@ impl Upstream {
             h.finish()
         });
         Ok(Upstream {
+            eject_horizon: AtomicU64::new(0),
             metrics: crate::metrics::UpstreamMetrics::new(&conf.name),
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
@@ -105,9 +110,94 @@ impl Upstream {
         }
     }
 
-    /// The next backend, avoiding `tried` when another exists. Lock-free.
+    /// The next backend, avoiding `tried` and ejected ones when another exists. Lock-free; reads
+    /// the clock only while some ejection may still be running.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Backend> {
-        self.balancer.pick(tried)
+        let horizon = self.eject_horizon.load(Ordering::Relaxed);
+        let now = if horizon == 0 {
+            0
+        } else {
+            let now = outlier::now_ms();
+            if now >= horizon {
+                // Every ejection has run out: back to the clock-free path.
+                let _ = self.eject_horizon.compare_exchange(
+                    horizon,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                0
+            } else {
+                now
+            }
+        };
+        self.balancer
+            .pick(|b| tried.contains(&b.addr) || (now != 0 && b.outlier.is_ejected(now)))
+    }
+
+    /// Records how an attempt on `backend` went (passive ejection).
+    pub fn record(&self, backend: &Backend, ok: bool) {
+        let conf = &self.conf.outlier;
+        if ok {
+            backend.outlier.success();
+            return;
+        }
+        if conf.consecutive_failures == 0 || backend.outlier.failure() < conf.consecutive_failures {
+            return;
+        }
+        let now = outlier::now_ms();
+        if backend.outlier.is_ejected(now) {
+            return;
+        }
+        let selection = self.selection();
+        let all = selection.backends();
+        let ejected = all.iter().filter(|b| b.outlier.is_ejected(now)).count();
+        if !outlier::may_eject(conf, ejected, all.len()) {
+            log::warn!(
+                "upstream {}: {} failed {} times in a row but is not ejected: {ejected} of {} \
+                 endpoints already are (max_ejection_percent {})",
+                self.conf.name,
+                describe(backend),
+                conf.consecutive_failures,
+                all.len(),
+                conf.max_ejection_percent
+            );
+            return;
+        }
+        let took = backend.outlier.eject(conf, now);
+        self.eject_horizon
+            .fetch_max(now + took.as_millis() as u64, Ordering::Relaxed);
+        self.metrics.ejections.inc();
+        log::warn!(
+            "upstream {}: ejected {} for {took:?} after {} failures in a row",
+            self.conf.name,
+            describe(backend),
+            conf.consecutive_failures
+        );
+    }
+
+    /// Ejected endpoints per cluster right now, for the `ejected` endpoint gauge.
+    pub fn refresh_ejected_gauge(&self) {
+        let now = outlier::now_ms();
+        let mut counts: Vec<(String, i64)> = self
+            .conf
+            .services
+            .iter()
+            .map(|s| (s.cluster.to_string(), 0))
+            .collect();
+        if !self.conf.nodes.is_empty() {
+            counts.push(("static".into(), 0));
+        }
+        counts.dedup();
+        for b in self.selection().backends() {
+            if b.outlier.is_ejected(now) {
+                let cluster = b.cluster.as_deref().unwrap_or("static");
+                if let Some(c) = counts.iter_mut().find(|(c, _)| c == cluster) {
+                    c.1 += 1;
+                }
+            }
+        }
+        self.metrics.set_ejected(&counts);
     }
 
     pub fn selection(&self) -> Arc<Selection> {
@@ -178,6 +268,18 @@ impl Upstream {
             }
         }
         let any_ready = candidates.iter().any(|(e, ..)| e.ready);
+        // Failure records follow the address from one selection to the next.
+        let previous = self.balancer.selection();
+        let known: HashMap<SocketAddr, &Arc<Outlier>> = previous
+            .backends()
+            .iter()
+            .map(|b| (b.addr, &b.outlier))
+            .collect();
+        let outlier_of = |addr: &SocketAddr| {
+            known
+                .get(addr)
+                .map_or_else(Default::default, |o| Arc::clone(o))
+        };
         let mut backends: Vec<Backend> = candidates
             .into_iter()
             .filter(|(e, ..)| if any_ready { e.ready } else { e.serving })
@@ -186,6 +288,7 @@ impl Upstream {
                 weight,
                 cluster: Some(cluster),
                 pod: e.pod.as_deref().map(Arc::from),
+                outlier: outlier_of(&e.addr),
             })
             .collect();
         backends.extend(self.conf.nodes.iter().map(|n| Backend {
@@ -193,6 +296,7 @@ impl Upstream {
             weight: n.weight,
             cluster: None,
             pod: None,
+            outlier: outlier_of(&n.address),
         }));
         let selection = Selection::new(backends);
         log::info!(
@@ -246,6 +350,13 @@ impl Upstream {
             counts[i].1[0] += self.conf.nodes.len() as i64;
         }
         counts
+    }
+}
+
+fn describe(b: &Backend) -> String {
+    match (&b.pod, &b.cluster) {
+        (Some(pod), Some(cluster)) => format!("Pod {pod} ({}, cluster {cluster})", b.addr),
+        _ => format!("node {}", b.addr),
     }
 }
 

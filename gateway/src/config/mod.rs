@@ -116,6 +116,7 @@ pub struct UpstreamConf {
     pub read_timeout: Duration,
     pub services: Vec<ServiceRef>,
     pub nodes: Vec<StaticNode>,
+    pub outlier: crate::outlier::OutlierConf,
 }
 
 impl UpstreamConf {
@@ -624,6 +625,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "connect_timeout",
     "read_timeout",
     "health_check",
+    "outlier",
     "services",
     "nodes",
 ];
@@ -731,6 +733,7 @@ fn read_upstream(
         );
     }
 
+    let outlier = read_outlier(r, f.get("outlier"), &f.child("outlier"));
     let mut services = Vec::new();
     if let Some(s) = f.get("services") {
         let items = r.list(s, &f.child("services"));
@@ -800,7 +803,39 @@ fn read_upstream(
         read_timeout,
         services,
         nodes,
+        outlier,
     })
+}
+
+fn read_outlier(r: &mut Reader, n: Option<&Node>, path: &str) -> crate::outlier::OutlierConf {
+    let mut o = crate::outlier::OutlierConf::default();
+    let Some(n) = n else { return o };
+    let Some(f) = r.fields(
+        n,
+        path,
+        &[
+            "consecutive_failures",
+            "base_ejection",
+            "max_ejection_percent",
+        ],
+    ) else {
+        return o;
+    };
+    if let Some(v) = r.optional_int(&f, "consecutive_failures", 0, 1000) {
+        o.consecutive_failures = v as u32;
+    }
+    o.base_ejection = r.duration(&f, "base_ejection", o.base_ejection);
+    if o.base_ejection.is_zero() {
+        r.error(
+            f.get("base_ejection"),
+            &f.child("base_ejection"),
+            "must be longer than zero",
+        );
+    }
+    if let Some(v) = r.optional_int(&f, "max_ejection_percent", 0, 100) {
+        o.max_ejection_percent = v as u32;
+    }
+    o
 }
 
 fn read_weight(r: &mut Reader, f: &Fields<'_>) -> u32 {

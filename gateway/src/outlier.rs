@@ -1,0 +1,138 @@
+//! Passive ejection ("outlier detection"): Pods that keep failing are taken out for a while.
+//!
+//! Connect errors, broken connections and 5xx answers from a Pod count as failures; any other
+//! answer resets the count. After `consecutive_failures` in a row the Pod is ejected for
+//! `base_ejection × times ejected` (at most [`MAX_EJECTION_FACTOR`] times the base), then gets
+//! traffic again. No more than `max_ejection_percent` of an upstream's endpoints are ejected at
+//! once: when more look bad the problem is probably not the Pods, and sending to all of them beats
+//! sending everything to the few left (Envoy's panic threshold reasoning).
+//!
+//! The state of each endpoint lives in atomics shared by every selection the endpoint appears
+//! in, so it survives endpoint-set updates, and the request path neither locks nor allocates.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+/// Ejections never last longer than this many base durations.
+pub const MAX_EJECTION_FACTOR: u32 = 10;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierConf {
+    /// 0 turns passive ejection off.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConf {
+    fn default() -> Self {
+        OutlierConf {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Milliseconds since the process started (never 0, so 0 can mean "not ejected").
+pub fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64 + 1
+}
+
+/// One endpoint's failure record.
+#[derive(Debug, Default)]
+pub struct Outlier {
+    failures: AtomicU32,
+    /// `now_ms()` until which the endpoint is ejected; 0 when it is not.
+    ejected_until: AtomicU64,
+    times_ejected: AtomicU32,
+}
+
+impl Outlier {
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// Records a good answer.
+    pub fn success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        // Escalation is for Pods that fail again right after coming back; a good answer after an
+        // ejection ended starts it over.
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until != 0 && until <= now_ms() {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            self.times_ejected.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure; returns how many failures in a row that makes.
+    pub fn failure(&self) -> u32 {
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Ejects for `base × times ejected` (capped); returns for how long.
+    pub fn eject(&self, conf: &OutlierConf, now: u64) -> Duration {
+        let times =
+            (self.times_ejected.fetch_add(1, Ordering::Relaxed) + 1).min(MAX_EJECTION_FACTOR);
+        let took = conf.base_ejection * times;
+        self.ejected_until
+            .store(now + took.as_millis() as u64, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        took
+    }
+}
+
+/// May one more of `total` endpoints be ejected while `ejected` already are?
+pub fn may_eject(conf: &OutlierConf, ejected: usize, total: usize) -> bool {
+    total > 0 && (ejected + 1) * 100 <= conf.max_ejection_percent as usize * total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_escalates_and_is_capped() {
+        let conf = OutlierConf {
+            base_ejection: Duration::from_secs(1),
+            ..OutlierConf::default()
+        };
+        let o = Outlier::default();
+        let now = now_ms();
+        assert_eq!(o.eject(&conf, now), Duration::from_secs(1));
+        assert!(o.is_ejected(now));
+        assert!(!o.is_ejected(now + 1_000));
+        assert_eq!(o.eject(&conf, now), Duration::from_secs(2));
+        for _ in 0..20 {
+            o.eject(&conf, now);
+        }
+        assert_eq!(o.eject(&conf, now), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_percentage_cap() {
+        let conf = OutlierConf::default(); // 50 %
+        assert!(may_eject(&conf, 0, 2));
+        assert!(!may_eject(&conf, 1, 2));
+        assert!(
+            !may_eject(&conf, 0, 1),
+            "a lone endpoint is never ejected at 50 %"
+        );
+        assert!(may_eject(&conf, 4, 10));
+        assert!(!may_eject(&conf, 5, 10));
+    }
+
+    #[test]
+    fn failures_count_up_and_successes_reset() {
+        let o = Outlier::default();
+        assert_eq!(o.failure(), 1);
+        assert_eq!(o.failure(), 2);
+        o.success();
+        assert_eq!(o.failure(), 1);
+    }
+}
