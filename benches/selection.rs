@@ -14,7 +14,7 @@ fn backends(n: usize) -> Vec<Backend> {
             weight: [10, 10, 1][i % 3],
             cluster: None,
             pod: None,
-            outlier: Default::default(),
+            health: Default::default(),
         })
         .collect()
 }

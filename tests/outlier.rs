@@ -112,3 +112,88 @@ async fn never_more_than_max_ejection_percent() {
         gw.log_text()
     );
 }
+
+/// A Pod whose `/healthz` answers 503 while `sick` is set; other paths answer 200.
+async fn switchable_pod(
+    name: &'static str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sick = std::sync::Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let flag = sick.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let down = req.uri().path() == "/healthz" && flag.load(Ordering::Relaxed);
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(if down { 503 } else { 200 })
+                                    .header("x-pod", name)
+                                    .body(Full::new(Bytes::from_static(b"ok")))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, sick)
+}
+
+#[tokio::test]
+async fn active_checks_take_a_pod_out_and_bring_it_back() {
+    use std::sync::atomic::Ordering;
+    let (a, _) = switchable_pod("steady").await;
+    let (b, sick) = switchable_pod("flaky").await;
+    let conf = format!(
+        "upstreams:\n  - name: web\n\
+         \x20   health_check: {{kind: http, path: /healthz, expect: [200-299], interval: 200ms, timeout: 150ms, healthy: 2, unhealthy: 2}}\n\
+         \x20   nodes: [{{address: \"{a}\"}}, {{address: \"{b}\"}}]\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n"
+    );
+    let gw = Gateway::start(&conf, &[]).await;
+    let flaky = b.to_string();
+    let flaky_down = |v: serde_json::Value| {
+        v["upstreams"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["address"] == flaky.as_str() && x["check_down"] == true)
+    };
+    assert!(!flaky_down(gw.upstreams_json().await), "starts healthy");
+
+    sick.store(true, Ordering::Relaxed);
+    let start = std::time::Instant::now();
+    while !flaky_down(gw.upstreams_json().await) {
+        assert!(start.elapsed() < DEADLINE, "never marked down:\n{}", gw.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(gw.pod_for("h", "/").await, "steady");
+    }
+
+    sick.store(false, Ordering::Relaxed);
+    wait_for("the flaky Pod to come back", || async {
+        gw.pod_for("h", "/").await == "flaky"
+    })
+    .await;
+    let metrics =
+        String::from_utf8(get(gw.admin, "a", "/metrics").await.unwrap().body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("podgate_health_checks_total{result=\"failure\",upstream=\"web\"}"),
+        "{metrics}"
+    );
+    assert!(gw.log_text().contains("is down after 2 failed checks"));
+}

@@ -35,6 +35,7 @@ impl Admin {
     /// The discovered state: every upstream with its services and live backends, every cluster
     /// with how its last read went.
     pub fn upstreams_json(&self) -> Value {
+        let now = crate::outlier::now_ms();
         let all = self.live.upstreams();
         let mut names: Vec<&String> = all.by_name.keys().collect();
         names.sort();
@@ -79,6 +80,8 @@ impl Admin {
                         json!({
                             "address": b.addr.to_string(), "weight": b.weight,
                             "cluster": b.cluster.as_deref(), "pod": b.pod.as_deref(),
+                            "check_down": b.health.active.is_down(),
+                            "ejected": b.health.passive.is_ejected(now),
                         })
                     })
                     .collect();

@@ -33,7 +33,7 @@ pub struct Backend {
     pub cluster: Option<Arc<str>>,
     pub pod: Option<Arc<str>>,
     /// Its failure record, shared by every selection it appears in.
-    pub outlier: Arc<crate::outlier::Outlier>,
+    pub health: Arc<crate::outlier::Health>,
 }
 
 /// An immutable set of backends ready for picking.
@@ -242,7 +242,7 @@ mod tests {
             weight,
             cluster: None,
             pod: None,
-            outlier: Default::default(),
+            health: Default::default(),
         }
     }
 

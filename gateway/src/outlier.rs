@@ -42,6 +42,20 @@ pub fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64 + 1
 }
 
+/// Everything known about one endpoint's health, shared by every selection it appears in.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub passive: Outlier,
+    pub active: crate::health_check::Checked,
+}
+
+impl Health {
+    /// Whether picks should pass this endpoint over at `now` (0: no ejection can be running).
+    pub fn avoid(&self, now: u64) -> bool {
+        self.active.is_down() || (now != 0 && self.passive.is_ejected(now))
+    }
+}
+
 /// One endpoint's failure record.
 #[derive(Debug, Default)]
 pub struct Outlier {

@@ -195,6 +195,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         "config reloader",
         Reloader(live.clone()),
     ));
+    server.add_service(background_service(
+        "health checks",
+        crate::health_check::Checker(live.clone()),
+    ));
 
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {

@@ -6,7 +6,7 @@
 
 use crate::balance::{Backend, Balancer, Selection};
 use crate::config::{Scheme, UpstreamConf};
-use crate::outlier::{self, Outlier};
+use crate::outlier::{self, Health};
 use podgate_discovery::{Endpoint, ServiceKey, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -132,26 +132,31 @@ impl Upstream {
             }
         };
         self.balancer
-            .pick(|b| tried.contains(&b.addr) || (now != 0 && b.outlier.is_ejected(now)))
+            .pick(|b| tried.contains(&b.addr) || b.health.avoid(now))
     }
 
     /// Records how an attempt on `backend` went (passive ejection).
     pub fn record(&self, backend: &Backend, ok: bool) {
         let conf = &self.conf.outlier;
         if ok {
-            backend.outlier.success();
+            backend.health.passive.success();
             return;
         }
-        if conf.consecutive_failures == 0 || backend.outlier.failure() < conf.consecutive_failures {
+        if conf.consecutive_failures == 0
+            || backend.health.passive.failure() < conf.consecutive_failures
+        {
             return;
         }
         let now = outlier::now_ms();
-        if backend.outlier.is_ejected(now) {
+        if backend.health.passive.is_ejected(now) {
             return;
         }
         let selection = self.selection();
         let all = selection.backends();
-        let ejected = all.iter().filter(|b| b.outlier.is_ejected(now)).count();
+        let ejected = all
+            .iter()
+            .filter(|b| b.health.passive.is_ejected(now))
+            .count();
         if !outlier::may_eject(conf, ejected, all.len()) {
             log::warn!(
                 "upstream {}: {} failed {} times in a row but is not ejected: {ejected} of {} \
@@ -164,7 +169,7 @@ impl Upstream {
             );
             return;
         }
-        let took = backend.outlier.eject(conf, now);
+        let took = backend.health.passive.eject(conf, now);
         self.eject_horizon
             .fetch_max(now + took.as_millis() as u64, Ordering::Relaxed);
         self.metrics.ejections.inc();
@@ -190,7 +195,7 @@ impl Upstream {
         }
         counts.dedup();
         for b in self.selection().backends() {
-            if b.outlier.is_ejected(now) {
+            if b.health.passive.is_ejected(now) {
                 let cluster = b.cluster.as_deref().unwrap_or("static");
                 if let Some(c) = counts.iter_mut().find(|(c, _)| c == cluster) {
                     c.1 += 1;
@@ -270,12 +275,12 @@ impl Upstream {
         let any_ready = candidates.iter().any(|(e, ..)| e.ready);
         // Failure records follow the address from one selection to the next.
         let previous = self.balancer.selection();
-        let known: HashMap<SocketAddr, &Arc<Outlier>> = previous
+        let known: HashMap<SocketAddr, &Arc<Health>> = previous
             .backends()
             .iter()
-            .map(|b| (b.addr, &b.outlier))
+            .map(|b| (b.addr, &b.health))
             .collect();
-        let outlier_of = |addr: &SocketAddr| {
+        let health_of = |addr: &SocketAddr| {
             known
                 .get(addr)
                 .map_or_else(Default::default, |o| Arc::clone(o))
@@ -288,7 +293,7 @@ impl Upstream {
                 weight,
                 cluster: Some(cluster),
                 pod: e.pod.as_deref().map(Arc::from),
-                outlier: outlier_of(&e.addr),
+                health: health_of(&e.addr),
             })
             .collect();
         backends.extend(self.conf.nodes.iter().map(|n| Backend {
@@ -296,7 +301,7 @@ impl Upstream {
             weight: n.weight,
             cluster: None,
             pod: None,
-            outlier: outlier_of(&n.address),
+            health: health_of(&n.address),
         }));
         let selection = Selection::new(backends);
         log::info!(

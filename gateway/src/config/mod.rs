@@ -117,6 +117,7 @@ pub struct UpstreamConf {
     pub services: Vec<ServiceRef>,
     pub nodes: Vec<StaticNode>,
     pub outlier: crate::outlier::OutlierConf,
+    pub health_check: Option<crate::health_check::HealthCheckConf>,
 }
 
 impl UpstreamConf {
@@ -725,13 +726,9 @@ fn read_upstream(
             r.error(f.get(key), &f.child(key), "must be longer than zero");
         }
     }
-    if let Some(h) = f.get("health_check") {
-        r.error(
-            Some(h),
-            &f.child("health_check"),
-            "active health checks are not supported by this build yet",
-        );
-    }
+    let health_check = f
+        .get("health_check")
+        .and_then(|h| read_health_check(r, h, &f.child("health_check"), scheme));
 
     let outlier = read_outlier(r, f.get("outlier"), &f.child("outlier"));
     let mut services = Vec::new();
@@ -804,7 +801,113 @@ fn read_upstream(
         services,
         nodes,
         outlier,
+        health_check,
     })
+}
+
+fn read_health_check(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    scheme: Scheme,
+) -> Option<crate::health_check::HealthCheckConf> {
+    use crate::health_check::{CheckKind, HealthCheckConf};
+    let f = r.fields(
+        n,
+        path,
+        &[
+            "kind",
+            "path",
+            "expect",
+            "interval",
+            "timeout",
+            "healthy",
+            "unhealthy",
+        ],
+    )?;
+    let kind = match r.optional_string(&f, "kind").as_deref() {
+        None | Some("http") => CheckKind::Http,
+        Some("tcp") => CheckKind::Tcp,
+        Some(other) => {
+            r.error(
+                f.get("kind"),
+                &f.child("kind"),
+                format!("`{other}` is not a check kind: use http or tcp"),
+            );
+            CheckKind::Http
+        }
+    };
+    let mut h = HealthCheckConf {
+        kind,
+        ..HealthCheckConf::default()
+    };
+    if h.kind == CheckKind::Http && scheme == Scheme::Https {
+        r.error(
+            f.get("kind").or(Some(n)),
+            &f.child("kind"),
+            "http checks of https upstreams are not supported yet: use kind: tcp",
+        );
+    }
+    if let Some(p) = r.optional_string(&f, "path") {
+        if !p.starts_with('/') || p.contains([' ', '\r', '\n']) {
+            r.error(
+                f.get("path"),
+                &f.child("path"),
+                format!("`{p}` must start with / and hold no spaces"),
+            );
+        }
+        h.path = p;
+    }
+    if let Some(e) = f.get("expect") {
+        let mut ranges = Vec::new();
+        for (p, item) in r.list(e, &f.child("expect")) {
+            let text = match yaml::scalar(item) {
+                yaml::Scalar::Int(i) => i.to_string(),
+                yaml::Scalar::Str(s) => s.to_string(),
+                yaml::Scalar::Other(kind) => {
+                    r.error(
+                        Some(item),
+                        &p,
+                        format!("expected a status or range like 200-399, found {kind}"),
+                    );
+                    continue;
+                }
+            };
+            let (lo, hi) = text.split_once('-').unwrap_or((&text, &text));
+            match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                (Ok(lo), Ok(hi)) if (100..=599).contains(&lo) && (lo..=599).contains(&hi) => {
+                    ranges.push((lo, hi))
+                }
+                _ => r.error(
+                    Some(item),
+                    &p,
+                    format!("`{text}` is not a status (100..599) or range like 200-399"),
+                ),
+            }
+        }
+        if !ranges.is_empty() {
+            h.expect = ranges;
+        }
+    }
+    h.interval = r.duration(&f, "interval", h.interval);
+    h.timeout = r.duration(&f, "timeout", h.timeout);
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        r.error(
+            f.get("timeout").or(Some(n)),
+            &f.child("timeout"),
+            format!(
+                "must be above zero and at most the interval ({:?})",
+                h.interval
+            ),
+        );
+    }
+    if let Some(v) = r.optional_int(&f, "healthy", 1, 100) {
+        h.healthy = v as u32;
+    }
+    if let Some(v) = r.optional_int(&f, "unhealthy", 1, 100) {
+        h.unhealthy = v as u32;
+    }
+    Some(h)
 }
 
 fn read_outlier(r: &mut Reader, n: Option<&Node>, path: &str) -> crate::outlier::OutlierConf {
