@@ -56,15 +56,19 @@ pub async fn answer(pod: &DemoPod, req: Request<Incoming>) -> Response<Full<Byte
         .expect("static response parts are valid")
 }
 
-/// Serves `pod` on `listener` (HTTP/1.1 and h2c) until the task is dropped.
+/// Serves `pod` on `listener` (HTTP/1.1 and h2c) until the future is dropped; dropping it also
+/// ends every open connection, as a killed Pod's would.
 pub async fn serve(listener: TcpListener, pod: DemoPod) {
     let pod = Arc::new(pod);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Reap finished connections so the set does not grow without bound.
+        while connections.try_join_next().is_some() {}
         let pod = pod.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let pod = pod.clone();
                 async move { Ok::<_, Infallible>(answer(&pod, req).await) }

@@ -82,6 +82,8 @@ pub struct Ctx {
     first_byte: Option<std::time::Duration>,
     /// The client's X-Request-Id, or one made here; passed to the Pod and back to the client.
     request_id: String,
+    /// A response header came from a Pod: from then on nothing may be retried.
+    responded: bool,
     route: Option<Arc<GatewayRoute>>,
     /// The client's Host (normalised), passed on as X-Forwarded-Host.
     host: String,
@@ -191,6 +193,7 @@ impl ProxyHttp for Gateway {
             attempt_start: None,
             first_byte: None,
             request_id: String::new(),
+            responded: false,
             route: None,
             host: String::new(),
             tried: Vec::new(),
@@ -337,15 +340,20 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         ctx.record(false);
         let mut e = e.more_context(format!("peer: {peer}"));
-        // Pingora's policy: only idempotent requests with an intact body buffer, and errors that
-        // happen on a reused pooled connection before any response byte. On top: our budget.
+        // Only idempotent requests with an intact body buffer, within the budget. Pingora retries
+        // those only on a reused pooled connection; we also retry them when a fresh connection
+        // breaks before any response byte (a Pod killed mid-request): repeating a GET is safe,
+        // and it is what keeps an abrupt Pod death invisible to clients.
         if !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
             || !ctx.may_retry()
+            || ctx.responded
         {
             e.set_retry(false);
+        } else if client_reused {
+            e.retry.decide_reuse(true);
         } else {
-            e.retry.decide_reuse(client_reused);
+            e.set_retry(true);
         }
         ctx.count_retry(e.retry());
         e
@@ -358,6 +366,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if !resp.status.is_informational() {
+            ctx.responded = true;
             ctx.record(resp.status.as_u16() < 500);
         }
         if let Some(t) = ctx.attempt_start.take() {

@@ -507,3 +507,111 @@ pub async fn https_pod(name: &str, pki: &TestPki) -> Pod {
     }
 }
 pub mod fake_kube;
+
+/// Counts of a load run.
+#[derive(Default)]
+pub struct LoadCounts {
+    pub ok: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl LoadCounts {
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    pub fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn note(&self, result: Result<u16, String>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match result {
+            Ok(200) => {
+                self.ok.fetch_add(1, Relaxed);
+            }
+            other => {
+                self.failed.fetch_add(1, Relaxed);
+                if let Ok(mut f) = self.failures.lock() {
+                    if f.len() < 20 {
+                        f.push(format!("{other:?}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Steady GET load on `addr` until `stop` is set: `keepalive` clients that reuse one connection
+/// (reconnecting only after an error) and `fresh` clients that open a connection per request.
+pub fn steady_load(
+    addr: SocketAddr,
+    path: &'static str,
+    keepalive: usize,
+    fresh: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (std::sync::Arc<LoadCounts>, Vec<tokio::task::JoinHandle<()>>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counts = std::sync::Arc::new(LoadCounts::default());
+    let mut tasks = Vec::new();
+    for _ in 0..fresh {
+        let (counts, stop) = (counts.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                counts.note(get(addr, "load.test", path).await.map(|r| r.status));
+            }
+        }));
+    }
+    for _ in 0..keepalive {
+        let (counts, stop) = (counts.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+            while !stop.load(Relaxed) {
+                if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                    let Ok(stream) = TcpStream::connect(addr).await else {
+                        counts.note(Err("connect".into()));
+                        continue;
+                    };
+                    match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(
+                        stream,
+                    ))
+                    .await
+                    {
+                        Ok((sender, driver)) => {
+                            tokio::spawn(driver);
+                            conn = Some(sender);
+                        }
+                        Err(e) => {
+                            counts.note(Err(e.to_string()));
+                            continue;
+                        }
+                    }
+                }
+                let sender = conn.as_mut().expect("connected above");
+                if sender.ready().await.is_err() {
+                    conn = None;
+                    continue;
+                }
+                let req = http::Request::builder()
+                    .uri(path)
+                    .header("host", "load.test")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let result = match sender.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        match resp.into_body().collect().await {
+                            Ok(_) => Ok(status),
+                            Err(e) => Err(format!("body: {e}")),
+                        }
+                    }
+                    Err(e) => {
+                        conn = None;
+                        Err(e.to_string())
+                    }
+                };
+                counts.note(result);
+            }
+        }));
+    }
+    (counts, tasks)
+}
