@@ -177,7 +177,11 @@ async fn active_checks_take_a_pod_out_and_bring_it_back() {
     sick.store(true, Ordering::Relaxed);
     let start = std::time::Instant::now();
     while !flaky_down(gw.upstreams_json().await) {
-        assert!(start.elapsed() < DEADLINE, "never marked down:\n{}", gw.log_text());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "never marked down:\n{}",
+            gw.log_text()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     for _ in 0..10 {

@@ -1,22 +1,25 @@
 //! Sources of endpoints for podgate.
 //!
-//! Data flow: a *source* (today a folder of manifests, [`ManifestsCluster`]; later a Kubernetes
-//! watch) sees Services and EndpointSlices and writes what it knows per
+//! Data flow: a *source* (a folder of manifests, [`ManifestsCluster`], or a Kubernetes API
+//! server, [`KubeCluster`]) sees Services and EndpointSlices and writes what it knows per
 //! (cluster, namespace, service) into the [`Store`]. The store tells its [`Listener`]s which
 //! [`ServiceKey`]s changed; the gateway then reads the [`ServiceState`] and resolves the
 //! upstream's port into Pod addresses with [`ServiceState::endpoints`].
 //!
 //! ```text
-//! manifests folder ──> ManifestsCluster ──reset_cluster──> Store ──changed(keys)──> gateway
-//!                                                            └── get(key) → ServiceState::endpoints(port)
+//! manifests folder ──> ManifestsCluster ──reset_cluster──┐
+//! API server ──list+watch──> KubeCluster ──set(key)──────┴──> Store ──changed(keys)──> gateway
+//!                                           └── get(key) → ServiceState::endpoints(port)
 //! ```
 //!
 //! Nothing here is on the request path: the gateway turns notifications into its own snapshots.
 
+mod kube;
 mod manifests;
 mod model;
 mod store;
 
+pub use self::kube::{Access, KubeCluster, KubeError, KubeGuard, KubeOptions, KubeStatus};
 pub use manifests::{ManifestsCluster, ManifestsError, ManifestsStatus, WatchGuard};
 pub use model::{Endpoint, PortRef, ResolveError, ServiceKey, ServiceState};
 pub use store::{Listener, Store};
