@@ -96,17 +96,19 @@ impl Admin {
             .collect();
         let clusters: Vec<Value> = self
             .live
-            .manifests()
+            .cluster_statuses()
             .iter()
-            .map(|(name, m)| {
-                let s = m.status();
+            .map(|c| {
                 json!({
-                    "name": &**name, "kind": "manifests",
-                    "files": s.files, "reloads": s.reloads, "errors": s.errors,
-                    "last_error": s.last_error,
-                    "last_sync_unix": s.last_reload
+                    "name": &*c.name, "kind": c.kind,
+                    "connected": c.connected, "synced": c.synced,
+                    "last_sync_unix": c.last_sync
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map(|d| d.as_secs_f64()),
+                    "events": c.events, "relists": c.relists,
+                    "errors": c.errors_by_reason.values().sum::<u64>(),
+                    "errors_by_reason": c.errors_by_reason,
+                    "last_error": c.last_error,
                 })
             })
             .collect();
@@ -150,22 +152,25 @@ impl Admin {
         .expect("valid metric");
         reg.register(Box::new(last_sync.clone()))
             .expect("registers once");
-        for (name, m) in &self.live.manifests() {
-            let s = m.status();
-            events
-                .with_label_values(&[&**name, "reload"])
-                .inc_by(s.reloads);
-            errors
-                .with_label_values(&[&**name, "parse"])
-                .inc_by(s.errors);
-            relists.with_label_values(&[&**name]).inc_by(0);
-            if let Some(t) = s
-                .last_reload
+        for c in self.live.cluster_statuses() {
+            let name = &*c.name;
+            let kind = if c.kind == "manifests" {
+                "reload"
+            } else {
+                "watch"
+            };
+            events.with_label_values(&[name, kind]).inc_by(c.events);
+            for (reason, n) in &c.errors_by_reason {
+                errors
+                    .with_label_values(&[name, reason.as_str()])
+                    .inc_by(*n);
+            }
+            relists.with_label_values(&[name]).inc_by(c.relists);
+            if let Some(t) = c
+                .last_sync
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             {
-                last_sync
-                    .with_label_values(&[&**name])
-                    .set(t.as_secs() as i64);
+                last_sync.with_label_values(&[name]).set(t.as_secs() as i64);
             }
         }
         reg
@@ -180,6 +185,11 @@ impl ServeHttp for Admin {
             "/readyz" if self.lifecycle.draining() => {
                 respond(503, "text/plain", b"draining\n".to_vec())
             }
+            "/readyz" if !self.live.ready() => respond(
+                503,
+                "text/plain",
+                b"waiting for the first sync of every cluster\n".to_vec(),
+            ),
             "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
             "/upstreams" => json_response(200, &self.upstreams_json()),
             "/metrics" => {

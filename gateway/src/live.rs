@@ -12,16 +12,30 @@ use crate::proxy::{GatewayRoute, GatewayRouter, Target};
 use crate::routing::Route;
 use crate::upstream::Upstreams;
 use arc_swap::ArcSwap;
-use podgate_discovery::{Listener, ManifestsCluster, ServiceKey, Store, WatchGuard};
+use podgate_discovery::{
+    Access, KubeCluster, KubeGuard, Listener, ManifestsCluster, ServiceKey, Store, WatchGuard,
+};
 use prometheus::{register_int_counter_vec, IntCounterVec};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Instant, SystemTime};
 
 static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "podgate_config_reloads_total",
         "Config reloads by result (success, failure).",
         &["result"]
+    )
+    .expect("metric registers once")
+});
+
+static PROPAGATION: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    prometheus::register_histogram!(
+        "podgate_discovery_propagation_seconds",
+        "From a changed service reaching the discovery store to its upstreams' new selection \
+         being live.",
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]
     )
     .expect("metric registers once")
 });
@@ -33,6 +47,29 @@ pub enum Source {
         /// Keeps the folder watched; `None` until [`Live::watch`] ran.
         guard: Option<WatchGuard>,
     },
+    Kube {
+        cluster: Arc<KubeCluster>,
+        /// Keeps the watches running; `None` until [`Live::watch`] ran inside the runtime.
+        guard: Option<KubeGuard>,
+        /// The (namespace, service) pairs the guard watches.
+        watching: Vec<(String, String)>,
+    },
+}
+
+/// How one cluster's discovery is doing, whatever its kind (for `/upstreams` and `/metrics`).
+#[derive(Clone, Debug)]
+pub struct ClusterStatus {
+    pub name: Arc<str>,
+    pub kind: &'static str,
+    /// The last exchange with the source worked.
+    pub connected: bool,
+    /// The first complete read is done.
+    pub synced: bool,
+    pub last_sync: Option<SystemTime>,
+    pub events: u64,
+    pub relists: u64,
+    pub errors_by_reason: BTreeMap<String, u64>,
+    pub last_error: Option<String>,
 }
 
 struct RunningCluster {
@@ -45,7 +82,9 @@ struct Forward(Arc<ArcSwap<Upstreams>>);
 
 impl Listener for Forward {
     fn changed(&self, keys: &[ServiceKey]) {
+        let start = Instant::now();
         self.0.load().changed(keys);
+        PROPAGATION.observe(start.elapsed().as_secs_f64());
     }
 }
 
@@ -57,6 +96,7 @@ pub struct Live {
     config: ArcSwap<Config>,
     /// One reload at a time.
     reloading: Mutex<()>,
+    started: Instant,
 }
 
 fn start_cluster(c: &Cluster, store: &Arc<Store>) -> Result<Source, String> {
@@ -69,13 +109,53 @@ fn start_cluster(c: &Cluster, store: &Arc<Store>) -> Result<Source, String> {
                 guard: None,
             })
         }
-        ClusterKind::Kubeconfig { .. } | ClusterKind::InCluster | ClusterKind::Server { .. } => {
-            Err(format!(
-                "cluster {}: kind not supported by this build",
-                c.name
-            ))
-        }
+        ClusterKind::Kubeconfig { path, context } => kube_source(
+            c,
+            Access::Kubeconfig {
+                path: path.clone(),
+                context: context.clone(),
+            },
+            store,
+        ),
+        ClusterKind::InCluster => kube_source(c, Access::InCluster, store),
+        ClusterKind::Server {
+            url,
+            token_file,
+            ca_file,
+        } => kube_source(
+            c,
+            Access::Server {
+                url: url.clone(),
+                token_file: token_file.clone(),
+                ca_file: ca_file.clone(),
+            },
+            store,
+        ),
     }
+}
+
+fn kube_source(c: &Cluster, access: Access, store: &Arc<Store>) -> Result<Source, String> {
+    let cluster = KubeCluster::new(&c.name, access, store.clone())
+        .map_err(|e| format!("cluster {}: {e}", c.name))?;
+    Ok(Source::Kube {
+        cluster,
+        guard: None,
+        watching: Vec::new(),
+    })
+}
+
+/// The (namespace, service) pairs of `cluster` that some upstream of `config` names.
+fn services_of(config: &Config, cluster: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = config
+        .upstreams
+        .iter()
+        .flat_map(|u| u.services.iter())
+        .filter(|s| &*s.cluster == cluster)
+        .map(|s| (s.namespace.clone(), s.service.clone()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn build_router(config: &Config, upstreams: &Upstreams) -> GatewayRouter {
@@ -135,11 +215,16 @@ impl Live {
             clusters: Mutex::new(clusters),
             config: ArcSwap::from_pointee(config),
             reloading: Mutex::new(()),
+            started: Instant::now(),
         }))
     }
 
-    /// Starts following changes of every source that is not followed yet.
+    /// Starts following changes of every source that is not followed yet, and restarts the
+    /// watches of a Kubernetes cluster whose set of named services changed. Kubernetes watches
+    /// need the runtime: outside one they wait for the next call from inside it.
     pub fn watch(&self) {
+        let config = self.config();
+        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         for rc in clusters.iter_mut() {
             match &mut rc.source {
@@ -152,8 +237,72 @@ impl Live {
                     ),
                 },
                 Source::Manifests { .. } => {}
+                Source::Kube {
+                    cluster,
+                    guard,
+                    watching,
+                } => {
+                    let wanted = services_of(&config, &rc.conf.name);
+                    if !in_runtime || (guard.is_some() && *watching == wanted) {
+                        continue;
+                    }
+                    // The new watches start before the old ones stop: the store keeps what it
+                    // has meanwhile, and services no longer named are simply not updated.
+                    let fresh = cluster.start(wanted.clone());
+                    *guard = Some(fresh);
+                    *watching = wanted;
+                }
             }
         }
+    }
+
+    /// Ready once every cluster finished its first read, or `server.ready_timeout` after start
+    /// (then podgate serves what it has rather than stay out of rotation forever).
+    pub fn ready(&self) -> bool {
+        self.started.elapsed() >= self.config().server.ready_timeout
+            || self.cluster_statuses().iter().all(|c| c.synced)
+    }
+
+    /// How each cluster's discovery is doing.
+    pub fn cluster_statuses(&self) -> Vec<ClusterStatus> {
+        let clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        clusters
+            .iter()
+            .map(|rc| match &rc.source {
+                Source::Manifests { cluster, .. } => {
+                    let s = cluster.status();
+                    ClusterStatus {
+                        name: rc.conf.name.clone(),
+                        kind: "manifests",
+                        connected: s.last_error.is_none(),
+                        synced: true,
+                        last_sync: s.last_reload,
+                        events: s.reloads,
+                        relists: 0,
+                        errors_by_reason: [("parse".to_string(), s.errors)].into(),
+                        last_error: s.last_error,
+                    }
+                }
+                Source::Kube { cluster, guard, .. } => {
+                    let s = cluster.status();
+                    ClusterStatus {
+                        name: rc.conf.name.clone(),
+                        kind: match rc.conf.kind {
+                            ClusterKind::InCluster => "in_cluster",
+                            ClusterKind::Server { .. } => "server",
+                            _ => "kubeconfig",
+                        },
+                        connected: s.connected,
+                        synced: guard.is_some() && s.synced,
+                        last_sync: s.last_sync,
+                        events: s.events,
+                        relists: s.relists,
+                        errors_by_reason: s.errors_by_reason,
+                        last_error: s.last_error,
+                    }
+                }
+            })
+            .collect()
     }
 
     pub fn upstreams(&self) -> Arc<Upstreams> {
@@ -162,17 +311,6 @@ impl Live {
 
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
-    }
-
-    /// The manifests clusters, for the admin view and metrics.
-    pub fn manifests(&self) -> Vec<(Arc<str>, Arc<ManifestsCluster>)> {
-        let clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-        clusters
-            .iter()
-            .map(|rc| match &rc.source {
-                Source::Manifests { cluster, .. } => (rc.conf.name.clone(), cluster.clone()),
-            })
-            .collect()
     }
 
     /// Re-reads the config file and applies it; on any error the running config stays.
@@ -265,8 +403,8 @@ impl Live {
             stay.extend(started);
             *running = stay;
         }
-        self.watch();
         self.config.store(Arc::new(new));
+        self.watch();
         let cfg = self.config();
         Ok(format!(
             "{} route(s), {} upstream(s) ({kept} unchanged), clusters +{added} -{removed}",

@@ -25,13 +25,16 @@ pub struct RunOptions {
     pub upgrade: bool,
 }
 
-/// Reloads the config on SIGHUP for as long as the server runs.
+/// Starts the Kubernetes watches, then reloads the config on SIGHUP for as long as the server
+/// runs.
 struct Reloader(Arc<Live>);
 
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
+        // Kubernetes watches need this runtime; start them now that it runs.
+        self.0.watch();
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {

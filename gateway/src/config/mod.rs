@@ -63,6 +63,8 @@ pub struct ServerSettings {
     pub drain_delay: Duration,
     /// Unix socket over which a new process (`-u`) receives the listening sockets.
     pub upgrade_sock: PathBuf,
+    /// `/readyz` waits at most this long after start for every cluster's first sync.
+    pub ready_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -163,6 +165,7 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
 /// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/podgate_upgrade.sock";
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.
@@ -454,15 +457,23 @@ fn read_server(
         grace_period: DEFAULT_GRACE_PERIOD,
         drain_delay: DEFAULT_DRAIN_DELAY,
         upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
+        ready_timeout: DEFAULT_READY_TIMEOUT,
     };
     let Some(n) = n else { return s };
     let Some(f) = r.fields(
         n,
         "server",
-        &["threads", "grace_period", "drain_delay", "upgrade_sock"],
+        &[
+            "threads",
+            "grace_period",
+            "drain_delay",
+            "upgrade_sock",
+            "ready_timeout",
+        ],
     ) else {
         return s;
     };
+    s.ready_timeout = r.duration(&f, "ready_timeout", DEFAULT_READY_TIMEOUT);
     if let Some(p) = r.optional_string(&f, "upgrade_sock") {
         s.upgrade_sock = resolve(p);
     }
@@ -486,10 +497,6 @@ fn read_server(
     }
     s
 }
-
-/// Set while the Kubernetes source is not wired into the gateway: a cluster that silently
-/// yields no Pods would be worse than an honest refusal.
-const KUBERNETES_CLUSTERS_SUPPORTED: bool = false;
 
 fn read_cluster(
     r: &mut Reader,
@@ -603,13 +610,6 @@ fn read_cluster(
             ClusterKind::InCluster
         }
     };
-    if !KUBERNETES_CLUSTERS_SUPPORTED && !matches!(kind, ClusterKind::Manifests(_)) {
-        r.error(
-            Some(n),
-            path,
-            "Kubernetes API clusters are not supported by this build yet (use manifests)",
-        );
-    }
     Some(Cluster {
         name: Arc::from(name?.as_str()),
         kind,
