@@ -133,7 +133,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         pid_file: "/tmp/podgate.pid".into(),
         ..ServerConf::default()
     };
-    conf.work_stealing = true;
+    conf.work_stealing = false;
     let opt = Opt {
         upgrade: opts.upgrade,
         ..Opt::default()

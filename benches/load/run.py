@@ -1,0 +1,220 @@
+"""Load benchmark driver: see run.sh. Only 127.0.0.1 is ever a target.
+
+Each round runs every proxy once, in turn (A B C D A B C D ...), so that drift of the machine
+hits all of them alike; ratios are taken within a round and the median across rounds reported.
+"""
+import os, re, statistics, subprocess, sys, tempfile, time, socket
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+DURATION = int(os.environ.get("DURATION", "10"))
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "64"))
+BODY = "x" * 63 + "\n"  # 64 bytes
+UPSTREAMS = [18101, 18102, 18103]
+PORTS = {"nginx": 18081, "haproxy": 18082, "bare-pingora": 18083, "podgate": 18084}
+PODGATE_ADMIN = 18085
+
+
+def wait_port(port, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def start_upstreams(d):
+    servers = "\n".join(
+        f"  server {{ listen 127.0.0.1:{p} reuseport; access_log off; "
+        f"location / {{ default_type text/plain; return 200 '{BODY[:-1]}\\n'; }} }}"
+        for p in UPSTREAMS
+    )
+    conf = f"""daemon off; master_process off; worker_processes 1; pid {d}/up.pid;
+error_log {d}/up-error.log; events {{ worker_connections 4096; }}
+http {{ keepalive_requests 1000000;
+{servers}
+}}
+"""
+    write(f"{d}/upstreams.conf", conf)
+    p = subprocess.Popen(["taskset", "-c", "0", "nginx", "-p", d, "-c", f"{d}/upstreams.conf"])
+    for port in UPSTREAMS:
+        wait_port(port)
+    return p
+
+
+def start_proxies(d, threads, pin):
+    pre = ["taskset", "-c", "1"] if pin else []
+    procs = {}
+    ups = "\n".join(f"    server 127.0.0.1:{p};" for p in UPSTREAMS)
+    write(f"{d}/nginx.conf", f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;
+error_log {d}/nginx-error.log; events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream pods {{
+{ups}
+    keepalive 64;
+  }}
+  server {{ listen 127.0.0.1:{PORTS['nginx']}; location / {{ proxy_pass http://pods;
+    proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+}}
+""")
+    if threads > 1:
+        # master_process off runs a single worker; with several, nginx needs its master.
+        text = open(f"{d}/nginx.conf").read().replace("master_process off; worker_processes 1;",
+                                                      f"worker_processes {threads};")
+        write(f"{d}/nginx.conf", text)
+    procs["nginx"] = subprocess.Popen(pre + ["nginx", "-p", d, "-c", f"{d}/nginx.conf"])
+
+    servers = "\n".join(f"  server u{i} 127.0.0.1:{p}" for i, p in enumerate(UPSTREAMS))
+    write(f"{d}/haproxy.cfg", f"""global
+  nbthread {threads}
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy']}
+  default_backend pods
+backend pods
+  balance roundrobin
+{servers}
+""")
+    procs["haproxy"] = subprocess.Popen(pre + ["haproxy", "-f", f"{d}/haproxy.cfg"])
+
+    procs["bare-pingora"] = subprocess.Popen(
+        pre + [f"{ROOT}/target/release/examples/bare-pingora", f"127.0.0.1:{PORTS['bare-pingora']}",
+               str(threads)] + [f"127.0.0.1:{p}" for p in UPSTREAMS],
+        stderr=subprocess.DEVNULL)
+
+    nodes = ", ".join(f'{{address: "127.0.0.1:{p}"}}' for p in UPSTREAMS)
+    write(f"{d}/podgate.yaml", f"""listeners:
+  - address: 127.0.0.1:{PORTS['podgate']}
+admin:
+  address: 127.0.0.1:{PODGATE_ADMIN}
+server:
+  threads: {threads}
+  grace_period: 1s
+  upgrade_sock: {d}/podgate-upgrade.sock
+access_log:
+  enabled: false
+upstreams:
+  - name: pods
+    nodes: [{nodes}]
+routes:
+  - name: all
+    path_prefix: /
+    upstream: pods
+""")
+    procs["podgate"] = subprocess.Popen(
+        pre + [f"{ROOT}/target/release/podgate", "-c", f"{d}/podgate.yaml"],
+        stderr=open(f"{d}/podgate.log", "w"), env=dict(os.environ, RUST_LOG="warn"))
+    for name, port in PORTS.items():
+        wait_port(port)
+    return procs
+
+
+def to_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def wrk(port, seconds, pin):
+    pre = ["taskset", "-c", "0"] if pin else []
+    out = subprocess.run(pre + ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
+                                f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    return rps, p50, p99, (errors.group(0) if errors else "")
+
+
+def run(mode):
+    pin = mode == "pinned"
+    threads = 1 if pin else 2
+    names = list(PORTS)
+    with tempfile.TemporaryDirectory() as d:
+        up = start_upstreams(d)
+        procs = start_proxies(d, threads, pin)
+        try:
+            for n in names:  # warm-up: pools, caches, JIT-free but page-faulty
+                wrk(PORTS[n], 2, pin)
+            results = {n: [] for n in names}
+            print(f"\n## {mode}: {threads} worker thread(s) per proxy"
+                  + (", proxies on CPU 1, wrk and upstreams on CPU 0" if pin else ", unpinned"))
+            print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s, 64-byte bodies, {ROUNDS} rounds\n")
+            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx |")
+            print("|---|---|---|---|---|---|")
+            for r in range(1, ROUNDS + 1):
+                row = {}
+                for n in names:
+                    perf = None
+                    if os.environ.get("PROFILE") == n and r == 1:
+                        # Samples of the proxy while wrk runs: where its CPU time goes.
+                        perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o",
+                                                 f"{ROOT}/target/perf-{n}.data", "-p",
+                                                 str(procs[n].pid), "--", "sleep", str(DURATION)],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    row[n] = wrk(PORTS[n], DURATION, pin)
+                    results[n].append(row[n])
+                    if perf:
+                        perf.wait()
+                for n in names:
+                    rps, p50, p99, err = row[n]
+                    ratio = rps / row["nginx"][0]
+                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} |"
+                          + (f" {err}" if err else ""))
+            print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms | RSS MiB |")
+            print("|---|---|---|---|---|---|")
+            for n in names:
+                ratios = [results[n][i][0] / results["nginx"][i][0] for i in range(ROUNDS)]
+                pids = [procs[n].pid] + children(procs[n].pid)
+                print(f"| {n} | {statistics.median(x[0] for x in results[n]):,.0f} | "
+                      f"{statistics.median(ratios):.2f} | "
+                      f"{statistics.median(x[1] for x in results[n]):.2f} | "
+                      f"{statistics.median(x[2] for x in results[n]):.2f} | "
+                      f"{rss_kib(pids) / 1024:.1f} |")
+        finally:
+            for p in list(procs.values()) + [up]:
+                p.terminate()
+            for p in list(procs.values()) + [up]:
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+if __name__ == "__main__":
+    modes = sys.argv[1:] or ["pinned", "unpinned"]
+    for m in modes:
+        run(m)
