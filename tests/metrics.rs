@@ -164,3 +164,64 @@ async fn access_log_lines_and_request_ids() {
     assert_eq!(lines[2]["status"], 404);
     assert!(lines[2]["route"].is_null());
 }
+
+#[tokio::test]
+async fn admin_token_guards_everything_but_health_and_config_hides_secrets() {
+    let pods = pods_same_port(&["adm-v1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.token"), "s3cret-token\n").unwrap();
+    let conf = format!(
+        "upstreams:\n  - {{name: web, nodes: [{{address: \"{}\"}}]}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+        pods[0].addr
+    );
+    let gw = Gateway::start_with_admin(dir, "token_file: admin.token", &conf).await;
+    for open in ["/healthz", "/readyz"] {
+        assert_eq!(
+            get(gw.admin, "a", open).await.unwrap().status,
+            200,
+            "{open}"
+        );
+    }
+    for guarded in ["/metrics", "/upstreams", "/config"] {
+        let none = get(gw.admin, "a", guarded).await.unwrap();
+        assert_eq!(none.status, 401, "{guarded} without a token");
+        assert_eq!(none.header("www-authenticate").as_deref(), Some("Bearer"));
+        let wrong = request(
+            gw.admin,
+            "GET",
+            "a",
+            guarded,
+            &[("authorization", "Bearer nope")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(wrong.status, 401, "{guarded} with a wrong token");
+        let right = request(
+            gw.admin,
+            "GET",
+            "a",
+            guarded,
+            &[("authorization", "Bearer s3cret-token")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(right.status, 200, "{guarded} with the token");
+    }
+    let config = request(
+        gw.admin,
+        "GET",
+        "a",
+        "/config",
+        &[("authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&config.body);
+    assert!(!text.contains("s3cret"), "the token never shows: {text}");
+    let c = config.json();
+    assert_eq!(c["admin"]["token_file"], "(redacted)");
+    assert_eq!(c["routes"][0]["name"], "web");
+    assert_eq!(c["upstreams"][0]["retries"], 1, "defaults are shown");
+    assert_eq!(c["upstreams"][0]["connect_timeout"], "2000ms");
+}

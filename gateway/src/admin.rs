@@ -14,6 +14,75 @@ use std::sync::Arc;
 pub struct Admin {
     pub live: Arc<Live>,
     pub lifecycle: Arc<crate::server::Lifecycle>,
+    /// The bearer token every path but `/healthz` and `/readyz` needs, when one is configured.
+    pub token: Option<String>,
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The effective config as JSON, with nothing secret in it (token files are named, not read).
+fn config_json(c: &crate::config::Config) -> Value {
+    use crate::config::{ClusterKind, Scheme};
+    let dur = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    json!({
+        "source": c.source.display().to_string(),
+        "listeners": c.listeners.iter().map(|l| json!({
+            "address": l.address.to_string(), "h2c": l.h2c,
+            "tls": l.tls.as_ref().map(|t| json!({"cert": t.cert.display().to_string(),
+                                                 "key": "(redacted)"})),
+        })).collect::<Vec<_>>(),
+        "admin": {"address": c.admin.address.to_string(),
+                  "token_file": c.admin.token_file.as_ref().map(|_| "(redacted)")},
+        "server": {"threads": c.server.threads, "grace_period": dur(c.server.grace_period),
+                   "drain_delay": dur(c.server.drain_delay),
+                   "ready_timeout": dur(c.server.ready_timeout),
+                   "upgrade_sock": c.server.upgrade_sock.display().to_string()},
+        "clusters": c.clusters.iter().map(|cl| {
+            let kind = match &cl.kind {
+                ClusterKind::Manifests(d) => json!({"manifests": d.display().to_string()}),
+                ClusterKind::Kubeconfig { path, context } =>
+                    json!({"kubeconfig": path.display().to_string(), "context": context}),
+                ClusterKind::InCluster => json!({"in_cluster": true}),
+                ClusterKind::Server { url, token_file, ca_file } => json!({
+                    "server": url,
+                    "token_file": token_file.as_ref().map(|_| "(redacted)"),
+                    "ca_file": ca_file.as_ref().map(|p| p.display().to_string()),
+                }),
+            };
+            json!({"name": &*cl.name, "source": kind})
+        }).collect::<Vec<_>>(),
+        "upstreams": c.upstreams.iter().map(|u| json!({
+            "name": u.name,
+            "scheme": if u.scheme == Scheme::Https { "https" } else { "http" },
+            "host_header": u.host_header, "tags": u.tags, "retries": u.retries,
+            "connect_timeout": dur(u.connect_timeout), "read_timeout": dur(u.read_timeout),
+            "tls": {"sni": u.tls.sni, "verify": u.tls.verify,
+                    "ca_file": u.tls.ca_file.as_ref().map(|p| p.display().to_string())},
+            "outlier": {"consecutive_failures": u.outlier.consecutive_failures,
+                        "base_ejection": dur(u.outlier.base_ejection),
+                        "max_ejection_percent": u.outlier.max_ejection_percent},
+            "health_check": u.health_check.as_ref().map(|h| json!({
+                "kind": format!("{:?}", h.kind).to_lowercase(), "path": h.path,
+                "expect": h.expect.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
+                "interval": dur(h.interval), "timeout": dur(h.timeout),
+                "healthy": h.healthy, "unhealthy": h.unhealthy})),
+            "services": u.services.iter().map(|s| json!({
+                "cluster": &*s.cluster, "namespace": s.namespace, "service": s.service,
+                "port": s.port.to_string(), "weight": s.weight, "labels": s.labels,
+            })).collect::<Vec<_>>(),
+            "nodes": u.nodes.iter().map(|n| json!({"address": n.address.to_string(),
+                                                   "weight": n.weight})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "routes": c.routes.iter().map(|r| json!({
+            "name": r.name, "hosts": r.hosts, "path_prefix": r.path_prefix,
+            "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+            "strip_prefix": r.strip_prefix, "upstream": r.upstream,
+        })).collect::<Vec<_>>(),
+        "access_log": format!("{:?}", c.access_log),
+    })
 }
 
 fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -180,7 +249,26 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        match session.req_header().uri.path() {
+        let path = session.req_header().uri.path();
+        if let Some(token) = &self.token {
+            let open = matches!(path, "/healthz" | "/readyz");
+            let given = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !open && !same(given.as_bytes(), token.as_bytes()) {
+                let mut r = json_response(401, &json!({"error": "unauthorized"}));
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+        }
+        match path {
             "/healthz" => respond(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" if self.lifecycle.draining() => {
                 respond(503, "text/plain", b"draining\n".to_vec())
@@ -192,6 +280,7 @@ impl ServeHttp for Admin {
             ),
             "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
             "/upstreams" => json_response(200, &self.upstreams_json()),
+            "/config" => json_response(200, &config_json(&self.live.config())),
             "/metrics" => {
                 for up in self.live.upstreams().by_name.values() {
                     up.refresh_ejected_gauge();
@@ -204,7 +293,7 @@ impl ServeHttp for Admin {
             }
             _ => json_response(
                 404,
-                &json!({"error": "not_found", "paths": ["/healthz", "/readyz", "/upstreams", "/metrics"]}),
+                &json!({"error": "not_found", "paths": ["/healthz", "/readyz", "/upstreams", "/config", "/metrics"]}),
             ),
         }
     }

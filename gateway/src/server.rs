@@ -182,9 +182,26 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     }
 
     let lifecycle = Arc::new(Lifecycle::default());
+    let token = match &config.admin.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("admin.token_file {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    if token.is_none() && !config.admin.address.ip().is_loopback() {
+        log::warn!(
+            "the admin listener {} is not on loopback and has no admin.token_file: anyone who \
+             reaches it can read /upstreams, /config and /metrics",
+            config.admin.address
+        );
+    }
     let admin = Admin {
         live: live.clone(),
         lifecycle: lifecycle.clone(),
+        token,
     };
     let mut admin_svc = Service::new(
         "podgate admin".to_string(),

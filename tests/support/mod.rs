@@ -228,15 +228,39 @@ impl Gateway {
         server: &str,
         body: &str,
     ) -> Gateway {
+        Self::start_inner(dir, listener_extra, "", server, body).await
+    }
+
+    /// Like [`Gateway::start_in`], with `admin_extra` (e.g. `token_file: t`) in `admin:`.
+    pub async fn start_with_admin(
+        dir: tempfile::TempDir,
+        admin_extra: &str,
+        body: &str,
+    ) -> Gateway {
+        Self::start_inner(dir, "", admin_extra, "threads: 1\n  grace_period: 1s", body).await
+    }
+
+    async fn start_inner(
+        dir: tempfile::TempDir,
+        listener_extra: &str,
+        admin_extra: &str,
+        server: &str,
+        body: &str,
+    ) -> Gateway {
         let port = free_port();
         let admin_port = free_port();
+        let admin_extra = if admin_extra.is_empty() {
+            String::new()
+        } else {
+            format!("  {admin_extra}\n")
+        };
         let extra = if listener_extra.is_empty() {
             String::new()
         } else {
             format!("    {listener_extra}\n")
         };
         let conf_head = format!(
-            "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n\
+            "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
              server:\n  {server}\n"
         );
         let conf = format!("{conf_head}{body}");

@@ -52,6 +52,9 @@ pub struct ListenerTls {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
+    /// When set, every admin path but `/healthz` and `/readyz` needs `Authorization: Bearer` with
+    /// the file's content (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -253,7 +256,7 @@ fn read_config(r: &mut Reader, doc: &Node, base: &Path) -> Option<Config> {
         }
     }
 
-    let admin = read_admin(r, f.get("admin"));
+    let admin = read_admin(r, f.get("admin"), &resolve);
     if listeners.iter().any(|l| l.address == admin.address) {
         r.error(
             f.get("admin"),
@@ -429,19 +432,39 @@ fn read_access_log(
     }
 }
 
-fn read_admin(r: &mut Reader, n: Option<&Node>) -> Admin {
+fn read_admin(r: &mut Reader, n: Option<&Node>, resolve: &dyn Fn(String) -> PathBuf) -> Admin {
     let default = Admin {
         address: DEFAULT_ADMIN.parse().expect("valid default"),
+        token_file: None,
     };
     let Some(n) = n else { return default };
-    let Some(f) = r.fields(n, "admin", &["address"]) else {
+    let Some(f) = r.fields(n, "admin", &["address", "token_file"]) else {
         return default;
     };
     let address = f
         .get("address")
         .and_then(|a| r.address(a, "admin.address"))
         .unwrap_or(default.address);
-    Admin { address }
+    let token_file = r.optional_string(&f, "token_file").map(resolve);
+    if let Some(t) = &token_file {
+        match std::fs::read_to_string(t) {
+            Ok(text) if text.trim().is_empty() => r.error(
+                f.get("token_file"),
+                "admin.token_file",
+                format!("{} is empty", t.display()),
+            ),
+            Ok(_) => {}
+            Err(e) => r.error(
+                f.get("token_file"),
+                "admin.token_file",
+                format!("cannot read {}: {e}", t.display()),
+            ),
+        }
+    }
+    Admin {
+        address,
+        token_file,
+    }
 }
 
 fn read_server(
