@@ -201,3 +201,73 @@ async fn active_checks_take_a_pod_out_and_bring_it_back() {
     );
     assert!(gw.log_text().contains("is down after 2 failed checks"));
 }
+
+#[tokio::test]
+async fn slow_start_ramps_a_new_pod_up() {
+    let pods = pods_same_port(&["old-v1", "new-v1"]).await;
+    let port = pods[0].addr.port();
+    let conf = "clusters:\n  - name: local\n    manifests: cluster\n\
+                upstreams:\n  - name: web\n    slow_start: 3s\n\
+                \x20   services: [{cluster: local, service: web, port: 8000, weight: 20}]\n\
+                routes:\n  - {name: web, path_prefix: /, upstream: web}\n";
+    let gw = Gateway::start(
+        conf,
+        &[
+            ("cluster/svc.yaml", &service_yaml("web")),
+            (
+                "cluster/slice.yaml",
+                &slice_yaml("web-1", "web", port, &[Ep::ready(&pods[0])]),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(gw.pod_for("h", "/").await, "old-v1");
+    write_atomically(
+        &gw.path("cluster/slice.yaml"),
+        &slice_yaml(
+            "web-1",
+            "web",
+            port,
+            &[Ep::ready(&pods[0]), Ep::ready(&pods[1])],
+        ),
+    );
+    wait_for("the new Pod to be live", || async {
+        gw.upstreams_json().await["upstreams"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.len() == 2)
+    })
+    .await;
+    let view = gw.upstreams_json().await;
+    let new_weight = view["upstreams"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["pod"] == "new-v1")
+        .unwrap()["weight"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        new_weight < 20,
+        "a newcomer starts below its weight: {view}"
+    );
+    let mut early = 0;
+    for _ in 0..20 {
+        if gw.pod_for("h", "/").await == "new-v1" {
+            early += 1;
+        }
+    }
+    assert!(
+        early <= 7,
+        "the new Pod got {early} of the first 20 requests"
+    );
+    wait_for("the new Pod to reach its full share", || async {
+        let mut n = 0;
+        for _ in 0..20 {
+            if gw.pod_for("h", "/").await == "new-v1" {
+                n += 1;
+            }
+        }
+        n == 10
+    })
+    .await;
+}

@@ -47,9 +47,36 @@ pub fn now_ms() -> u64 {
 pub struct Health {
     pub passive: Outlier,
     pub active: crate::health_check::Checked,
+    /// When the endpoint joined a running upstream (for slow start); `None` for endpoints of the
+    /// first build, which carry full weight at once.
+    pub joined: Option<Instant>,
 }
 
 impl Health {
+    pub fn joining(now: Instant) -> Self {
+        Health {
+            joined: Some(now),
+            ..Health::default()
+        }
+    }
+
+    /// The weight to use now: under slow start, `weight` ramps linearly from 1 over `window`
+    /// after joining. Also returns whether the ramp is still going.
+    pub fn ramped(&self, weight: u32, window: Option<Duration>, now: Instant) -> (u32, bool) {
+        let (Some(window), Some(joined)) = (window, self.joined) else {
+            return (weight, false);
+        };
+        let elapsed = now.saturating_duration_since(joined);
+        if elapsed >= window || window.is_zero() {
+            return (weight, false);
+        }
+        let share = elapsed.as_secs_f64() / window.as_secs_f64();
+        (
+            ((f64::from(weight) * share).ceil() as u32).clamp(1, weight),
+            true,
+        )
+    }
+
     /// Whether picks should pass this endpoint over at `now` (0: no ejection can be running).
     pub fn avoid(&self, now: u64) -> bool {
         self.active.is_down() || (now != 0 && self.passive.is_ejected(now))
@@ -126,6 +153,29 @@ mod tests {
             o.eject(&conf, now);
         }
         assert_eq!(o.eject(&conf, now), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_one() {
+        let start = Instant::now();
+        let h = Health::joining(start);
+        let w = Some(Duration::from_secs(10));
+        assert_eq!(h.ramped(10, w, start), (1, true), "never below 1");
+        assert_eq!(h.ramped(10, w, start + Duration::from_secs(5)), (5, true));
+        assert_eq!(
+            h.ramped(10, w, start + Duration::from_secs(10)),
+            (10, false)
+        );
+        assert_eq!(
+            h.ramped(10, None, start),
+            (10, false),
+            "off without a window"
+        );
+        assert_eq!(
+            Health::default().ramped(10, w, start),
+            (10, false),
+            "first build: full"
+        );
     }
 
     #[test]

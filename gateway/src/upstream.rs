@@ -10,7 +10,7 @@ use crate::outlier::{self, Health};
 use podgate_discovery::{Endpoint, ServiceKey, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,13 @@ pub const EMPTY_HOLD: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rebuilt {
     Done,
-    /// Some service is held non-empty; rebuild again after [`EMPTY_HOLD`] to let it go.
-    Holding,
+    /// Rebuild again after this long: a service is held non-empty ([`EMPTY_HOLD`]) or a new
+    /// endpoint's weight is still ramping up (slow start).
+    Again(Duration),
 }
+
+/// How often weights are recomputed while some endpoint ramps up.
+pub const RAMP_STEP: Duration = Duration::from_millis(250);
 
 fn has_usable(v: &ServiceView) -> bool {
     v.endpoints.iter().any(|e| e.ready || e.serving)
@@ -74,6 +78,10 @@ pub struct Upstream {
     pub metrics: crate::metrics::UpstreamMetrics,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
+    /// Whether a first rebuild happened (endpoints found later are newcomers for slow start).
+    built: AtomicBool,
+    /// Whether a timer thread will rebuild this upstream again.
+    timer: AtomicBool,
 }
 
 impl Upstream {
@@ -92,6 +100,8 @@ impl Upstream {
         });
         Ok(Upstream {
             eject_horizon: AtomicU64::new(0),
+            built: AtomicBool::new(false),
+            timer: AtomicBool::new(false),
             metrics: crate::metrics::UpstreamMetrics::new(&conf.name),
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
@@ -280,29 +290,45 @@ impl Upstream {
             .iter()
             .map(|b| (b.addr, &b.health))
             .collect();
-        let health_of = |addr: &SocketAddr| {
-            known
-                .get(addr)
-                .map_or_else(Default::default, |o| Arc::clone(o))
+        // Endpoints that join a running upstream start slow; those of the first build do not
+        // (a restart of podgate must not throttle a whole fleet).
+        let first_build = !self.built.swap(true, Ordering::Relaxed);
+        let health_of = |addr: &SocketAddr| match known.get(addr) {
+            Some(h) => Arc::clone(h),
+            None if first_build || self.conf.slow_start.is_none() => Default::default(),
+            None => Arc::new(Health::joining(now)),
+        };
+        let mut ramping = false;
+        let mut backend = |addr: SocketAddr, weight: u32, cluster, pod| {
+            let health = health_of(&addr);
+            let (weight, ramps) = health.ramped(weight, self.conf.slow_start, now);
+            ramping |= ramps;
+            Backend {
+                addr,
+                weight,
+                cluster,
+                pod,
+                health,
+            }
         };
         let mut backends: Vec<Backend> = candidates
             .into_iter()
             .filter(|(e, ..)| if any_ready { e.ready } else { e.serving })
-            .map(|(e, weight, cluster)| Backend {
-                addr: e.addr,
-                weight,
-                cluster: Some(cluster),
-                pod: e.pod.as_deref().map(Arc::from),
-                health: health_of(&e.addr),
+            .map(|(e, weight, cluster)| {
+                backend(
+                    e.addr,
+                    weight,
+                    Some(cluster),
+                    e.pod.as_deref().map(Arc::from),
+                )
             })
             .collect();
-        backends.extend(self.conf.nodes.iter().map(|n| Backend {
-            addr: n.address,
-            weight: n.weight,
-            cluster: None,
-            pod: None,
-            health: health_of(&n.address),
-        }));
+        backends.extend(
+            self.conf
+                .nodes
+                .iter()
+                .map(|n| backend(n.address, n.weight, None, None)),
+        );
         let selection = Selection::new(backends);
         log::info!(
             "upstream {}: {} backend(s) live",
@@ -313,10 +339,10 @@ impl Upstream {
         self.metrics
             .set_endpoints(&self.endpoint_counts(&views, any_ready));
         *views_guard = views;
-        if holding {
-            Rebuilt::Holding
-        } else {
-            Rebuilt::Done
+        match (holding, ramping) {
+            (true, _) => Rebuilt::Again(EMPTY_HOLD + Duration::from_millis(10)),
+            (false, true) => Rebuilt::Again(RAMP_STEP),
+            (false, false) => Rebuilt::Done,
         }
     }
 }
@@ -448,17 +474,29 @@ impl Upstreams {
             .is_some_and(|mine| Arc::ptr_eq(mine, up))
     }
 
-    /// Rebuilds `up`; when a service is being held non-empty, checks again once the hold is over.
+    /// Rebuilds `up`, and keeps rebuilding it while it asks to (an empty hold running out, a
+    /// slow start ramping), from one timer thread per upstream at most.
     fn rebuild(&self, up: &Arc<Upstream>) {
-        if up.rebuild(&self.store) == Rebuilt::Holding {
-            let (up, store) = (up.clone(), self.store.clone());
-            // A plain thread: listeners are called from sources' own threads and tasks, with no
-            // runtime guaranteed; holds are rare (a service losing its last endpoint).
-            std::thread::spawn(move || {
-                std::thread::sleep(EMPTY_HOLD + Duration::from_millis(10));
-                up.rebuild(&store);
-            });
+        let Rebuilt::Again(mut wait) = up.rebuild(&self.store) else {
+            return;
+        };
+        if up.timer.swap(true, Ordering::AcqRel) {
+            return; // a timer already runs and will rebuild again
         }
+        let (up, store) = (up.clone(), self.store.clone());
+        // A plain thread: listeners are called from sources' own threads and tasks, with no
+        // runtime guaranteed; timers are rare (a service losing its last endpoint, a new Pod
+        // ramping up) and short.
+        std::thread::spawn(move || loop {
+            std::thread::sleep(wait);
+            match up.rebuild(&store) {
+                Rebuilt::Again(next) => wait = next,
+                Rebuilt::Done => {
+                    up.timer.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
     }
 
     /// Every service some upstream names: what discovery has to watch.

@@ -123,6 +123,8 @@ pub struct UpstreamConf {
     pub nodes: Vec<StaticNode>,
     pub outlier: crate::outlier::OutlierConf,
     pub health_check: Option<crate::health_check::HealthCheckConf>,
+    /// New endpoints ramp their weight up linearly over this long.
+    pub slow_start: Option<Duration>,
 }
 
 impl UpstreamConf {
@@ -650,6 +652,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "read_timeout",
     "health_check",
     "outlier",
+    "slow_start",
     "services",
     "nodes",
 ];
@@ -754,6 +757,10 @@ fn read_upstream(
         .and_then(|h| read_health_check(r, h, &f.child("health_check"), scheme));
 
     let outlier = read_outlier(r, f.get("outlier"), &f.child("outlier"));
+    let slow_start = f
+        .get("slow_start")
+        .map(|_| r.duration(&f, "slow_start", Duration::ZERO))
+        .filter(|d| !d.is_zero());
     let mut services = Vec::new();
     if let Some(s) = f.get("services") {
         let items = r.list(s, &f.child("services"));
@@ -825,6 +832,7 @@ fn read_upstream(
         nodes,
         outlier,
         health_check,
+        slow_start,
     })
 }
 
