@@ -73,6 +73,9 @@ impl Gateway {
     }
 }
 
+/// How long an idle pooled connection to a Pod is kept.
+pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
@@ -253,6 +256,9 @@ impl ProxyHttp for Gateway {
         let mut peer = HttpPeer::new(backend.addr, tls, sni);
         peer.options.connection_timeout = Some(conf.connect_timeout);
         peer.options.read_timeout = Some(conf.read_timeout);
+        // Idle pooled connections are dropped after this long, so none lingers toward a Pod
+        // that left the set (a Pod that exits closes its side anyway, which the pool notices).
+        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
         if tls {
             peer.options.verify_cert = conf.tls.verify;
             peer.options.verify_hostname = conf.tls.verify;
