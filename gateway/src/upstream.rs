@@ -7,7 +7,7 @@
 use crate::balance::{Backend, Balancer, Selection};
 use crate::config::{Scheme, UpstreamConf};
 use crate::outlier::{self, Health};
-use podgate_discovery::{Endpoint, ServiceKey, Store};
+use podgate_discovery::{Endpoint, ServiceKey, ServiceState, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +17,11 @@ use std::time::{Duration, Instant};
 /// What an upstream's last rebuild found for one of its services (for the admin view and logs).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceView {
-    pub endpoints: Vec<Endpoint>,
+    /// Shared, so that a rebuild reuses an unchanged service's endpoints without copying them.
+    pub endpoints: Arc<Vec<Endpoint>>,
+    /// The store entry these endpoints were resolved from: while the store hands out the same
+    /// entry, the service did not change and needs no resolving.
+    pub source: Option<Arc<ServiceState>>,
     /// Why nothing could be resolved, e.g. an unknown port; `None` when resolution worked.
     pub problem: Option<String>,
     /// Set while the service is reported empty but its previous endpoints are still used.
@@ -59,6 +63,7 @@ fn hold_if_emptied(old: &ServiceView, fresh: ServiceView, now: Instant) -> Servi
     }
     ServiceView {
         endpoints: old.endpoints.clone(),
+        source: fresh.source,
         problem: fresh.problem,
         emptied_at: Some(since),
     }
@@ -243,6 +248,17 @@ impl Upstream {
             .map(|i| store.get(&self.key(i)))
             .collect();
         for (i, svc) in self.conf.services.iter().enumerate() {
+            let old = views_guard.get(i);
+            let unchanged = match (old.and_then(|o| o.source.as_ref()), &states[i]) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if let (true, Some(old)) = (unchanged, old) {
+                if old.emptied_at.is_none() {
+                    views.push(old.clone());
+                    continue;
+                }
+            }
             let fresh = match &states[i] {
                 None => ServiceView {
                     problem: Some("no such Service or EndpointSlice seen yet".into()),
@@ -250,16 +266,18 @@ impl Upstream {
                 },
                 Some(state) => match state.endpoints(&svc.port) {
                     Ok(endpoints) => ServiceView {
-                        endpoints,
+                        endpoints: Arc::new(endpoints),
+                        source: Some(state.clone()),
                         ..ServiceView::default()
                     },
                     Err(e) => ServiceView {
                         problem: Some(e.to_string()),
+                        source: Some(state.clone()),
                         ..ServiceView::default()
                     },
                 },
             };
-            let view = match views_guard.get(i) {
+            let view = match old {
                 Some(old) => hold_if_emptied(old, fresh, now),
                 None => fresh,
             };
@@ -278,7 +296,7 @@ impl Upstream {
         }
         for (i, view) in views.iter().enumerate() {
             let svc = &self.conf.services[i];
-            for ep in &view.endpoints {
+            for ep in view.endpoints.iter() {
                 candidates.push((ep, svc.weight, svc.cluster.clone()));
             }
         }
@@ -363,7 +381,7 @@ impl Upstream {
         let mut counts: Vec<(String, [i64; 4])> = Vec::new();
         for (svc, view) in self.conf.services.iter().zip(views) {
             let i = slot(&mut counts, &svc.cluster);
-            for e in &view.endpoints {
+            for e in view.endpoints.iter() {
                 // ready: gets traffic; draining: terminating or serving-only (a fallback only
                 // when nothing is ready); unhealthy: failing readiness.
                 let state = if e.ready || (e.serving && !any_ready) {
