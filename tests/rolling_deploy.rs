@@ -3,9 +3,19 @@
 
 mod support;
 
+use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use support::fake_kube::FakeKube;
 use support::*;
+
+/// Where the endpoints come from: the same rollout runs against both sources.
+enum Source {
+    /// A manifests folder; the slice is rewritten (as JSON, which is YAML too).
+    Manifests,
+    /// A fake API server; the slice is applied and watchers get MODIFIED events.
+    Kube(FakeKube),
+}
 
 fn live_pods(v: &serde_json::Value) -> Vec<String> {
     v["upstreams"][0]["backends"]
@@ -17,7 +27,16 @@ fn live_pods(v: &serde_json::Value) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn rolling_deploy_and_abrupt_pod_death_fail_no_request() {
+async fn rolling_deploy_on_a_manifests_cluster_fails_no_request() {
+    rolling_deploy(Source::Manifests).await;
+}
+
+#[tokio::test]
+async fn rolling_deploy_on_a_kubernetes_cluster_fails_no_request() {
+    rolling_deploy(Source::Kube(FakeKube::start().await)).await;
+}
+
+async fn rolling_deploy(source: Source) {
     // Old and new Pods share the Service's targetPort on distinct loopback IPs.
     let mut pods: Vec<Option<Pod>> = pods_same_port(&[
         "web-old-1",
@@ -40,29 +59,61 @@ async fn rolling_deploy_and_abrupt_pod_death_fail_no_request() {
 
     // (index, ready, terminating) of each endpoint in the slice.
     let slice = |eps: &[(usize, bool, bool)]| {
-        let list: Vec<Ep> = eps
+        let endpoints: Vec<_> = eps
             .iter()
-            .map(|(i, ready, terminating)| Ep {
-                ip: ips[*i].clone(),
-                pod: &names[*i],
-                ready: Some(*ready),
-                serving: Some(true),
-                terminating: Some(*terminating),
+            .map(|(i, ready, terminating)| {
+                json!({
+                    "addresses": [ips[*i]],
+                    "conditions": {"ready": ready, "serving": true, "terminating": terminating},
+                    "targetRef": {"kind": "Pod", "name": names[*i], "namespace": "default"},
+                })
             })
             .collect();
-        slice_yaml("web-1", "web", port, &list)
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        })
     };
-    let conf = "clusters:\n  - name: local\n    manifests: cluster\n\
-                upstreams:\n  - name: web\n    retries: 2\n    connect_timeout: 500ms\n\
-                \x20   services: [{cluster: local, service: web, port: 8000}]\n\
-                routes:\n  - {name: web, path_prefix: /, upstream: web}\n";
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("cluster")).unwrap();
-    std::fs::write(dir.path().join("cluster/svc.yaml"), service_yaml("web")).unwrap();
+    let cluster = match &source {
+        Source::Manifests => {
+            std::fs::create_dir(dir.path().join("cluster")).unwrap();
+            std::fs::write(dir.path().join("cluster/svc.yaml"), service_yaml("web")).unwrap();
+            "manifests: cluster".to_string()
+        }
+        Source::Kube(fake) => {
+            let svc = json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
+            });
+            fake.apply_service(&serde_json::from_value(svc).unwrap());
+            fake.write_kubeconfig(&dir.path().join("k.kubeconfig"), None);
+            "kubeconfig: k.kubeconfig".to_string()
+        }
+    };
+    let conf = format!(
+        "clusters:\n  - name: local\n    {cluster}\n\
+         upstreams:\n  - name: web\n    retries: 2\n    connect_timeout: 500ms\n\
+         \x20   services: [{{cluster: local, service: web, port: 8000}}]\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n"
+    );
+    let publish = |dir: &std::path::Path, eps: &[(usize, bool, bool)]| match &source {
+        Source::Manifests => {
+            write_atomically(&dir.join("cluster/slice.yaml"), &slice(eps).to_string())
+        }
+        Source::Kube(fake) => {
+            fake.apply_slice(&serde_json::from_value(slice(eps)).unwrap());
+        }
+    };
     let mut current: Vec<(usize, bool, bool)> =
         vec![(0, true, false), (1, true, false), (2, true, false)];
-    std::fs::write(dir.path().join("cluster/slice.yaml"), slice(&current)).unwrap();
-    let gw = Gateway::start_full(dir, "", "threads: 2\n  grace_period: 1s", conf).await;
+    publish(dir.path(), &current);
+    let gw = Gateway::start_full(dir, "", "threads: 2\n  grace_period: 1s", &conf).await;
+    let root = gw.path("");
     wait_for("the three old Pods", || async {
         live_pods(&gw.upstreams_json().await).len() == 3
     })
@@ -76,7 +127,7 @@ async fn rolling_deploy_and_abrupt_pod_death_fail_no_request() {
         let (old, new) = (step, step + 3);
         // 1. The new Pod becomes ready.
         current.push((new, true, false));
-        write_atomically(&gw.path("cluster/slice.yaml"), &slice(&current));
+        publish(&root, &current);
         wait_for("the new Pod to get traffic", || async {
             live_pods(&gw.upstreams_json().await).contains(&names[new])
         })
@@ -85,7 +136,7 @@ async fn rolling_deploy_and_abrupt_pod_death_fail_no_request() {
         for e in current.iter_mut().filter(|e| e.0 == old) {
             *e = (old, false, true);
         }
-        write_atomically(&gw.path("cluster/slice.yaml"), &slice(&current));
+        publish(&root, &current);
         wait_for("the old Pod to get no new traffic", || async {
             !live_pods(&gw.upstreams_json().await).contains(&names[old])
         })
@@ -93,7 +144,7 @@ async fn rolling_deploy_and_abrupt_pod_death_fail_no_request() {
         // 3. Its process exits, 4. then its endpoint goes away.
         pods[old] = None;
         current.retain(|e| e.0 != old);
-        write_atomically(&gw.path("cluster/slice.yaml"), &slice(&current));
+        publish(&root, &current);
         let before = counts.ok();
         wait_for("load to go on", || async { counts.ok() > before + 100 }).await;
     }
@@ -111,7 +162,11 @@ async fn rolling_deploy_and_abrupt_pod_death_fail_no_request() {
         c.await.unwrap();
     }
     println!(
-        "rolling deploy under load: {} requests ok, {} failed",
+        "rolling deploy under load ({}): {} requests ok, {} failed",
+        match source {
+            Source::Manifests => "manifests",
+            Source::Kube(_) => "fake API server",
+        },
         counts.ok(),
         counts.failed()
     );
