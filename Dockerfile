@@ -15,9 +15,11 @@ WORKDIR /src
 COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
 COPY gateway/Cargo.toml gateway/
 COPY discovery/Cargo.toml discovery/
-RUN mkdir -p src/bin gateway/src discovery/src \
+# The manifest names bench and example targets too; cargo wants their files to exist.
+RUN mkdir -p src/bin gateway/src discovery/src benches \
  && echo 'fn main() {}' > src/main.rs \
  && echo 'fn main() {}' > src/bin/demo-pods.rs \
+ && for b in selection routing bare_pingora; do echo 'fn main() {}' > benches/$b.rs; done \
  && touch src/lib.rs gateway/src/lib.rs discovery/src/lib.rs \
  && cargo build --release --locked --bin podgate \
  && rm -rf src gateway/src discovery/src
@@ -28,7 +30,8 @@ COPY discovery/src discovery/src
 # touch: make cargo see the real sources as newer than the stub build.
 RUN touch src/main.rs src/lib.rs gateway/src/lib.rs discovery/src/lib.rs \
  && cargo build --release --locked --bin podgate \
- && cp target/release/podgate /podgate
+ && cp target/release/podgate /podgate \
+ && strip /podgate
 
 # --- run --------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -37,7 +40,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && useradd --system --uid 10001 --no-create-home podgate
 COPY --from=build /podgate /usr/local/bin/podgate
 COPY conf/container.yaml /etc/podgate/podgate.yaml
-COPY conf/quickstart/cluster /etc/podgate/quickstart/cluster
+COPY conf/container-cluster /etc/podgate/container-cluster
 USER 10001
 EXPOSE 8080 9901
 ENTRYPOINT ["/usr/local/bin/podgate"]
