@@ -57,6 +57,15 @@ fn clusters_yaml(dir: &std::path::Path, fakes: &[(&str, &FakeKube)]) -> String {
     s
 }
 
+/// One cluster `k` read through a kubeconfig, one upstream `web` of its service `web`, one route.
+fn web_on_cluster_k(dir: &std::path::Path, k: &FakeKube) -> String {
+    format!(
+        "{}upstreams:\n  - {{name: web, services: [{{cluster: k, service: web, port: 8000}}]}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+        clusters_yaml(dir, &[("k", k)])
+    )
+}
+
 async fn count_pods(gw: &Gateway, n: usize) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for _ in 0..n {
@@ -125,11 +134,7 @@ async fn watch_events_move_traffic_within_a_deadline() {
     k.apply_service(&service("web"));
     k.apply_slice(&slice("web-1", "web", port, &[(&pods[0], true, false)]));
     let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}upstreams:\n  - {{name: web, services: [{{cluster: k, service: web, port: 8000}}]}}\n\
-         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
-        clusters_yaml(dir.path(), &[("k", &k)])
-    );
+    let conf = web_on_cluster_k(dir.path(), &k);
     let gw = Gateway::start_in(dir, &conf).await;
     wait_for("the first Pod", || async {
         gw.pod_for("h", "/").await == "p-1"
@@ -178,11 +183,7 @@ async fn api_outage_keeps_serving_and_410_relist_drops_what_was_deleted() {
     k.apply_slice(&slice("web-1", "web", port, &[(&pods[0], true, false)]));
     k.apply_slice(&slice("web-2", "web", port, &[(&pods[1], true, false)]));
     let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}upstreams:\n  - {{name: web, services: [{{cluster: k, service: web, port: 8000}}]}}\n\
-         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
-        clusters_yaml(dir.path(), &[("k", &k)])
-    );
+    let conf = web_on_cluster_k(dir.path(), &k);
     let gw = Gateway::start_in(dir, &conf).await;
     wait_for("both Pods", || async {
         count_pods(&gw, 4).await.len() == 2
@@ -254,11 +255,7 @@ async fn rejected_credentials_are_reported_and_nothing_is_emptied() {
         &[(&pods[0], true, false)],
     ));
     let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}upstreams:\n  - {{name: web, services: [{{cluster: k, service: web, port: 8000}}]}}\n\
-         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
-        clusters_yaml(dir.path(), &[("k", &k)])
-    );
+    let conf = web_on_cluster_k(dir.path(), &k);
     let gw = Gateway::start_in(dir, &conf).await;
     wait_for("the Pod", || async { gw.pod_for("h", "/").await == "t-1" }).await;
 
@@ -304,11 +301,7 @@ async fn not_ready_until_the_first_sync() {
         &[(&pods[0], true, false)],
     ));
     let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}upstreams:\n  - {{name: web, services: [{{cluster: k, service: web, port: 8000}}]}}\n\
-         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
-        clusters_yaml(dir.path(), &[("k", &k)])
-    );
+    let conf = web_on_cluster_k(dir.path(), &k);
     // A cluster that is down at start does not stop podgate.
     let gw = Gateway::start_in(dir, &conf).await;
     assert_eq!(get(gw.admin, "a", "/readyz").await.unwrap().status, 503);

@@ -111,7 +111,7 @@ async fn sigterm_drains_then_finishes_in_flight_work() {
 
 #[tokio::test]
 async fn binary_upgrade_under_load_loses_no_request() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let pods = pods_same_port(&["up-v1"]).await;
     let conf = format!(
@@ -133,20 +133,8 @@ async fn binary_upgrade_under_load_loses_no_request() {
     .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), old.addr);
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match get(addr, "h", "/").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    wait_for("load to run", || async { ok.load(Ordering::Relaxed) > 50 }).await;
+    let (counts, clients) = steady_load(old.addr, "/", 2, 2, stop.clone());
+    wait_for("load to run", || async { counts.ok() > 50 }).await;
 
     let mut new = old.spawn_upgrade();
     wait_for("the new process to wait for the sockets", || {
@@ -161,23 +149,28 @@ async fn binary_upgrade_under_load_loses_no_request() {
     })
     .await;
     assert!(new.try_wait().unwrap().is_none(), "the new process runs");
-    let at_handover = ok.load(Ordering::Relaxed);
+    let at_handover = counts.ok();
     wait_for("the new process to serve", || async {
-        ok.load(Ordering::Relaxed) > at_handover + 50
+        counts.ok() > at_handover + 50
     })
     .await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    println!("binary upgrade under load: {ok} requests ok, {failed} failed");
+    let (ok, failed) = (counts.ok(), counts.failed());
+    println!(
+        "binary upgrade under load: {ok} requests ok, {failed} failed, {} resent by keep-alive \
+         clients after the server closed an idle connection",
+        counts.resent()
+    );
     let _ = new.kill();
     let _ = new.wait();
     assert_eq!(
         failed,
         0,
-        "{ok} ok, {failed} failed\nold:\n{}\nnew:\n{}",
+        "{ok} ok, {failed} failed: {:?}\nold:\n{}\nnew:\n{}",
+        counts.failures.lock().unwrap(),
         old.log_text(),
         std::fs::read_to_string(old.path("upgrade.log")).unwrap_or_default()
     );

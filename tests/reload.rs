@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use support::*;
 
@@ -32,22 +32,10 @@ async fn reload_under_load_adds_and_removes_routes() {
     assert_eq!(gw.pod_for("h", "/b").await, "b-v1");
     assert_eq!(gw.get("h", "/c").await.status, 404);
 
-    // Steady load on the route that stays, from four clients.
+    // Steady load on the route that stays: two keep-alive and two new-connection clients.
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), gw.addr);
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match get(addr, "h", "/a").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    wait_for("load to run", || async { ok.load(Ordering::Relaxed) > 50 }).await;
+    let (counts, clients) = steady_load(gw.addr, "/a", 2, 2, stop.clone());
+    wait_for("load to run", || async { counts.ok() > 50 }).await;
 
     gw.rewrite_config(&body(&[("/a", "a-v1"), ("/c", "c-v1")], &pods));
     gw.signal("HUP");
@@ -57,9 +45,9 @@ async fn reload_under_load_adds_and_removes_routes() {
     .await;
     assert_eq!(gw.pod_for("h", "/c").await, "c-v1");
     assert_eq!(gw.get("h", "/b").await.status, 404, "removed route");
-    let after_reload = ok.load(Ordering::Relaxed);
+    let after_reload = counts.ok();
     wait_for("load to go on after the reload", || async {
-        ok.load(Ordering::Relaxed) > after_reload + 50
+        counts.ok() > after_reload + 50
     })
     .await;
 
@@ -76,9 +64,17 @@ async fn reload_under_load_adds_and_removes_routes() {
     for c in clients {
         c.await.unwrap();
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    println!("reload under load: {ok} requests ok, {failed} failed");
-    assert_eq!(failed, 0, "{ok} ok, {failed} failed");
+    let (ok, failed) = (counts.ok(), counts.failed());
+    println!(
+        "reload under load: {ok} requests ok, {failed} failed, {} resent",
+        counts.resent()
+    );
+    assert_eq!(
+        failed,
+        0,
+        "{ok} ok, failures: {:?}",
+        counts.failures.lock().unwrap()
+    );
 
     let metrics = get(gw.admin, "a", "/metrics").await.unwrap();
     let text = String::from_utf8_lossy(&metrics.body);

@@ -152,6 +152,8 @@ def wrk(port, seconds, pin):
     pre = ["taskset", "-c", "0"] if pin else []
     out = subprocess.run(pre + ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
                                 f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    if "Requests/sec" not in out or "99%" not in out:
+        raise SystemExit(f"wrk against 127.0.0.1:{port} gave no result:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))
     p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))
@@ -212,6 +214,15 @@ def run(mode):
                     p.wait(5)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            # The next mode binds the same ports: wait until nothing answers on them.
+            for port in list(PORTS.values()) + UPSTREAMS:
+                end = time.time() + 10
+                while time.time() < end:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), 0.2).close()
+                        time.sleep(0.05)
+                    except OSError:
+                        break
 
 
 if __name__ == "__main__":

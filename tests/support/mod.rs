@@ -537,6 +537,10 @@ pub mod fake_kube;
 pub struct LoadCounts {
     pub ok: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
+    /// Requests a keep-alive client sent again on a new connection because the server closed
+    /// the reused one before any response byte (allowed for idempotent requests by RFC 9112
+    /// §9.3.1, and what browsers and HTTP libraries do); the retry's outcome is what counts.
+    pub resent: std::sync::atomic::AtomicU64,
     pub failures: std::sync::Mutex<Vec<String>>,
 }
 
@@ -546,6 +550,9 @@ impl LoadCounts {
     }
     pub fn failed(&self) -> u64 {
         self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    pub fn resent(&self) -> u64 {
+        self.resent.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn note(&self, result: Result<u16, String>) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -589,7 +596,10 @@ pub fn steady_load(
         let (counts, stop) = (counts.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-            while !stop.load(Relaxed) {
+            // Whether the current connection already carried a request (a reused one).
+            let mut used = false;
+            let mut resend = false;
+            while resend || !stop.load(Relaxed) {
                 if conn.as_ref().is_none_or(|c| c.is_closed()) {
                     let Ok(stream) = TcpStream::connect(addr).await else {
                         counts.note(Err("connect".into()));
@@ -620,6 +630,8 @@ pub fn steady_load(
                     .header("host", "load.test")
                     .body(Full::new(Bytes::new()))
                     .unwrap();
+                let was_used = std::mem::replace(&mut used, true);
+                resend = false;
                 let result = match sender.send_request(req).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
@@ -630,6 +642,13 @@ pub fn steady_load(
                     }
                     Err(e) => {
                         conn = None;
+                        // A reused connection closed or reset before any response head: send it
+                        // again once on a new connection (the idempotent-request rule).
+                        if was_used {
+                            counts.resent.fetch_add(1, Relaxed);
+                            resend = true;
+                            continue;
+                        }
                         Err(e.to_string())
                     }
                 };
