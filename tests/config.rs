@@ -62,6 +62,10 @@ upstreams:
         port: HTTP_PORT
         wieght: 3
         weight: 101
+        labels:
+          version: v1
+          example.com/-tier: web # bad-label-key
+          track: "a b" # bad-label-value
   - name: web # dup-upstream
     nodes: [{{address: "127.0.0.1:9"}}]
   - name: many
@@ -162,6 +166,16 @@ routes:
             "upstreams[0].services[1].weight",
             "outside 1..100",
             "weight: 101",
+        ),
+        (
+            "upstreams[0].services[1].labels.example.com/-tier",
+            "not a valid label key",
+            "# bad-label-key",
+        ),
+        (
+            "upstreams[0].services[1].labels.track",
+            "not a valid label value",
+            "# bad-label-value",
         ),
         (
             "upstreams[1].name",

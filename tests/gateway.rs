@@ -383,3 +383,102 @@ async fn a_replaced_slice_never_leaves_the_service_empty() {
     })
     .await;
 }
+
+/// A Pod manifest named `name` with labels app=web and version=`version`.
+fn pod_yaml(name: &str, version: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  \
+         labels: {{app: web, version: {version}}}\nspec:\n  containers: [{{name: web, image: demo}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn a_label_subset_of_a_manifests_service_follows_its_pods() {
+    let pods = pods_same_port(&["lab-1", "lab-2", "lab-3"]).await;
+    let port = pods[0].addr.port();
+    // Two upstreams on one Service: the whole of it, and its v1 Pods.
+    let conf = with_cluster(
+        "upstreams:\n  - name: all\n    services: [{cluster: local, service: web, port: 8000}]\n\
+         \x20 - name: v1\n    services: [{cluster: local, service: web, port: 8000, labels: {version: v1}}]\n\
+         routes:\n  - {name: all, path_prefix: /, upstream: all}\n\
+         \x20 - {name: v1, path_prefix: /v1, upstream: v1}\n",
+    );
+    let svc = service_yaml("web");
+    let slice = slice_yaml(
+        "web-1",
+        "web",
+        port,
+        &[
+            Ep::ready(&pods[0]),
+            Ep::ready(&pods[1]),
+            Ep::ready(&pods[2]),
+        ],
+    );
+    // lab-3 has no Pod manifest: nothing says it is v1, so it is not.
+    let pod_list = format!(
+        "{}---\n{}",
+        pod_yaml("lab-1", "v1"),
+        pod_yaml("lab-2", "v2")
+    );
+    let gw = Gateway::start(
+        &conf,
+        &[
+            ("cluster/svc.yaml", &svc),
+            ("cluster/slice.yaml", &slice),
+            ("cluster/pods.yaml", &pod_list),
+        ],
+    )
+    .await;
+    let count = |path: &'static str, n: usize| {
+        let gw = &gw;
+        async move {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for _ in 0..n {
+                *counts.entry(gw.pod_for("h", path).await).or_default() += 1;
+            }
+            counts
+        }
+    };
+    assert_eq!(count("/v1", 4).await, HashMap::from([("lab-1".into(), 4)]));
+    assert_eq!(
+        count("/", 6).await.len(),
+        3,
+        "the whole Service is unchanged"
+    );
+
+    // lab-2 relabelled v1, lab-3 gets a v1 Pod manifest: both join the subset.
+    write_atomically(
+        &gw.path("cluster/pods.yaml"),
+        &format!(
+            "{}---\n{}---\n{}",
+            pod_yaml("lab-1", "v1"),
+            pod_yaml("lab-2", "v1"),
+            pod_yaml("lab-3", "v1")
+        ),
+    );
+    wait_for("the subset to grow to three Pods", || async {
+        count("/v1", 3).await.len() == 3
+    })
+    .await;
+    // lab-1 leaves v1.
+    write_atomically(
+        &gw.path("cluster/pods.yaml"),
+        &format!(
+            "{}---\n{}---\n{}",
+            pod_yaml("lab-1", "v2"),
+            pod_yaml("lab-2", "v1"),
+            pod_yaml("lab-3", "v1")
+        ),
+    );
+    wait_for("lab-1 out of the subset", || async {
+        !count("/v1", 4).await.contains_key("lab-1")
+    })
+    .await;
+    let counts = count("/v1", 4).await;
+    assert_eq!(
+        (counts.get("lab-2"), counts.get("lab-3")),
+        (Some(&2), Some(&2)),
+        "{counts:?}"
+    );
+    assert_eq!(count("/", 6).await.len(), 3);
+}

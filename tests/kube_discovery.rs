@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use podgate_discovery::{
     Access, KubeCluster, KubeError, KubeGuard, KubeOptions, KubeStatus, Listener, PortRef,
-    ResolveError, ServiceKey, Store,
+    ResolveError, ServiceKey, Store, WatchSpec,
 };
 use serde_json::json;
 use support::fake_kube::{FakeKube, Kind};
@@ -118,7 +118,7 @@ impl Env {
     fn start(&mut self, services: &[&str]) {
         let services = services
             .iter()
-            .map(|s| ("default".to_string(), s.to_string()))
+            .map(|s| WatchSpec::new("default", *s))
             .collect();
         self.guard = Some(self.cluster.start(services));
     }
@@ -602,7 +602,7 @@ async fn wrong_credentials_from_the_start_never_fill_the_store() {
         fast(),
     )
     .unwrap();
-    let _guard = cluster.start(vec![("default".into(), "web".into())]);
+    let _guard = cluster.start(vec![WatchSpec::new("default", "web")]);
     wait_until(
         "sync through the token file",
         || cluster.status().synced,
@@ -817,4 +817,204 @@ fn bad_access_is_reported_before_any_connection() {
         let err = new(Access::InCluster).unwrap_err();
         assert!(matches!(err, KubeError::InCluster { .. }), "{err}");
     }
+}
+
+// ---- label subsets: the Pod watches ----
+
+/// Pod `name` in `default` with labels app=web and version=`version`.
+fn pod(name: &str, version: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default",
+                     "labels": {"app": "web", "version": version}},
+        "spec": {"containers": [{"name": "web", "image": "web"}]},
+        "status": {"phase": "Running"},
+    }))
+    .unwrap()
+}
+
+fn version(v: &str) -> std::collections::BTreeMap<String, String> {
+    [("version".to_string(), v.to_string())].into()
+}
+
+fn subset_key(service: &str, v: &str) -> ServiceKey {
+    ServiceKey::new("test", "default", service).with_labels(&version(v))
+}
+
+impl Env {
+    fn start_specs(&mut self, specs: Vec<WatchSpec>) {
+        self.guard = Some(self.cluster.start(specs));
+    }
+
+    /// `ip:port` of every endpoint of `key` for Service port 8000, or the error text.
+    fn key_endpoints(&self, key: &ServiceKey) -> Result<Vec<String>, String> {
+        let state = self.store.get(key).ok_or("not in the store")?;
+        let endpoints = state
+            .endpoints(&PortRef::Number(8000))
+            .map_err(|e| e.to_string())?;
+        Ok(endpoints.iter().map(|e| e.addr.to_string()).collect())
+    }
+
+    async fn wait_subset(&self, v: &str, want: &[&str]) {
+        let key = subset_key("web", v);
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        let context = self.context();
+        wait_until(
+            &format!("{key} to have endpoints {want:?}"),
+            || self.key_endpoints(&key).as_ref() == Ok(&want),
+            || format!("now: {:?}\n{}", self.key_endpoints(&key), context()),
+        )
+        .await;
+    }
+}
+
+/// Service web with three endpoints (web-1 v1, web-2 v2, web-3 v1) and their Pods, plus a v1
+/// Pod that is not an endpoint of web.
+fn web_with_pods(fake: &FakeKube) {
+    fake.apply_service(&service("web"));
+    fake.apply_slice(&slice(
+        "web-a",
+        "web",
+        8080,
+        &[
+            ("10.0.0.1", "web-1"),
+            ("10.0.0.2", "web-2"),
+            ("10.0.0.3", "web-3"),
+        ],
+    ));
+    for (name, v) in [
+        ("web-1", "v1"),
+        ("web-2", "v2"),
+        ("web-3", "v1"),
+        ("other", "v1"),
+    ] {
+        fake.apply_pod(&pod(name, v));
+    }
+}
+
+#[tokio::test]
+async fn label_subsets_follow_their_pods() {
+    let fake = FakeKube::start().await;
+    web_with_pods(&fake);
+    let mut env = Env::new(fake, None);
+    // The whole Service and two subsets of it: one task, two Pod watches, no Pod watch for the
+    // whole Service.
+    env.start_specs(vec![
+        WatchSpec::new("default", "web").with_labels(version("v2")),
+        WatchSpec::new("default", "web"),
+        WatchSpec::new("default", "web").with_labels(version("v1")),
+        WatchSpec::new("default", "web").with_labels(version("v1")),
+    ]);
+    env.wait_subset("v1", &["10.0.0.1:8080", "10.0.0.3:8080"])
+        .await;
+    env.wait_subset("v2", &["10.0.0.2:8080"]).await;
+    env.wait_endpoints("web", &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])
+        .await;
+    let context = env.context();
+    wait_until(
+        "the four watches to be open",
+        || env.status().synced && env.fake.open_watches() == 4,
+        context,
+    )
+    .await;
+    let status = env.status();
+    assert_eq!((status.services, status.services_synced), (1, 1));
+    assert_eq!(env.fake.lists(), 4, "slices, Service, and Pods per subset");
+
+    // A Pod relabelled: it moves from one subset to the other; the whole Service is unmoved.
+    let whole = env
+        .store
+        .get(&ServiceKey::new("test", "default", "web"))
+        .unwrap();
+    env.fake.apply_pod(&pod("web-3", "v2"));
+    env.wait_subset("v2", &["10.0.0.2:8080", "10.0.0.3:8080"])
+        .await;
+    env.wait_subset("v1", &["10.0.0.1:8080"]).await;
+    assert!(Arc::ptr_eq(
+        &whole,
+        &env.store
+            .get(&ServiceKey::new("test", "default", "web"))
+            .unwrap()
+    ));
+    // A Pod deleted leaves its subset, even while its endpoint is still in the slice.
+    env.fake.delete_pod("default", "web-1");
+    env.wait_subset("v1", &[]).await;
+    // Endpoint changes reach the subsets too.
+    env.fake.apply_pod(&pod("web-4", "v1"));
+    env.fake.apply_slice(&slice(
+        "web-a",
+        "web",
+        8080,
+        &[
+            ("10.0.0.2", "web-2"),
+            ("10.0.0.3", "web-3"),
+            ("10.0.0.4", "web-4"),
+        ],
+    ));
+    env.wait_subset("v1", &["10.0.0.4:8080"]).await;
+    env.wait_subset("v2", &["10.0.0.2:8080", "10.0.0.3:8080"])
+        .await;
+
+    // An outage keeps every subset; a Pod deleted meanwhile (history compacted: 410) is dropped
+    // by the relist.
+    let v2 = env.store.get(&subset_key("web", "v2")).unwrap();
+    env.fake.pause();
+    env.wait_status("the outage", |s| !s.connected && errors(s, "connect") >= 4)
+        .await;
+    assert!(Arc::ptr_eq(
+        &v2,
+        &env.store.get(&subset_key("web", "v2")).unwrap()
+    ));
+    env.fake.delete_pod("default", "web-2");
+    env.fake.expire(env.fake.resource_version());
+    env.fake.resume().await;
+    env.wait_subset("v2", &["10.0.0.3:8080"]).await;
+    let status = env.status();
+    assert!(
+        status.relists >= 1 && errors(&status, "gone") >= 1,
+        "{status:?}"
+    );
+    env.wait_subset("v1", &["10.0.0.4:8080"]).await;
+}
+
+#[tokio::test]
+async fn a_subset_is_published_only_once_its_pods_are_listed() {
+    // RBAC without pods: the whole Service works, the subset waits (never shown empty).
+    let fake = FakeKube::start().await;
+    web_with_pods(&fake);
+    fake.forbid(Kind::Pod, true);
+    let mut env = Env::new(fake, None);
+    env.start_specs(vec![
+        WatchSpec::new("default", "web"),
+        WatchSpec::new("default", "web").with_labels(version("v1")),
+    ]);
+    env.wait_status("403s on the Pods", |s| errors(s, "forbidden") >= 3)
+        .await;
+    env.wait_endpoints("web", &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])
+        .await;
+    let status = env.status();
+    assert!(!status.synced, "{status:?}");
+    assert!(
+        status.last_error.as_deref().is_some_and(|e| e
+            .starts_with("Pods version=v1 of default/web: access denied")
+            && e.contains("pods")),
+        "{status:?}"
+    );
+    assert_eq!(env.store.get(&subset_key("web", "v1")), None);
+
+    env.fake.forbid(Kind::Pod, false);
+    env.wait_subset("v1", &["10.0.0.1:8080", "10.0.0.3:8080"])
+        .await;
+    env.wait_status("synced", |s| s.synced && s.connected).await;
+}
+
+#[tokio::test]
+async fn only_subsets_asked_for_publish_no_whole_service() {
+    let fake = FakeKube::start().await;
+    web_with_pods(&fake);
+    let mut env = Env::new(fake, None);
+    env.start_specs(vec![
+        WatchSpec::new("default", "web").with_labels(version("v2"))
+    ]);
+    env.wait_subset("v2", &["10.0.0.2:8080"]).await;
+    assert_eq!(env.store.keys(), [subset_key("web", "v2")]);
 }

@@ -317,3 +317,104 @@ async fn not_ready_until_the_first_sync() {
     .await;
     assert_eq!(gw.pod_for("h", "/").await, "r-1");
 }
+
+/// The Kubernetes Pod object of demo Pod `name`, labelled app=web and version=`version`.
+fn kube_pod(name: &str, version: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default",
+                     "labels": {"app": "web", "version": version}},
+        "spec": {"containers": [{"name": "web", "image": "demo"}]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn label_subsets_split_one_service_and_follow_relabelled_pods() {
+    let k = FakeKube::start().await;
+    let pods = pods_same_port(&["canary-1", "canary-2", "canary-3"]).await;
+    let port = pods[0].addr.port();
+    k.apply_service(&service("web"));
+    k.apply_slice(&slice(
+        "web-1",
+        "web",
+        port,
+        &[
+            (&pods[0], true, false),
+            (&pods[1], true, false),
+            (&pods[2], true, false),
+        ],
+    ));
+    k.apply_pod(&kube_pod("canary-1", "v1"));
+    k.apply_pod(&kube_pod("canary-2", "v1"));
+    k.apply_pod(&kube_pod("canary-3", "v2"));
+    let dir = tempfile::tempdir().unwrap();
+    // One Service, two subsets: a canary split inside it. Weights are per Pod: 2 Pods × 9 for
+    // v1, 1 Pod × 1 for v2, so a round of the rotation is 19 requests.
+    let conf = format!(
+        "{}upstreams:\n  - name: web\n    services:\n\
+         \x20     - {{cluster: k, service: web, port: 8000, weight: 9, labels: {{version: v1}}}}\n\
+         \x20     - {{cluster: k, service: web, port: http, weight: 1, labels: {{version: v2}}}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+        clusters_yaml(dir.path(), &[("k", &k)])
+    );
+    let gw = Gateway::start_in(dir, &conf).await;
+    wait_for("/readyz once both subsets are listed", || async {
+        matches!(get(gw.admin, "a", "/readyz").await, Ok(r) if r.status == 200)
+    })
+    .await;
+    wait_for("all three Pods live", || async {
+        gw.upstreams_json().await["upstreams"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.len() == 3)
+    })
+    .await;
+    // Any two rounds (one worker thread, a stable set): exactly 18, 18 and 2.
+    let counts = count_pods(&gw, 38).await;
+    assert_eq!(counts.get("canary-1"), Some(&18), "{counts:?}");
+    assert_eq!(counts.get("canary-2"), Some(&18), "{counts:?}");
+    assert_eq!(counts.get("canary-3"), Some(&2), "{counts:?}");
+    // The two entries stay apart in the admin view, each with its own Pods.
+    let view = gw.upstreams_json().await;
+    let services = &view["upstreams"][0]["services"];
+    assert_eq!(services[0]["weight"], 9, "{view}");
+    assert_eq!(
+        services[0]["endpoints"].as_array().map(Vec::len),
+        Some(2),
+        "{view}"
+    );
+    assert_eq!(services[1]["weight"], 1, "{view}");
+    assert_eq!(
+        services[1]["endpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{view}"
+    );
+    assert_eq!(services[1]["endpoints"][0]["pod"], "canary-3", "{view}");
+
+    // canary-2 is relabelled v2: it leaves v1 (weight 9) for v2 (weight 1), a round of 11.
+    k.apply_pod(&kube_pod("canary-2", "v2"));
+    wait_for("traffic to follow the relabelled Pod", || async {
+        let counts = count_pods(&gw, 11).await;
+        counts.get("canary-1") == Some(&9)
+            && counts.get("canary-2") == Some(&1)
+            && counts.get("canary-3") == Some(&1)
+    })
+    .await;
+    let counts = count_pods(&gw, 22).await;
+    assert_eq!(
+        (
+            counts.get("canary-1"),
+            counts.get("canary-2"),
+            counts.get("canary-3")
+        ),
+        (Some(&18), Some(&2), Some(&2)),
+        "{counts:?}"
+    );
+    let view = gw.upstreams_json().await;
+    assert_eq!(
+        view["upstreams"][0]["services"][1]["endpoints"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{view}"
+    );
+}

@@ -6,10 +6,18 @@
 //! [`ServiceState`](crate::ServiceState) that is written to the [`Store`] with [`Store::set`]
 //! after every change, once both loops have finished their first list.
 //!
+//! Each label subset asked for ([`WatchSpec::labels`]) adds a third loop on the Pods of the
+//! namespace that have those labels (label selector `k=v,...`, metadata only). Its key
+//! ([`ServiceKey::with_labels`](crate::ServiceKey::with_labels)) gets the Service's state with
+//! only the endpoints whose `targetRef` names one of those Pods, once all three loops have
+//! finished their first list. Pods are watched only for subsets: a Service asked for whole
+//! costs no Pod traffic.
+//!
 //! ```text
 //! Access ──KubeCluster::new──> kube Config ──start──> Client ──> per service:
 //!     list+watch EndpointSlices ─┐
 //!     list+watch Service ────────┴──> ServiceState ──Store::set──> gateway
+//!     list+watch Pods with the subset's labels (per subset) ──> ServiceState of the subset
 //! ```
 //!
 //! Failures never remove anything from the store: an unreachable, failing or refusing API server
@@ -198,6 +206,35 @@ impl Default for KubeOptions {
     }
 }
 
+/// One thing to watch: a Service, whole or narrowed to the Pods that have all `labels`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WatchSpec {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub service: String,
+    /// Pod labels of the subset (valid Kubernetes label keys and values); empty for the whole
+    /// Service.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl WatchSpec {
+    /// The whole Service `namespace/service`.
+    pub fn new(namespace: impl Into<String>, service: impl Into<String>) -> WatchSpec {
+        WatchSpec {
+            namespace: namespace.into(),
+            service: service.into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// The same Service narrowed to the Pods that have all `labels`.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> WatchSpec {
+        self.labels = labels;
+        self
+    }
+}
+
 /// What a [`KubeCluster`] is doing, for the admin endpoints and readiness.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct KubeStatus {
@@ -205,7 +242,8 @@ pub struct KubeStatus {
     /// False before the first answer and while any watch is failing.
     pub connected: bool,
     /// [`KubeCluster::start`] was called and every watched service has finished its first list
-    /// (both its EndpointSlices and its Service), i.e. every watched service is in the store.
+    /// (its EndpointSlices, its Service and the Pods of each of its label subsets), i.e. every
+    /// watched service and subset is in the store.
     pub synced: bool,
     /// When the most recent list (first list or relist) completed.
     pub last_sync: Option<SystemTime>,
@@ -252,8 +290,8 @@ struct Health {
     started: bool,
     next_id: u64,
     watches: HashMap<u64, WatchHealth>,
-    /// One entry per watched (namespace, service) of every live guard: the ids of its two
-    /// watches (EndpointSlices, Service).
+    /// One entry per watched (namespace, service) of every live guard: the ids of its watches
+    /// (EndpointSlices, Service, then one per label subset on its Pods).
     services: HashMap<u64, ServiceHealth>,
     last_sync: Option<SystemTime>,
     relists: u64,
@@ -277,7 +315,7 @@ struct WatchHealth {
 }
 
 struct ServiceHealth {
-    watches: [u64; 2],
+    watches: Vec<u64>,
 }
 
 /// Errors of the same reason are logged at error level at most this often per cluster; the
@@ -290,19 +328,25 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Health entries for one watched service and its two watches (EndpointSlices, Service).
-    fn register_service(&self) -> (u64, [u64; 2]) {
+    /// Health entries for one watched service and its watches: EndpointSlices, Service, then
+    /// `subsets` Pod watches.
+    fn register_service(&self, subsets: usize) -> (u64, Vec<u64>) {
         let mut h = self.lock();
         let mut next = || {
             h.next_id += 1;
             h.next_id
         };
-        let (service_id, ids) = (next(), [next(), next()]);
-        for id in ids {
-            h.watches.insert(id, WatchHealth::default());
+        let service_id = next();
+        let ids: Vec<u64> = (0..2 + subsets).map(|_| next()).collect();
+        for id in &ids {
+            h.watches.insert(*id, WatchHealth::default());
         }
-        h.services
-            .insert(service_id, ServiceHealth { watches: ids });
+        h.services.insert(
+            service_id,
+            ServiceHealth {
+                watches: ids.clone(),
+            },
+        );
         (service_id, ids)
     }
 
@@ -516,16 +560,23 @@ impl KubeCluster {
         }))
     }
 
-    /// Starts watching `services` (each (namespace, service) once, however often listed) and
-    /// returns at once. Meant to be called once per cluster with everything the config needs;
-    /// a second call while the first guard lives watches its services again, independently.
+    /// Starts watching `services` and returns at once: each (namespace, service) once, however
+    /// often listed, with one Pod watch per distinct label subset among its specs. Meant to be
+    /// called once per cluster with everything the config needs; a second call while the first
+    /// guard lives watches its services again, independently.
+    ///
+    /// What reaches the store: the whole Service's state under [`ServiceKey::new`] if some spec
+    /// has no labels, and each subset's under [`ServiceKey::with_labels`].
     ///
     /// Must be called inside the long-lived tokio runtime: the kube client and one task per
     /// service are spawned on it (panics outside a runtime). A cluster that is down keeps being
-    /// retried with backoff and jitter; nothing here ever stops the process. A service's state
-    /// reaches the store once both its lists are done, then after every change. Dropping the
-    /// returned guard stops these watches; what they stored stays in the store.
-    pub fn start(self: &Arc<Self>, services: Vec<(String, String)>) -> KubeGuard {
+    /// retried with backoff and jitter; nothing here ever stops the process. A key's state
+    /// reaches the store once all the lists it depends on are done, then after every change.
+    /// Dropping the returned guard stops these watches; what they stored stays in the store.
+    ///
+    /// [`ServiceKey::new`]: crate::ServiceKey::new
+    /// [`ServiceKey::with_labels`]: crate::ServiceKey::with_labels
+    pub fn start(self: &Arc<Self>, services: Vec<WatchSpec>) -> KubeGuard {
         let handle = tokio::runtime::Handle::try_current()
             .expect("KubeCluster::start must be called inside a tokio runtime");
         let stopped = Arc::new(AtomicBool::new(false));
@@ -536,34 +587,49 @@ impl KubeCluster {
             services: Vec::new(),
         };
         self.shared.lock().started = true;
-        let services: BTreeSet<(String, String)> = services.into_iter().collect();
-        if services.is_empty() {
+        // (namespace, service) → (whole Service wanted, label subsets wanted).
+        type Wanted = (bool, BTreeSet<BTreeMap<String, String>>);
+        let mut grouped: BTreeMap<(String, String), Wanted> = BTreeMap::new();
+        for spec in services {
+            let wanted = grouped.entry((spec.namespace, spec.service)).or_default();
+            if spec.labels.is_empty() {
+                wanted.0 = true;
+            } else {
+                wanted.1.insert(spec.labels);
+            }
+        }
+        if grouped.is_empty() {
             return guard;
         }
         let mut registered = Vec::new();
-        for (namespace, service) in services {
-            let (service_id, ids) = self.shared.register_service();
-            guard.services.push((service_id, ids));
-            registered.push((namespace, service, ids));
+        for ((namespace, service), (whole, subsets)) in grouped {
+            let (service_id, ids) = self.shared.register_service(subsets.len());
+            guard.services.push((service_id, ids.clone()));
+            registered.push((namespace, service, whole, subsets, ids));
         }
         // Built here, inside the runtime: the client spawns its connection-pool task.
         let client = match ::kube::Client::try_from(self.config.clone()) {
             Ok(client) => client,
             Err(e) => {
-                let ids: Vec<u64> = registered.iter().flat_map(|(_, _, ids)| *ids).collect();
+                let ids: Vec<u64> = registered
+                    .iter()
+                    .flat_map(|(.., ids)| ids.iter().copied())
+                    .collect();
                 self.shared
                     .setup_error(&ids, format!("cannot build the API client: {e}"));
                 return guard;
             }
         };
-        for (namespace, service, ids) in registered {
+        for (namespace, service, whole, subsets, ids) in registered {
             let task = watch::ServiceTask {
                 shared: Arc::clone(&self.shared),
                 client: client.clone(),
                 options: self.options.clone(),
                 namespace,
                 service,
-                ids,
+                whole,
+                subsets: subsets.into_iter().zip(ids[2..].iter().copied()).collect(),
+                ids: [ids[0], ids[1]],
                 stopped: Arc::clone(&stopped),
             };
             guard.tasks.push(handle.spawn(task.run()));
@@ -592,7 +658,7 @@ pub struct KubeGuard {
     shared: Arc<Shared>,
     stopped: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    services: Vec<(u64, [u64; 2])>,
+    services: Vec<(u64, Vec<u64>)>,
 }
 
 impl Drop for KubeGuard {

@@ -6,6 +6,11 @@
 //! [`ServiceKey`]s changed; the gateway then reads the [`ServiceState`] and resolves the
 //! upstream's port into Pod addresses with [`ServiceState::endpoints`].
 //!
+//! A key may also name a label subset of a Service's Pods ([`ServiceKey::with_labels`]): its
+//! state is the Service's with only the endpoints of the Pods that have those labels. A cluster
+//! watches the Pods of each subset asked for ([`WatchSpec`]); a manifests folder reads its Pod
+//! objects and the store derives the subsets from them.
+//!
 //! ```text
 //! manifests folder ──> ManifestsCluster ──reset_cluster──┐
 //! API server ──list+watch──> KubeCluster ──set(key)──────┴──> Store ──changed(keys)──> gateway
@@ -19,7 +24,9 @@ mod manifests;
 mod model;
 mod store;
 
-pub use self::kube::{Access, KubeCluster, KubeError, KubeGuard, KubeOptions, KubeStatus};
+pub use self::kube::{
+    Access, KubeCluster, KubeError, KubeGuard, KubeOptions, KubeStatus, WatchSpec,
+};
 pub use manifests::{ManifestsCluster, ManifestsError, ManifestsStatus, WatchGuard};
 pub use model::{Endpoint, PortRef, ResolveError, ServiceKey, ServiceState};
 pub use store::{Listener, Store};

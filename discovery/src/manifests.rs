@@ -2,9 +2,13 @@
 //!
 //! Reading: every `*.yaml` / `*.yml` regular file (symlinks followed, so a ConfigMap volume
 //! works) directly in the folder, skipping hidden files and editor leftovers. Each file may hold
-//! several documents; `Service` (v1) and `EndpointSlice` (discovery.k8s.io/v1) objects are used,
-//! `List`-style documents (`kubectl get ... -o yaml`) are looked into, and other kinds are
-//! ignored. Each file is all-or-nothing: a file that fails to parse keeps its last good content
+//! several documents; `Service` (v1), `EndpointSlice` (discovery.k8s.io/v1) and `Pod` (v1, only
+//! its name, namespace and labels) objects are used, `List`-style documents
+//! (`kubectl get ... -o yaml`) are looked into, and other kinds are ignored.
+//!
+//! Pods serve the label subsets of upstream entries: every Service's state carries the labels of
+//! the Pods its endpoints name ([`ServiceState::pods`]), and the store derives each subset from
+//! that, so an endpoint counts for a subset only if its Pod is in the folder with those labels. Each file is all-or-nothing: a file that fails to parse keeps its last good content
 //! in effect, so a half-saved edit never empties a Service.
 //!
 //! Watching: see [`ManifestsCluster::watch`].
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use saphyr::{LoadableYamlNode, MarkedYaml, YamlData};
@@ -123,6 +128,12 @@ enum Object {
     Slice {
         service: String,
         slice: Box<EndpointSlice>,
+    },
+    /// Only what label subsets need of a Pod.
+    Pod {
+        namespace: Option<String>,
+        name: String,
+        labels: BTreeMap<String, String>,
     },
 }
 
@@ -335,9 +346,15 @@ impl ManifestsCluster {
         self.store.reset_cluster(&self.cluster, services);
     }
 
-    /// Groups the good objects of all files by Service.
+    /// Groups the good objects of all files by Service, each with the labels of its Pods.
     fn services(&self, files: &BTreeMap<String, FileEntry>) -> HashMap<ServiceKey, ServiceState> {
+        // Kubernetes puts objects without a namespace into "default"; so do we.
+        fn namespace_of(namespace: &Option<String>) -> &str {
+            namespace.as_deref().unwrap_or("default")
+        }
         let mut services: HashMap<ServiceKey, ServiceState> = HashMap::new();
+        // (namespace, name) → labels.
+        let mut pods: HashMap<(&str, &str), &BTreeMap<String, String>> = HashMap::new();
         for (file, entry) in files {
             for object in &entry.good {
                 let (namespace, service) = match object {
@@ -345,9 +362,24 @@ impl ManifestsCluster {
                     Object::Slice { service, slice } => {
                         (&slice.metadata.namespace, Some(service.as_str()))
                     }
+                    Object::Pod {
+                        namespace,
+                        name,
+                        labels,
+                    } => {
+                        let at = (namespace_of(namespace), name.as_str());
+                        if pods.insert(at, labels).is_some() {
+                            log::warn!(
+                                "manifests cluster {}: {file}: Pod {}/{name} defined again; \
+                                 this one wins",
+                                self.cluster,
+                                at.0
+                            );
+                        }
+                        continue;
+                    }
                 };
-                // Kubernetes puts objects without a namespace into "default"; so do we.
-                let namespace = namespace.as_deref().unwrap_or("default");
+                let namespace = namespace_of(namespace);
                 let key =
                     ServiceKey::new(self.cluster.clone(), namespace, service.unwrap_or_default());
                 let state = services.entry(key.clone()).or_default();
@@ -373,8 +405,32 @@ impl ManifestsCluster {
                         }
                         state.slices.insert(name, (**slice).clone());
                     }
+                    Object::Pod { .. } => {}
                 }
             }
+        }
+        // Only the Pods the endpoints name, so that an unrelated Pod's labels change no state.
+        for (key, state) in &mut services {
+            let mut labels = BTreeMap::new();
+            for slice in state.slices.values() {
+                for endpoint in &slice.endpoints {
+                    let Some(target) = endpoint
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    else {
+                        continue;
+                    };
+                    let Some(name) = target.name.as_deref() else {
+                        continue;
+                    };
+                    let namespace = target.namespace.as_deref().unwrap_or(&key.namespace);
+                    if let Some(pod) = pods.get(&(namespace, name)) {
+                        labels.insert(name.to_owned(), (*pod).clone());
+                    }
+                }
+            }
+            state.pods = Some(labels);
         }
         services
     }
@@ -579,6 +635,26 @@ fn parse_object(
                 ));
             }
         }
+        ("v1", "Pod") => {
+            // Only the metadata: the rest of a Pod (`kubectl get pods -o yaml` has plenty) is not
+            // needed, and a field this version of the API types does not know must not make the
+            // file unusable.
+            let meta: ObjectMeta = match yaml::get(node, "metadata") {
+                Some(meta) => yaml::from_node(meta).map_err(typed)?,
+                None => ObjectMeta::default(),
+            };
+            match meta.name.filter(|n| !n.is_empty()) {
+                Some(name) => objects.push(Object::Pod {
+                    namespace: meta.namespace,
+                    name,
+                    labels: meta.labels.unwrap_or_default(),
+                }),
+                None => problems.push(format!(
+                    "{}: Pod without metadata.name; skipped",
+                    at.describe(line)
+                )),
+            }
+        }
         // `kubectl get svc,endpointslices -o yaml` writes one List; the API's ServiceList etc.
         // have the same shape.
         (_, list) if list.ends_with("List") => {
@@ -601,14 +677,14 @@ fn parse_object(
         }
         // Likely meant for us but in a version we do not read (e.g. discovery.k8s.io/v1beta1):
         // worth a warning, yet not an error, since the rest of the file is fine.
-        (api_version, kind @ ("Service" | "EndpointSlice")) => {
+        (api_version, kind @ ("Service" | "EndpointSlice" | "Pod")) => {
             log::warn!(
                 "{}: ignoring {kind} with apiVersion {api_version:?} (podgate reads {})",
                 at.describe(line),
-                if kind == "Service" {
-                    "v1"
-                } else {
+                if kind == "EndpointSlice" {
                     "discovery.k8s.io/v1"
+                } else {
+                    "v1"
                 }
             );
         }

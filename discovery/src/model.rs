@@ -14,7 +14,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// Identifies one watched Kubernetes Service: (cluster, namespace, service).
+/// Identifies one watched Kubernetes Service, or a label subset of its Pods:
+/// (cluster, namespace, service, subset).
 ///
 /// `cluster` is an `Arc<str>` because every key of a cluster shares the same name and keys are
 /// cloned into notifications often.
@@ -26,10 +27,15 @@ pub struct ServiceKey {
     pub namespace: String,
     /// Name of the Service (also the value of the EndpointSlice label `kubernetes.io/service-name`).
     pub service: String,
+    /// `None`: every endpoint of the Service. `Some`: only the endpoints whose Pod (`targetRef`)
+    /// has all these labels, written as a Kubernetes equality selector in canonical form
+    /// (`k=v,k2=v2`, keys sorted, see [`ServiceKey::with_labels`]). Two upstream entries of one
+    /// Service with different subsets are different keys, so they are never merged.
+    pub subset: Option<Arc<str>>,
 }
 
 impl ServiceKey {
-    /// Builds a key from its three parts.
+    /// Builds the key of a whole Service (no label subset).
     pub fn new(
         cluster: impl Into<Arc<str>>,
         namespace: impl Into<String>,
@@ -39,14 +45,70 @@ impl ServiceKey {
             cluster: cluster.into(),
             namespace: namespace.into(),
             service: service.into(),
+            subset: None,
         }
+    }
+
+    /// This key narrowed to the Pods that have all `labels` (the key of the whole Service when
+    /// `labels` is empty). Labels must be valid Kubernetes label keys and values, which can hold
+    /// neither `,` nor `=`: that keeps the canonical form unambiguous.
+    pub fn with_labels(mut self, labels: &BTreeMap<String, String>) -> ServiceKey {
+        self.subset = selector(labels).map(Arc::from);
+        self
+    }
+
+    /// The key of the whole Service this key belongs to (itself when it has no subset).
+    pub fn whole(&self) -> ServiceKey {
+        ServiceKey {
+            subset: None,
+            ..self.clone()
+        }
+    }
+
+    /// The subset's (label, value) pairs, sorted by label; empty for a whole Service.
+    pub fn subset_labels(&self) -> Vec<(&str, &str)> {
+        self.subset
+            .as_deref()
+            .map(parse_selector)
+            .unwrap_or_default()
     }
 }
 
+/// `k=v,k2=v2` (keys in order), the Kubernetes equality-based label selector that matches
+/// objects having all `labels`; `None` when `labels` is empty.
+pub fn selector(labels: &BTreeMap<String, String>) -> Option<String> {
+    if labels.is_empty() {
+        return None;
+    }
+    let terms: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Some(terms.join(","))
+}
+
+/// The pairs of a selector made by [`selector`]. A term without `=` (which [`selector`] never
+/// writes) asks for a value no label can have (NUL), so a malformed subset matches nothing
+/// rather than everything.
+fn parse_selector(selector: &str) -> Vec<(&str, &str)> {
+    selector
+        .split(',')
+        .map(|term| term.split_once('=').unwrap_or((term, "\0")))
+        .collect()
+}
+
+/// Whether an object with `labels` has every (label, value) pair of `wanted`.
+pub(crate) fn has_labels(labels: &BTreeMap<String, String>, wanted: &[(&str, &str)]) -> bool {
+    wanted
+        .iter()
+        .all(|(k, v)| labels.get(*k).is_some_and(|have| have == v))
+}
+
 impl fmt::Display for ServiceKey {
-    /// `cluster/namespace/service`.
+    /// `cluster/namespace/service`, or `cluster/namespace/service{version=v1}` for a subset.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.cluster, self.namespace, self.service)
+        write!(f, "{}/{}/{}", self.cluster, self.namespace, self.service)?;
+        match &self.subset {
+            Some(subset) => write!(f, "{{{subset}}}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -102,13 +164,23 @@ impl Endpoint {
     }
 }
 
-/// Everything known about one Service: the Service object and its EndpointSlices by slice name.
+/// Everything known about one Service (or one label subset of its Pods): the Service object and
+/// its EndpointSlices by slice name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceState {
     /// The Service object; `None` while only EndpointSlices have been seen.
     pub service: Option<Service>,
-    /// The Service's EndpointSlices, by `metadata.name`.
+    /// The Service's EndpointSlices, by `metadata.name` (for a subset: with only the endpoints of
+    /// the subset's Pods).
     pub slices: BTreeMap<String, EndpointSlice>,
+    /// The labels of the Pods that the slices' endpoints name in `targetRef`, by Pod name, when
+    /// the source reads every Pod (a manifests folder does); a Pod the source does not have is
+    /// left out. `None` when the source does not read them (a cluster watches Pods only for the
+    /// label subsets asked for, and stores those under keys of their own). The [`Store`] derives
+    /// the state of a subset key from this when no source stores that key itself.
+    ///
+    /// [`Store`]: crate::Store
+    pub pods: Option<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 /// Why a [`PortRef`] could not be resolved against a [`ServiceState`].
@@ -219,6 +291,44 @@ impl ServiceState {
             }
         }
         Ok(found.into_values().collect())
+    }
+}
+
+impl ServiceState {
+    /// The same Service with only the endpoints whose `targetRef` is a Pod for which `keep(name)`
+    /// holds (endpoints without a Pod `targetRef` are dropped: nothing says which labels they
+    /// have). Slices left without endpoints stay, empty. `pods` is not carried over: the result
+    /// is a subset's state, and it should not change when labels change that do not move a Pod in
+    /// or out of it.
+    pub fn only_pods(&self, keep: impl Fn(&str) -> bool) -> ServiceState {
+        let slices = self
+            .slices
+            .iter()
+            .map(|(name, slice)| {
+                let mut slice = slice.clone();
+                slice.endpoints.retain(|endpoint| {
+                    endpoint
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        .and_then(|r| r.name.as_deref())
+                        .is_some_and(&keep)
+                });
+                (name.clone(), slice)
+            })
+            .collect();
+        ServiceState {
+            service: self.service.clone(),
+            slices,
+            pods: None,
+        }
+    }
+
+    /// The state of the subset of Pods that have every (label, value) pair of `labels`, computed
+    /// from [`ServiceState::pods`]; `None` when the source did not record Pod labels.
+    pub fn subset(&self, labels: &[(&str, &str)]) -> Option<ServiceState> {
+        let pods = self.pods.as_ref()?;
+        Some(self.only_pods(|name| pods.get(name).is_some_and(|l| has_labels(l, labels))))
     }
 }
 

@@ -339,3 +339,108 @@ fn service_and_slices_may_live_in_different_files() {
     assert!(state.service.is_none());
     assert_eq!(state.slices.len(), 1);
 }
+
+/// Service httpbin with one slice whose endpoints 10.0.0.<i> name Pods `httpbin-<i>`.
+fn httpbin_with_pods(pods: usize) -> String {
+    let endpoints: String = (1..=pods)
+        .map(|i| {
+            format!(
+                "  - addresses: [\"10.0.0.{i}\"]\n    targetRef: {{kind: Pod, name: httpbin-{i}}}\n"
+            )
+        })
+        .collect();
+    httpbin(&[]).replace("endpoints:\n", &format!("endpoints:\n{endpoints}"))
+}
+
+fn pod(name: &str, namespace: &str, version: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+         labels: {{app: httpbin, version: {version}}}\nspec:\n  containers: [{{name: c, image: x}}]\n\
+         status: {{phase: Running, podIP: 10.0.0.9}}\n"
+    )
+}
+
+/// Addresses of the subset `version` of httpbin on port 8000.
+fn subset_addrs(store: &Store, version: &str) -> Option<Vec<String>> {
+    let labels = [("version".to_string(), version.to_string())].into();
+    let state = store.get(&key("httpbin").with_labels(&labels))?;
+    let endpoints = state.endpoints(&PortRef::Number(8000)).ok()?;
+    Some(endpoints.iter().map(|e| e.addr.to_string()).collect())
+}
+
+#[test]
+fn pods_in_the_folder_select_label_subsets() {
+    let (dir, store) = setup();
+    save(dir.path(), "httpbin.yaml", &httpbin_with_pods(4));
+    // httpbin-1 and -3 are v1, httpbin-2 is v2 (in a List, as `kubectl get pods -o yaml` writes
+    // it); httpbin-4 has no Pod here, and a Pod of the same name in another namespace is not it.
+    save(
+        dir.path(),
+        "pods.yaml",
+        &format!(
+            "{}---\n{}---\napiVersion: v1\nkind: List\nitems:\n{}",
+            pod("httpbin-1", "default", "v1"),
+            pod("httpbin-4", "elsewhere", "v1"),
+            pod("httpbin-2", "default", "v2")
+                .lines()
+                .enumerate()
+                .map(|(i, l)| format!("{} {l}\n", if i == 0 { "-" } else { " " }))
+                .collect::<String>(),
+        ),
+    );
+    save(dir.path(), "pod-3.yaml", &pod("httpbin-3", "default", "v1"));
+    let manifests = ManifestsCluster::load(CLUSTER, dir.path(), store.clone()).unwrap();
+    assert_eq!(manifests.status().last_error, None);
+    let _watch = manifests.watch().unwrap();
+
+    // The whole Service is unchanged by Pods.
+    assert_eq!(
+        addrs(&store, "httpbin").unwrap(),
+        ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"]
+    );
+    assert_eq!(
+        subset_addrs(&store, "v1").unwrap(),
+        ["10.0.0.1:80", "10.0.0.3:80"]
+    );
+    assert_eq!(subset_addrs(&store, "v2").unwrap(), ["10.0.0.2:80"]);
+    assert_eq!(subset_addrs(&store, "v3").unwrap(), Vec::<String>::new());
+
+    // Relabelled: it moves between subsets.
+    save(dir.path(), "pod-3.yaml", &pod("httpbin-3", "default", "v2"));
+    eventually("httpbin-3 in v2", || {
+        subset_addrs(&store, "v2").unwrap() == ["10.0.0.2:80", "10.0.0.3:80"]
+    });
+    assert_eq!(subset_addrs(&store, "v1").unwrap(), ["10.0.0.1:80"]);
+    // Its Pod gone, the endpoint belongs to no subset (but still to the Service).
+    fs::remove_file(dir.path().join("pod-3.yaml")).unwrap();
+    eventually("httpbin-3 in no subset", || {
+        subset_addrs(&store, "v2").unwrap() == ["10.0.0.2:80"]
+    });
+    assert_eq!(addrs(&store, "httpbin").unwrap().len(), 4);
+}
+
+#[test]
+fn a_pod_without_a_name_is_reported_and_skipped() {
+    let (dir, store) = setup();
+    save(dir.path(), "httpbin.yaml", &httpbin_with_pods(1));
+    save(
+        dir.path(),
+        "pods.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {labels: {version: v1}}\n---\n\
+         apiVersion: v1beta1\nkind: Pod\nmetadata: {name: httpbin-1, labels: {version: v1}}\n",
+    );
+    let manifests = ManifestsCluster::load(CLUSTER, dir.path(), store.clone()).unwrap();
+    let status = manifests.status();
+    assert_eq!(status.errors, 1);
+    assert!(
+        status
+            .last_error
+            .unwrap()
+            .contains("Pod without metadata.name"),
+        "{:?}",
+        manifests.status()
+    );
+    // The Pod of an unknown apiVersion is ignored too: no Pod labels, no subset endpoint.
+    assert_eq!(subset_addrs(&store, "v1").unwrap(), Vec::<String>::new());
+    assert_eq!(addrs(&store, "httpbin").unwrap(), ["10.0.0.1:80"]);
+}

@@ -34,6 +34,7 @@ fn state(service: Option<Service>, slices: Vec<EndpointSlice>) -> ServiceState {
             .into_iter()
             .map(|s| (s.metadata.name.clone().unwrap(), s))
             .collect(),
+        pods: None,
     }
 }
 
@@ -328,4 +329,128 @@ fn tcp_port_wins_over_udp_with_the_same_number() {
             protocol: "UDP".into()
         })
     );
+}
+
+// ---- label subsets ----
+
+fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A Service with one slice whose endpoints are (ip, targetRef kind, Pod name).
+fn pods_state(endpoints: &[(&str, &str, &str)]) -> ServiceState {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, kind, name)| {
+            json!({
+                "addresses": [ip],
+                "targetRef": {"kind": kind, "name": name, "namespace": "default"},
+            })
+        })
+        .collect();
+    state(
+        Some(httpbin_service()),
+        vec![slice(
+            "httpbin-abc",
+            "IPv4",
+            json!([{"name": "http", "port": 80}]),
+            Value::Array(endpoints),
+        )],
+    )
+}
+
+#[test]
+fn subset_keys_are_canonical_and_readable() {
+    use podgate_discovery::ServiceKey;
+    let whole = ServiceKey::new("prod-a", "default", "httpbin");
+    assert_eq!(whole.subset, None);
+    assert_eq!(whole.to_string(), "prod-a/default/httpbin");
+    assert_eq!(whole.clone().with_labels(&labels(&[])), whole);
+
+    // Sorted by label whatever the order given; Display stays readable.
+    let v1 = whole
+        .clone()
+        .with_labels(&labels(&[("version", "v1"), ("app", "httpbin")]));
+    assert_eq!(v1.subset.as_deref(), Some("app=httpbin,version=v1"));
+    assert_eq!(
+        v1.to_string(),
+        "prod-a/default/httpbin{app=httpbin,version=v1}"
+    );
+    assert_eq!(v1.subset_labels(), [("app", "httpbin"), ("version", "v1")]);
+    assert_eq!(v1.whole(), whole);
+
+    // Two subsets of one Service are two keys, and neither is the whole Service.
+    let v2 = whole.clone().with_labels(&labels(&[("version", "v2")]));
+    assert_ne!(v1, v2);
+    assert_ne!(v2, whole);
+    assert!(whole.subset_labels().is_empty());
+    // An empty value is a value (the label must be there, empty).
+    let empty = whole.clone().with_labels(&labels(&[("canary", "")]));
+    assert_eq!(empty.to_string(), "prod-a/default/httpbin{canary=}");
+    assert_eq!(empty.subset_labels(), [("canary", "")]);
+}
+
+#[test]
+fn only_pods_keeps_the_endpoints_of_the_named_pods() {
+    let s = pods_state(&[
+        ("10.0.0.1", "Pod", "httpbin-v1-a"),
+        ("10.0.0.2", "Pod", "httpbin-v2-b"),
+        ("10.0.0.3", "Pod", "httpbin-v1-c"),
+        // Not a Pod: nothing says which labels it has.
+        ("10.0.0.4", "Node", "httpbin-v1-a"),
+    ]);
+    let v1 = s.only_pods(|name| name.starts_with("httpbin-v1-"));
+    assert_eq!(
+        addrs(&v1.endpoints(&PortRef::Number(8000)).unwrap()),
+        ["10.0.0.1:80", "10.0.0.3:80"]
+    );
+    // The Service and the slice stay (an emptied slice too), so ports still resolve.
+    let none = s.only_pods(|_| false);
+    assert_eq!(none.slices.len(), 1);
+    assert_eq!(none.endpoints(&PortRef::Number(8000)), Ok(vec![]));
+    assert_eq!(none.service, s.service);
+}
+
+#[test]
+fn subset_filters_by_the_recorded_pod_labels() {
+    let mut s = pods_state(&[
+        ("10.0.0.1", "Pod", "a"),
+        ("10.0.0.2", "Pod", "b"),
+        ("10.0.0.3", "Pod", "c"),
+        ("10.0.0.4", "Pod", "unknown"),
+    ]);
+    // Without Pod labels recorded, no subset can be computed.
+    assert_eq!(s.subset(&[("version", "v1")]), None);
+    s.pods = Some(
+        [
+            ("a", labels(&[("app", "httpbin"), ("version", "v1")])),
+            ("b", labels(&[("app", "httpbin"), ("version", "v2")])),
+            (
+                "c",
+                labels(&[("app", "httpbin"), ("version", "v1"), ("canary", "")]),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    );
+    let ips = |labels: &[(&str, &str)]| {
+        let subset = s.subset(labels).unwrap();
+        assert_eq!(subset.pods, None, "a subset does not carry Pod labels");
+        addrs(&subset.endpoints(&PortRef::Number(8000)).unwrap())
+    };
+    assert_eq!(ips(&[("version", "v1")]), ["10.0.0.1:80", "10.0.0.3:80"]);
+    assert_eq!(ips(&[("version", "v2")]), ["10.0.0.2:80"]);
+    // All labels must match.
+    assert_eq!(
+        ips(&[("app", "httpbin"), ("version", "v2")]),
+        ["10.0.0.2:80"]
+    );
+    assert!(ips(&[("app", "web"), ("version", "v2")]).is_empty());
+    // An empty value asks for the label to be there, empty; a missing label does not match.
+    assert_eq!(ips(&[("canary", "")]), ["10.0.0.3:80"]);
+    assert!(ips(&[("version", "v3")]).is_empty());
 }

@@ -14,6 +14,7 @@ use crate::upstream::Upstreams;
 use arc_swap::ArcSwap;
 use podgate_discovery::{
     Access, KubeCluster, KubeGuard, Listener, ManifestsCluster, ServiceKey, Store, WatchGuard,
+    WatchSpec,
 };
 use prometheus::{register_int_counter_vec, IntCounterVec};
 use std::collections::BTreeMap;
@@ -51,8 +52,8 @@ pub enum Source {
         cluster: Arc<KubeCluster>,
         /// Keeps the watches running; `None` until [`Live::watch`] ran inside the runtime.
         guard: Option<KubeGuard>,
-        /// The (namespace, service) pairs the guard watches.
-        watching: Vec<(String, String)>,
+        /// The services (and label subsets) the guard watches.
+        watching: Vec<WatchSpec>,
     },
 }
 
@@ -144,14 +145,16 @@ fn kube_source(c: &Cluster, access: Access, store: &Arc<Store>) -> Result<Source
     })
 }
 
-/// The (namespace, service) pairs of `cluster` that some upstream of `config` names.
-fn services_of(config: &Config, cluster: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = config
+/// The services of `cluster` (each with its label subset) that some upstream of `config` names.
+fn services_of(config: &Config, cluster: &str) -> Vec<WatchSpec> {
+    let mut out: Vec<WatchSpec> = config
         .upstreams
         .iter()
         .flat_map(|u| u.services.iter())
         .filter(|s| &*s.cluster == cluster)
-        .map(|s| (s.namespace.clone(), s.service.clone()))
+        .map(|s| {
+            WatchSpec::new(s.namespace.clone(), s.service.clone()).with_labels(s.labels.clone())
+        })
         .collect();
     out.sort();
     out.dedup();

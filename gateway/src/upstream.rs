@@ -116,13 +116,12 @@ impl Upstream {
         })
     }
 
+    /// The store key of service entry `i`: with its label subset, if it has one, so that two
+    /// entries of one Service with different subsets stay apart.
     pub fn key(&self, i: usize) -> ServiceKey {
         let s = &self.conf.services[i];
-        ServiceKey {
-            cluster: s.cluster.clone(),
-            namespace: s.namespace.clone(),
-            service: s.service.clone(),
-        }
+        ServiceKey::new(s.cluster.clone(), s.namespace.clone(), s.service.clone())
+            .with_labels(&s.labels)
     }
 
     /// The next backend, avoiding `tried` and ejected ones when another exists. Lock-free; reads

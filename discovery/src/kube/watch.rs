@@ -1,4 +1,5 @@
-//! One watched Service: two list+watch loops and the [`ServiceState`] they build together.
+//! One watched Service: two list+watch loops (plus one per label subset, on its Pods) and the
+//! [`ServiceState`]s they build together.
 //!
 //! The loop follows the Kubernetes API contract
 //! (<https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes>):
@@ -21,7 +22,7 @@
 //! A list replaces the whole set at once (a slice missing from it is gone: that is how an
 //! endpoint deleted during an outage disappears); nothing half-listed is ever published.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::pin::pin;
@@ -30,16 +31,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ::kube::api::{Api, ListParams, WatchEvent, WatchParams};
-use ::kube::core::Status;
+use ::kube::core::{PartialObjectMeta, Status};
 use ::kube::{Client, Resource, ResourceExt};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 
 use super::{KubeOptions, Shared};
-use crate::model::{ServiceKey, ServiceState};
+use crate::model::{has_labels, selector, ServiceKey, ServiceState};
 
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -81,8 +82,9 @@ impl Failure {
             ),
             403 => (
                 "forbidden",
-                "access denied (403 Forbidden): podgate needs get, list and watch on services \
-                 and on discovery.k8s.io endpointslices in this namespace"
+                "access denied (403 Forbidden): podgate needs get, list and watch on services, \
+                 on discovery.k8s.io endpointslices and (for label subsets) on pods in this \
+                 namespace"
                     .to_owned(),
             ),
             404 => ("not_found", "not found (404)".to_owned()),
@@ -217,6 +219,10 @@ pub(super) struct ServiceTask {
     pub(super) options: KubeOptions,
     pub(super) namespace: String,
     pub(super) service: String,
+    /// Whether the whole Service's state is published (some spec named it without labels).
+    pub(super) whole: bool,
+    /// The label subsets to publish, each with the health id of its Pod watch.
+    pub(super) subsets: Vec<(BTreeMap<String, String>, u64)>,
     /// Health ids of the EndpointSlice watch and of the Service watch.
     pub(super) ids: [u64; 2],
     /// Set when the guard is dropped: nothing may be published afterwards.
@@ -232,14 +238,45 @@ impl ServiceTask {
             options,
             namespace,
             service,
+            whole,
+            subsets,
             ids,
             stopped,
         } = self;
+        let key = ServiceKey::new(shared.cluster.clone(), namespace.as_str(), service.as_str());
+        let pod_watches: Vec<ListWatch<PartialObjectMeta<Pod>>> = subsets
+            .iter()
+            .map(|(labels, id)| {
+                let selector = selector(labels);
+                ListWatch {
+                    // Metadata only: names and labels are all a subset needs, and full Pods
+                    // (status included) are large and change often.
+                    api: Api::namespaced(client.clone(), &namespace),
+                    what: format!(
+                        "Pods {} of {namespace}/{service}",
+                        selector.as_deref().unwrap_or_default()
+                    ),
+                    labels: selector,
+                    fields: None,
+                    id: *id,
+                    shared: Arc::clone(&shared),
+                    options: options.clone(),
+                }
+            })
+            .collect();
         let assembly = Assembly {
-            key: ServiceKey::new(shared.cluster.clone(), namespace.as_str(), service.as_str()),
+            subsets: subsets
+                .iter()
+                .map(|(labels, _)| key.clone().with_labels(labels))
+                .collect(),
+            whole,
+            key,
             shared: Arc::clone(&shared),
             stopped,
-            state: Mutex::new(Parts::default()),
+            state: Mutex::new(Parts {
+                pods: vec![None; subsets.len()],
+                ..Parts::default()
+            }),
         };
         let slices = ListWatch::<EndpointSlice> {
             api: Api::namespaced(client.clone(), &namespace),
@@ -259,29 +296,54 @@ impl ServiceTask {
             shared,
             options,
         };
-        futures::future::join(
+        let assembly = &assembly;
+        let pods = futures::future::join_all(
+            pod_watches
+                .into_iter()
+                .enumerate()
+                .map(|(i, pods)| pods.run(move |change| assembly.pods(i, change))),
+        );
+        futures::future::join3(
             slices.run(|change| assembly.slices(change)),
             services.run(|change| assembly.service(change)),
+            pods,
         )
         .await;
     }
 }
 
-/// What the two loops of one Service have seen so far.
+/// What the loops of one Service have seen so far.
 #[derive(Default)]
 struct Parts {
     state: ServiceState,
     slices_listed: bool,
     service_listed: bool,
+    /// Per label subset (in the order of [`Assembly::subsets`]): the names of the Pods that have
+    /// its labels; `None` until its first list.
+    pods: Vec<Option<BTreeSet<String>>>,
 }
 
-/// Builds one Service's state from its two loops and publishes it.
+/// Which keys a change concerns.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// The Service or its slices changed: every key.
+    All,
+    /// The Pods of one subset changed: that subset's key only.
+    Subset(usize),
+}
+
+/// Builds one Service's states from its loops and publishes them.
 struct Assembly {
+    /// The whole Service's key.
     key: ServiceKey,
+    /// Whether the whole Service's state is published.
+    whole: bool,
+    /// The keys of the label subsets, each narrowed by [`ServiceKey::with_labels`].
+    subsets: Vec<ServiceKey>,
     shared: Arc<Shared>,
     stopped: Arc<AtomicBool>,
-    /// Held through the store update, so that the two loops' updates reach the store in the
-    /// order they were made.
+    /// Held through the store update, so that the loops' updates reach the store in the order
+    /// they were made.
     state: Mutex<Parts>,
 }
 
@@ -312,7 +374,7 @@ impl Assembly {
                 slices.remove(&s.name_any());
             }
         }
-        self.publish(&parts);
+        self.publish(&parts, Scope::All);
     }
 
     fn service(&self, change: Change<Service>) {
@@ -336,7 +398,43 @@ impl Assembly {
                 }
             }
         }
-        self.publish(&parts);
+        self.publish(&parts, Scope::All);
+    }
+
+    /// A change of the Pods of subset `i`. The label selector already narrows them; the labels
+    /// are checked again so that a Pod relabelled out of the subset leaves it even if the server
+    /// sent MODIFIED rather than DELETED.
+    fn pods(&self, i: usize, change: Change<PartialObjectMeta<Pod>>) {
+        let wanted = self.subsets[i].subset_labels();
+        let matches = |pod: &PartialObjectMeta<Pod>| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|labels| has_labels(labels, &wanted))
+        };
+        let mut parts = self.lock();
+        match change {
+            Change::Listed(items) => {
+                parts.pods[i] = Some(
+                    items
+                        .iter()
+                        .filter(|pod| matches(pod))
+                        .map(ResourceExt::name_any)
+                        .collect(),
+                );
+            }
+            Change::Applied(pod) if matches(&pod) => {
+                if let Some(names) = &mut parts.pods[i] {
+                    names.insert(pod.name_any());
+                }
+            }
+            Change::Applied(pod) | Change::Deleted(pod) => {
+                if let Some(names) = &mut parts.pods[i] {
+                    names.remove(&pod.name_any());
+                }
+            }
+        }
+        self.publish(&parts, Scope::Subset(i));
     }
 
     fn ours(&self, slice: &EndpointSlice) -> bool {
@@ -346,13 +444,25 @@ impl Assembly {
             .is_some_and(|s| *s == self.key.service)
     }
 
-    /// Writes the state once both first lists are done (so the gateway never sees slices
-    /// without their Service, which it would report as a missing Service).
-    fn publish(&self, parts: &Parts) {
-        if parts.slices_listed && parts.service_listed && !self.stopped.load(Ordering::SeqCst) {
-            self.shared
-                .store
-                .set(self.key.clone(), Some(parts.state.clone()));
+    /// Writes the states concerned by a change: each once all the lists it depends on are done
+    /// (so the gateway never sees slices without their Service, which it would report as a
+    /// missing Service, nor a subset before its Pods are known, which would look empty).
+    fn publish(&self, parts: &Parts, scope: Scope) {
+        if !(parts.slices_listed && parts.service_listed) || self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let store = &self.shared.store;
+        if self.whole && matches!(scope, Scope::All) {
+            store.set(self.key.clone(), Some(parts.state.clone()));
+        }
+        for (i, key) in self.subsets.iter().enumerate() {
+            if matches!(scope, Scope::Subset(j) if j != i) {
+                continue;
+            }
+            if let Some(pods) = &parts.pods[i] {
+                let state = parts.state.only_pods(|name| pods.contains(name));
+                store.set(key.clone(), Some(state));
+            }
         }
     }
 }

@@ -142,7 +142,8 @@ pub struct ServiceRef {
     pub port: PortRef,
     /// Weight of each Pod of this service.
     pub weight: u32,
-    /// Extra Pod-label subset (honoured by the Kubernetes source).
+    /// Pod-label subset: only the endpoints whose Pod has all these labels (empty: every
+    /// endpoint). Keys and values are valid Kubernetes labels.
     pub labels: BTreeMap<String, String>,
 }
 
@@ -1049,16 +1050,34 @@ fn read_service_ref(
         Some(p) => read_port_ref(r, p, &f.child("port")),
     };
     let weight = read_weight(r, &f);
-    let labels: BTreeMap<String, String> = f
-        .get("labels")
-        .map(|l| r.string_map(l, &f.child("labels")).into_iter().collect())
-        .unwrap_or_default();
-    if !labels.is_empty() {
-        r.error(
-            f.get("labels"),
-            &f.child("labels"),
-            "label subsets need the Kubernetes Pod watch, which this build does not have yet",
-        );
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(node) = f.get("labels") {
+        let path = f.child("labels");
+        for (key, value) in r.string_map(node, &path) {
+            // The key's own line when it can be found (it always can for string keys).
+            let at = mapping_key(node, &key).unwrap_or(node);
+            let at_path = format!("{path}.{key}");
+            let mut ok = true;
+            if let Err(why) = label_key(&key) {
+                r.error(
+                    Some(at),
+                    &at_path,
+                    format!("`{key}` is not a valid label key: {why}"),
+                );
+                ok = false;
+            }
+            if let Err(why) = label_value(&value) {
+                r.error(
+                    Some(at),
+                    &at_path,
+                    format!("`{value}` is not a valid label value: {why}"),
+                );
+                ok = false;
+            }
+            if ok {
+                labels.insert(key, value);
+            }
+        }
     }
     Some(ServiceRef {
         cluster: cluster?,
@@ -1226,6 +1245,87 @@ pub fn dns1035_label(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The key node `key` of the mapping `map`, for the line of a mistake about it.
+fn mapping_key<'n>(map: &'n Node, key: &str) -> Option<&'n Node> {
+    match &map.data {
+        saphyr::YamlDataOwned::Mapping(entries) => entries
+            .keys()
+            .find(|k| matches!(yaml::scalar(k), yaml::Scalar::Str(s) if s == key)),
+        _ => None,
+    }
+}
+
+/// The name part of a label key, and a non-empty label value: at most 63 characters, letters,
+/// digits, '-', '_' and '.', starting and ending with a letter or digit (Kubernetes'
+/// `IsQualifiedName` name part and `IsValidLabelValue`).
+fn label_name(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("at most 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    let alnum = |b: Option<&u8>| b.is_some_and(u8::is_ascii_alphanumeric);
+    if !alnum(s.as_bytes().first()) || !alnum(s.as_bytes().last()) {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+/// A Kubernetes label key: an optional DNS subdomain prefix and `/`, then a name of at most 63
+/// characters (`version`, `app.kubernetes.io/name`).
+pub fn label_key(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, s),
+    };
+    if let Some(prefix) = prefix {
+        if name.contains('/') {
+            return Err("at most one '/', between the prefix and the name".into());
+        }
+        dns1123_subdomain(prefix).map_err(|why| format!("the prefix `{prefix}` {why}"))?;
+    }
+    if name.is_empty() {
+        return Err("the name part is empty".into());
+    }
+    label_name(name).map_err(|why| match prefix {
+        Some(_) => format!("the name `{name}`: {why}"),
+        None => why.to_string(),
+    })
+}
+
+/// A Kubernetes label value: empty, or at most 63 letters, digits, '-', '_' and '.', starting
+/// and ending with a letter or digit.
+pub fn label_value(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    label_name(s)
+}
+
+/// A DNS subdomain (RFC 1123), as label key prefixes must be: at most 253 characters, labels of
+/// lower-case letters, digits and '-' separated by '.'.
+fn dns1123_subdomain(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("must be 1 to 253 characters");
+    }
+    for part in s.split('.') {
+        let ok = !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !part.starts_with('-')
+            && !part.ends_with('-');
+        if !ok {
+            return Err("is not a DNS subdomain (lower-case letters, digits, '-' and '.')");
+        }
+    }
+    Ok(())
+}
+
 /// Kubernetes port names (IANA_SVC_NAME).
 fn port_name(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > 15 {
@@ -1253,4 +1353,74 @@ fn check_host(h: &str) -> Result<(), &'static str> {
         return Err("is not a host name");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_keys_follow_kubernetes() {
+        for ok in [
+            "version",
+            "app.kubernetes.io/name",
+            "a",
+            "A-b_c.d",
+            "example.com/Tier",
+            &"x".repeat(63),
+            &format!("{}/n", "a".repeat(253)),
+        ] {
+            assert_eq!(label_key(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("-version", "start and end"),
+            ("version_", "start and end"),
+            ("ver sion", "only letters"),
+            (&"x".repeat(64), "63"),
+            ("/name", "prefix"),
+            ("Example.com/name", "prefix"),
+            ("example..com/name", "prefix"),
+            ("a/b/c", "one '/'"),
+            ("example.com/", "empty"),
+            ("example.com/-n", "start and end"),
+            (&format!("{}/n", "a".repeat(254)), "253"),
+        ] {
+            let err = label_key(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn label_values_follow_kubernetes() {
+        for ok in ["", "v1", "1.2.3", "A_b-c", &"x".repeat(63)] {
+            assert_eq!(label_value(ok), Ok(()), "{ok}");
+        }
+        for bad in ["a b", "-v1", "v1.", "v/1", &"x".repeat(64)] {
+            assert!(label_value(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn label_subsets_are_read_and_two_subsets_of_one_service_are_not_duplicates() {
+        let dir = std::env::temp_dir();
+        let text = "listeners: [{address: \"127.0.0.1:8080\"}]\n\
+                    clusters:\n  - {name: k, server: \"https://127.0.0.1:6443\"}\n\
+                    upstreams:\n  - name: u\n    services:\n\
+                    \x20     - {cluster: k, service: web, port: 80, weight: 9, labels: {version: v1}}\n\
+                    \x20     - {cluster: k, service: web, port: 80, weight: 1, labels: {version: v2}}\n\
+                    \x20     - {cluster: k, service: web, port: 80, labels: {version: v2}}\n";
+        let errors = parse("t.yaml", text, &dir).expect_err("the third entry repeats the second");
+        assert_eq!(errors.0.len(), 1, "{errors:?}");
+        assert_eq!(errors.0[0].path, "upstreams[0].services[2]");
+        assert!(errors.0[0].message.contains("listed twice"));
+        let fine = text
+            .rsplit_once("      - {cluster: k, service: web, port: 80, labels")
+            .unwrap()
+            .0;
+        let config = parse("t.yaml", fine, &dir).unwrap();
+        let services = &config.upstreams[0].services;
+        assert_eq!(services[0].labels, [("version".into(), "v1".into())].into());
+        assert_eq!(services[1].labels, [("version".into(), "v2".into())].into());
+    }
 }
