@@ -1018,3 +1018,28 @@ async fn only_subsets_asked_for_publish_no_whole_service() {
     env.wait_subset("v2", &["10.0.0.2:8080"]).await;
     assert_eq!(env.store.keys(), [subset_key("web", "v2")]);
 }
+
+#[tokio::test]
+async fn a_bookmark_alone_keeps_the_cluster_fresh() {
+    let fake = FakeKube::start().await;
+    fake.apply_service(&service("web"));
+    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let mut env = Env::new(fake, None);
+    env.start(&["web"]);
+    env.wait_watching(1).await;
+    let synced_at = env.status().last_sync.expect("synced");
+    let lists = env.fake.lists();
+    // Nothing changes; the API server only confirms that with a bookmark.
+    let context = env.context();
+    wait_until(
+        "a bookmark to move last_sync",
+        || {
+            env.fake.send_bookmarks();
+            env.status().last_sync.is_some_and(|t| t > synced_at)
+        },
+        context,
+    )
+    .await;
+    assert_eq!(env.fake.lists(), lists, "freshness without a relist");
+    assert_eq!(env.status().events, 0, "no event either");
+}

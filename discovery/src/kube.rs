@@ -245,7 +245,9 @@ pub struct KubeStatus {
     /// (its EndpointSlices, its Service and the Pods of each of its label subsets), i.e. every
     /// watched service and subset is in the store.
     pub synced: bool,
-    /// When the most recent list (first list or relist) completed.
+    /// When the API server last confirmed that what podgate holds is current: a list completed,
+    /// a watch opened, an event or a bookmark arrived. A quiet, healthy cluster stays fresh
+    /// through watch renewals (every few minutes) and bookmarks.
     pub last_sync: Option<SystemTime>,
     /// Lists after the first one of each watch (after a 410 Gone, typically).
     pub relists: u64,
@@ -353,6 +355,7 @@ impl Shared {
     /// The API server answered this watch's list or watch request.
     pub(crate) fn answered(&self, id: u64) {
         let mut h = self.lock();
+        h.last_sync = Some(SystemTime::now());
         if let Some(w) = h.watches.get_mut(&id) {
             w.answered = true;
             w.failing = false;
@@ -390,7 +393,14 @@ impl Shared {
     }
 
     pub(crate) fn event(&self) {
-        self.lock().events += 1;
+        let mut h = self.lock();
+        h.events += 1;
+        h.last_sync = Some(SystemTime::now());
+    }
+
+    /// A bookmark arrived: nothing changed, and the API server said so.
+    pub(crate) fn fresh(&self) {
+        self.lock().last_sync = Some(SystemTime::now());
     }
 
     /// Counts and logs an error; `retry` is when the watch tries again (`None`: at once).

@@ -136,7 +136,7 @@ impl Admin {
                         json!({
                             "cluster": &*s.cluster, "namespace": s.namespace,
                             "service": s.service, "port": s.port.to_string(),
-                            "weight": s.weight, "problem": view.problem,
+                            "weight": s.weight, "labels": s.labels, "problem": view.problem,
                             "endpoints": endpoints,
                         })
                     })

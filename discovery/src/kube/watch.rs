@@ -647,6 +647,7 @@ where
                     apply(Change::Deleted(object));
                 }
                 WatchEvent::Bookmark(bookmark) => {
+                    self.shared.fresh();
                     if !bookmark.metadata.resource_version.is_empty() {
                         *version = bookmark.metadata.resource_version;
                     }
