@@ -79,6 +79,14 @@ fn slice(name: &str, service: &str, port: u16, endpoints: &[(&str, &str)]) -> En
     .unwrap()
 }
 
+/// A fake API server holding Service `web` and its slice `web-a` with one Pod at 10.0.0.1:8080.
+async fn fake_with_web() -> FakeKube {
+    let fake = FakeKube::start().await;
+    fake.apply_service(&service("web"));
+    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    fake
+}
+
 /// A fake, a kubeconfig for it, a store and a cluster named `test` watching `services`.
 struct Env {
     fake: FakeKube,
@@ -197,9 +205,7 @@ impl Listener for Timing {
 
 #[tokio::test]
 async fn lists_then_watches_slices_into_the_store() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     let mut env = Env::new(fake, None);
     assert!(!env.status().synced, "not synced before start");
     // Listed twice: watched once.
@@ -334,9 +340,7 @@ async fn a_missing_service_is_stored_empty_once_listed() {
 
 #[tokio::test]
 async fn event_to_store_latency() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     let mut env = Env::new(fake, None);
     let key = ServiceKey::new("test", "default", "web");
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -370,9 +374,7 @@ async fn event_to_store_latency() {
 
 #[tokio::test]
 async fn outage_keeps_the_store_then_recovers() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     let mut env = Env::new(fake, None);
     env.start(&["web"]);
     env.wait_endpoints("web", &["10.0.0.1:8080"]).await;
@@ -412,9 +414,7 @@ async fn outage_keeps_the_store_then_recovers() {
 
 #[tokio::test]
 async fn unavailable_server_counts_server_errors_and_keeps_the_store() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     let mut env = Env::new(fake, None);
     env.start(&["web"]);
     env.wait_watching(1).await;
@@ -434,9 +434,7 @@ async fn unavailable_server_counts_server_errors_and_keeps_the_store() {
 
 #[tokio::test]
 async fn gone_relists_and_drops_a_slice_deleted_during_the_outage() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     fake.apply_slice(&slice("web-b", "web", 8080, &[("10.0.0.2", "web-2")]));
     let mut env = Env::new(fake, None);
     env.start(&["web"]);
@@ -475,9 +473,7 @@ async fn gone_relists_and_drops_a_slice_deleted_during_the_outage() {
 
 #[tokio::test]
 async fn gone_as_an_http_status_relists_too() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     fake.apply_slice(&slice("web-b", "web", 8080, &[("10.0.0.2", "web-2")]));
     fake.gone_as_http(true);
     let mut env = Env::new(fake, None);
@@ -496,9 +492,7 @@ async fn gone_as_an_http_status_relists_too() {
 
 #[tokio::test]
 async fn bookmarks_move_the_resource_version_on() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     let mut env = Env::new(fake, None);
     env.start(&["web"]);
     env.wait_watching(1).await;
@@ -529,9 +523,7 @@ async fn bookmarks_move_the_resource_version_on() {
 
 #[tokio::test]
 async fn rejected_credentials_are_counted_and_keep_the_store() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     fake.set_auth(Some("good-token"));
     let mut env = Env::new(fake, Some("good-token"));
     env.start(&["web"]);
@@ -615,9 +607,7 @@ async fn wrong_credentials_from_the_start_never_fill_the_store() {
 
 #[tokio::test]
 async fn scripted_failures_are_counted_by_reason_then_sync() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     fake.fail_next(2, 403);
     fake.fail_next(2, 500);
     let mut env = Env::new(fake, None);
@@ -634,9 +624,7 @@ async fn scripted_failures_are_counted_by_reason_then_sync() {
 async fn slices_without_their_service_are_never_published() {
     // RBAC allows EndpointSlices but not Services: the slices list fine, but without the
     // Service no port can be mapped, so nothing is published rather than a half state.
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     fake.forbid(Kind::Service, true);
     let mut env = Env::new(fake, None);
     env.start(&["web"]);
@@ -1021,9 +1009,7 @@ async fn only_subsets_asked_for_publish_no_whole_service() {
 
 #[tokio::test]
 async fn a_bookmark_alone_keeps_the_cluster_fresh() {
-    let fake = FakeKube::start().await;
-    fake.apply_service(&service("web"));
-    fake.apply_slice(&slice("web-a", "web", 8080, &[("10.0.0.1", "web-1")]));
+    let fake = fake_with_web().await;
     let mut env = Env::new(fake, None);
     env.start(&["web"]);
     env.wait_watching(1).await;
