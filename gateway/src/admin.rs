@@ -26,6 +26,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// The effective config as JSON, with nothing secret in it (token files are named, not read).
 fn config_json(c: &crate::config::Config) -> Value {
     use crate::config::{ClusterKind, Scheme};
+    use podgate_discovery::Access;
     let dur = |d: std::time::Duration| format!("{}ms", d.as_millis());
     json!({
         "source": c.source.display().to_string(),
@@ -43,10 +44,10 @@ fn config_json(c: &crate::config::Config) -> Value {
         "clusters": c.clusters.iter().map(|cl| {
             let kind = match &cl.kind {
                 ClusterKind::Manifests(d) => json!({"manifests": d.display().to_string()}),
-                ClusterKind::Kubeconfig { path, context } =>
+                ClusterKind::Kube(Access::Kubeconfig { path, context }) =>
                     json!({"kubeconfig": path.display().to_string(), "context": context}),
-                ClusterKind::InCluster => json!({"in_cluster": true}),
-                ClusterKind::Server { url, token_file, ca_file } => json!({
+                ClusterKind::Kube(Access::InCluster) => json!({"in_cluster": true}),
+                ClusterKind::Kube(Access::Server { url, token_file, ca_file }) => json!({
                     "server": url,
                     "token_file": token_file.as_ref().map(|_| "(redacted)"),
                     "ca_file": ca_file.as_ref().map(|p| p.display().to_string()),

@@ -110,39 +110,13 @@ fn start_cluster(c: &Cluster, store: &Arc<Store>) -> Result<Source, String> {
                 guard: None,
             })
         }
-        ClusterKind::Kubeconfig { path, context } => kube_source(
-            c,
-            Access::Kubeconfig {
-                path: path.clone(),
-                context: context.clone(),
-            },
-            store,
-        ),
-        ClusterKind::InCluster => kube_source(c, Access::InCluster, store),
-        ClusterKind::Server {
-            url,
-            token_file,
-            ca_file,
-        } => kube_source(
-            c,
-            Access::Server {
-                url: url.clone(),
-                token_file: token_file.clone(),
-                ca_file: ca_file.clone(),
-            },
-            store,
-        ),
+        ClusterKind::Kube(access) => Ok(Source::Kube {
+            cluster: KubeCluster::new(&c.name, access.clone(), store.clone())
+                .map_err(|e| format!("cluster {}: {e}", c.name))?,
+            guard: None,
+            watching: Vec::new(),
+        }),
     }
-}
-
-fn kube_source(c: &Cluster, access: Access, store: &Arc<Store>) -> Result<Source, String> {
-    let cluster = KubeCluster::new(&c.name, access, store.clone())
-        .map_err(|e| format!("cluster {}: {e}", c.name))?;
-    Ok(Source::Kube {
-        cluster,
-        guard: None,
-        watching: Vec::new(),
-    })
 }
 
 /// The services of `cluster` (each with its label subset) that some upstream of `config` names.
@@ -291,8 +265,8 @@ impl Live {
                     ClusterStatus {
                         name: rc.conf.name.clone(),
                         kind: match rc.conf.kind {
-                            ClusterKind::InCluster => "in_cluster",
-                            ClusterKind::Server { .. } => "server",
+                            ClusterKind::Kube(Access::InCluster) => "in_cluster",
+                            ClusterKind::Kube(Access::Server { .. }) => "server",
                             _ => "kubeconfig",
                         },
                         connected: s.connected,

@@ -11,7 +11,7 @@ mod yaml;
 
 pub use yaml::{parse_address, parse_duration, ConfigError, ConfigErrors};
 
-use podgate_discovery::PortRef;
+use podgate_discovery::{Access, PortRef};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,18 +80,8 @@ pub struct Cluster {
 pub enum ClusterKind {
     /// A folder of Service and EndpointSlice manifests standing in for a cluster.
     Manifests(PathBuf),
-    Kubeconfig {
-        path: PathBuf,
-        context: Option<String>,
-    },
-    /// The service-account token and CA of the Pod podgate runs in.
-    InCluster,
-    /// An API server URL with an optional bearer-token file and CA bundle.
-    Server {
-        url: String,
-        token_file: Option<PathBuf>,
-        ca_file: Option<PathBuf>,
-    },
+    /// A Kubernetes API server: kubeconfig, in-cluster, or URL with token and CA files.
+    Kube(podgate_discovery::Access),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -604,10 +594,10 @@ fn read_cluster(
             }
             ClusterKind::Manifests(dir)
         }
-        "kubeconfig" => ClusterKind::Kubeconfig {
+        "kubeconfig" => ClusterKind::Kube(Access::Kubeconfig {
             path: existing_file(r, "kubeconfig")?,
             context: r.optional_string(&f, "context"),
-        },
+        }),
         "server" => {
             let url = r.required_string(&f, "server")?;
             if !(url.starts_with("https://") || url.starts_with("http://"))
@@ -619,11 +609,11 @@ fn read_cluster(
                     format!("`{url}` is not an API server URL (e.g. https://10.0.0.1:6443)"),
                 );
             }
-            ClusterKind::Server {
+            ClusterKind::Kube(Access::Server {
                 url,
                 token_file: existing_file(r, "token_file"),
                 ca_file: existing_file(r, "ca_file"),
-            }
+            })
         }
         _ => {
             if !r.bool(&f, "in_cluster", false) {
@@ -633,7 +623,7 @@ fn read_cluster(
                     "in_cluster: false names no cluster; remove the entry or use another kind",
                 );
             }
-            ClusterKind::InCluster
+            ClusterKind::Kube(Access::InCluster)
         }
     };
     Some(Cluster {
