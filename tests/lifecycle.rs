@@ -133,7 +133,7 @@ async fn binary_upgrade_under_load_loses_no_request() {
     .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (counts, clients) = steady_load(old.addr, "/", 2, 2, stop.clone());
+    let (counts, clients) = steady_load(old.addr, "/", 2, 6, stop.clone());
     wait_for("load to run", || async { counts.ok() > 50 }).await;
 
     let mut new = old.spawn_upgrade();

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::live::Live;
 use crate::proxy::Gateway;
 use async_trait::async_trait;
-use pingora_core::apps::HttpServerOptions;
+use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -107,6 +107,40 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// How long idle client connections stay open after the listeners close, at most.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The proxy application, with a pause between "listeners closed" and "idle connections
+/// dropped".
+///
+/// Pingora drops every connection still waiting for a request the moment a service stops
+/// listening. That includes a connection accepted an instant earlier whose request bytes were
+/// still on the wire: its client sees a reset with no answer, and nothing tells it that resending
+/// is safe. During a binary upgrade both processes accept on the same socket, so that instant
+/// comes under any steady load. Waiting `linger` first lets such a request be read and answered
+/// (with `Connection: close`, as Pingora answers everything once shutdown began); only
+/// connections still idle after it are closed, which HTTP clients handle by retrying.
+struct Lingering<A> {
+    inner: Arc<A>,
+    linger: std::time::Duration,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: pingora_core::protocols::Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<pingora_core::protocols::Stream> {
+        self.inner.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(self.linger).await;
+        self.inner.cleanup().await;
+    }
+}
+
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
     let live = Live::start(config.clone())?;
@@ -123,9 +157,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         .grace_period
         .saturating_sub(config.server.drain_delay)
         .as_secs();
+    let grace_seconds = after_drain.saturating_sub(1);
     let mut conf = ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(after_drain.saturating_sub(1)),
+        grace_period_seconds: Some(grace_seconds),
         graceful_shutdown_timeout_seconds: Some(1),
         // Per-upstream budgets are enforced in the proxy; this is only the ceiling (retries ≤ 10).
         max_retries: 11,
@@ -147,18 +182,21 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             continue;
         }
         let gateway = Gateway::new(live.router.clone(), access_log.clone());
-        let mut svc = pingora_proxy::http_proxy_service_with_name(
-            &server.configuration,
-            gateway,
-            if h2c { "podgate (h2c)" } else { "podgate" },
-        );
+        let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
         if h2c {
             let mut o = HttpServerOptions::default();
             o.h2c = true;
-            if let Some(app) = svc.app_logic_mut() {
-                app.server_options = Some(o);
-            }
+            proxy.server_options = Some(o);
         }
+        let mut svc = Service::new(
+            if h2c { "podgate (h2c)" } else { "podgate" }.to_string(),
+            Lingering {
+                inner: Arc::new(proxy),
+                // Half the grace period at most: what is read while lingering still needs time
+                // to be answered before the runtimes stop.
+                linger: LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2),
+            },
+        );
         for l in listeners {
             let addr = l.address.to_string();
             match &l.tls {

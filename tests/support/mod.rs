@@ -613,6 +613,7 @@ pub fn steady_load(
                         Ok((sender, driver)) => {
                             tokio::spawn(driver);
                             conn = Some(sender);
+                            used = false;
                         }
                         Err(e) => {
                             counts.note(Err(e.to_string()));
