@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod h1;
 pub mod health_check;
 pub mod live;
 pub mod metrics;

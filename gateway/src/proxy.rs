@@ -49,28 +49,64 @@ impl Gateway {
 
     fn log_line(&self, session: &Session, ctx: &Ctx, status: u16) -> Vec<u8> {
         let req = session.req_header();
-        let route = ctx.route.as_ref();
-        let backend = ctx.current.as_ref();
-        let line = serde_json::json!({
-            "time": access_log::rfc3339(std::time::SystemTime::now()),
-            "request_id": ctx.request_id,
-            "client": session.as_downstream().client_addr().map(|a| a.to_string()),
-            "method": req.method.as_str(),
-            "host": ctx.host,
-            "path": req.uri.path(),
-            "route": route.map(|r| r.name.as_str()),
-            "upstream": route.map(|r| r.upstream.upstream.conf.name.as_str()),
-            "cluster": backend.and_then(|b| b.cluster.as_deref()),
-            "pod": backend.and_then(|b| b.pod.as_deref()),
-            "pod_address": backend.map(|b| b.addr.to_string()),
-            "status": status,
-            "bytes": session.as_downstream().body_bytes_sent(),
-            "duration_ms": ctx.start.elapsed().as_secs_f64() * 1000.0,
-            "upstream_ms": ctx.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-            "retries": ctx.tried.len().saturating_sub(1),
-        });
-        serde_json::to_vec(&line).unwrap_or_default()
+        access_line(&LogFields {
+            request_id: &ctx.request_id,
+            client: session
+                .as_downstream()
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .copied(),
+            method: req.method.as_str(),
+            host: &ctx.host,
+            path: req.uri.path(),
+            route: ctx.route.as_deref(),
+            backend: ctx.current.as_ref(),
+            status,
+            bytes: session.as_downstream().body_bytes_sent() as u64,
+            took: ctx.start.elapsed(),
+            first_byte: ctx.first_byte,
+            retries: ctx.tried.len().saturating_sub(1),
+        })
     }
+}
+
+/// What one access log line tells about a request.
+pub struct LogFields<'a> {
+    pub request_id: &'a str,
+    pub client: Option<SocketAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub route: Option<&'a GatewayRoute>,
+    pub backend: Option<&'a Backend>,
+    pub status: u16,
+    pub bytes: u64,
+    pub took: std::time::Duration,
+    pub first_byte: Option<std::time::Duration>,
+    pub retries: usize,
+}
+
+/// One access log line, JSON.
+pub fn access_line(f: &LogFields) -> Vec<u8> {
+    let line = serde_json::json!({
+        "time": access_log::rfc3339(std::time::SystemTime::now()),
+        "request_id": f.request_id,
+        "client": f.client.map(|a| a.to_string()),
+        "method": f.method,
+        "host": f.host,
+        "path": f.path,
+        "route": f.route.map(|r| r.name.as_str()),
+        "upstream": f.route.map(|r| r.upstream.upstream.conf.name.as_str()),
+        "cluster": f.backend.and_then(|b| b.cluster.as_deref()),
+        "pod": f.backend.and_then(|b| b.pod.as_deref()),
+        "pod_address": f.backend.map(|b| b.addr.to_string()),
+        "status": f.status,
+        "bytes": f.bytes,
+        "duration_ms": f.took.as_secs_f64() * 1000.0,
+        "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+        "retries": f.retries,
+    });
+    serde_json::to_vec(&line).unwrap_or_default()
 }
 
 /// How long an idle pooled connection to a Pod is kept.
@@ -120,6 +156,12 @@ impl Ctx {
     }
 }
 
+/// The JSON body of an error answer.
+pub fn error_json(status: u16) -> String {
+    let (code, message) = error_body(status);
+    format!("{{\"error\":\"{code}\",\"status\":{status},\"message\":\"{message}\"}}\n")
+}
+
 /// The answer for a failure of kind `status`: a fixed text, never the internal error.
 fn error_body(status: u16) -> (&'static str, &'static str) {
     match status {
@@ -132,6 +174,14 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
         503 => ("no_endpoint", "the upstream has no ready endpoint"),
         504 => ("gateway_timeout", "the upstream did not answer in time"),
         400 => ("bad_request", "the request could not be processed"),
+        431 => (
+            "request_header_fields_too_large",
+            "the request head is too large",
+        ),
+        501 => (
+            "not_implemented",
+            "the request's transfer encoding is not supported",
+        ),
         _ => (
             "internal_error",
             "the gateway failed to process the request",
@@ -145,10 +195,7 @@ async fn send_json_error(
     allow: Option<&[Method]>,
     keepalive: bool,
 ) -> Result<()> {
-    let (code, message) = error_body(status);
-    let body = Bytes::from(format!(
-        "{{\"error\":\"{code}\",\"status\":{status},\"message\":\"{message}\"}}\n"
-    ));
+    let body = Bytes::from(error_json(status));
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
@@ -169,7 +216,7 @@ async fn send_json_error(
     Ok(())
 }
 
-fn request_host(req: &RequestHeader) -> String {
+pub fn request_host(req: &RequestHeader) -> String {
     let raw = req
         .headers
         .get(http::header::HOST)

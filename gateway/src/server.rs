@@ -141,6 +141,32 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
     }
 }
 
+fn add_listeners<A>(
+    svc: &mut Service<A>,
+    listeners: &[&crate::config::Listener],
+) -> Result<(), String> {
+    for l in listeners {
+        let addr = l.address.to_string();
+        match &l.tls {
+            None => svc.add_tcp(&addr),
+            Some(tls) => {
+                let mut settings = TlsSettings::intermediate(
+                    &tls.cert.to_string_lossy(),
+                    &tls.key.to_string_lossy(),
+                )
+                .map_err(|e| format!("listener {addr}: TLS certificate or key: {e}"))?;
+                settings.enable_h2();
+                svc.add_tls_with_settings(&addr, None, settings);
+            }
+        }
+        log::info!(
+            "listening on {}://{addr}",
+            if l.tls.is_some() { "https" } else { "http" }
+        );
+    }
+    Ok(())
+}
+
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
     let live = Live::start(config.clone())?;
@@ -181,42 +207,29 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         if listeners.is_empty() {
             continue;
         }
-        let gateway = Gateway::new(live.router.clone(), access_log.clone());
-        let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway);
+        let gateway = || Gateway::new(live.router.clone(), access_log.clone());
+        let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
+        // Half the grace period at most: what is read while lingering still needs time to be
+        // answered before the runtimes stop.
+        let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
         if h2c {
+            // Prior-knowledge h2 is told apart from HTTP/1.1 by Pingora's proxy.
             let mut o = HttpServerOptions::default();
             o.h2c = true;
             proxy.server_options = Some(o);
-        }
-        let mut svc = Service::new(
-            if h2c { "podgate (h2c)" } else { "podgate" }.to_string(),
-            Lingering {
+            let app = Lingering {
                 inner: Arc::new(proxy),
-                // Half the grace period at most: what is read while lingering still needs time
-                // to be answered before the runtimes stop.
-                linger: LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2),
-            },
-        );
-        for l in listeners {
-            let addr = l.address.to_string();
-            match &l.tls {
-                None => svc.add_tcp(&addr),
-                Some(tls) => {
-                    let mut settings = TlsSettings::intermediate(
-                        &tls.cert.to_string_lossy(),
-                        &tls.key.to_string_lossy(),
-                    )
-                    .map_err(|e| format!("listener {addr}: TLS certificate or key: {e}"))?;
-                    settings.enable_h2();
-                    svc.add_tls_with_settings(&addr, None, settings);
-                }
-            }
-            log::info!(
-                "listening on {}://{addr}",
-                if l.tls.is_some() { "https" } else { "http" }
-            );
+                linger,
+            };
+            let mut svc = Service::new("podgate (h2c)".to_string(), app);
+            add_listeners(&mut svc, &listeners)?;
+            server.add_service(svc);
+        } else {
+            let app = crate::h1::Engine::new(gateway(), proxy, linger);
+            let mut svc = Service::new("podgate".to_string(), app);
+            add_listeners(&mut svc, &listeners)?;
+            server.add_service(svc);
         }
-        server.add_service(svc);
     }
 
     let lifecycle = Arc::new(Lifecycle::default());

@@ -81,6 +81,8 @@ pub struct Upstream {
     /// CA could be reused by an upstream that trusts a different one.
     pub pool_group: u64,
     pub metrics: crate::metrics::UpstreamMetrics,
+    /// Opens and pools connections to the Pods (podgate's HTTP/1.1 path).
+    pub connector: crate::h1::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
     /// Whether a first rebuild happened (endpoints found later are newcomers for slow start).
@@ -104,6 +106,7 @@ impl Upstream {
             h.finish()
         });
         Ok(Upstream {
+            connector: crate::h1::pool::Connector::new(&conf)?,
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
