@@ -1,0 +1,398 @@
+//! podgate's HTTP/1.1 path on the wire: bodies (streamed, chunked, 100-continue), pipelining,
+//! HTTP/1.0, framing that could smuggle a request, oversized heads, and upgrades. Clients here
+//! write raw bytes on real sockets, so what is asserted is exactly what a client would see.
+
+mod support;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A gateway with one route `/` to the demo Pod `echo-v1`, which answers JSON describing the
+/// request it received (method, uri, headers, body_bytes).
+async fn echo_gateway() -> (Gateway, Vec<Pod>) {
+    let pods = pods_same_port(&["echo-v1"]).await;
+    let conf = format!(
+        "upstreams:\n  - {{name: echo, nodes: [{{address: \"{}\"}}]}}\n\
+         routes:\n  - {{name: all, path_prefix: /, upstream: echo}}\n",
+        pods[0].addr
+    );
+    (Gateway::start(&conf, &[]).await, pods)
+}
+
+/// One HTTP/1.1 response read off a raw connection: status, lowercased headers, body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A raw client connection that keeps whatever it read past one response.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(gw: &Gateway) -> Raw {
+        Raw {
+            stream: TcpStream::connect(gw.addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads until `buf` holds `n` bytes; false if the peer closed first.
+    async fn fill(&mut self, n: usize) -> bool {
+        while self.buf.len() < n {
+            let mut chunk = [0u8; 8192];
+            let read = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
+                .await
+                .expect("an answer within the deadline")
+                .unwrap_or(0);
+            if read == 0 {
+                return false;
+            }
+            self.buf.extend_from_slice(&chunk[..read]);
+        }
+        true
+    }
+
+    /// The next response with a Content-Length body.
+    async fn answer(&mut self) -> Answer {
+        let end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let have = self.buf.len();
+            assert!(
+                self.fill(have + 1).await,
+                "closed before a response head: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        };
+        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                (n.trim().to_ascii_lowercase(), v.trim().to_string())
+            })
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map_or(0, |(_, v)| v.parse().unwrap());
+        assert!(self.fill(end + len).await, "closed inside a body");
+        let body = self.buf[end..end + len].to_vec();
+        self.buf.drain(..end + len);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether the gateway closed the connection (reads EOF with nothing more).
+    async fn closed(&mut self) -> bool {
+        !self.fill(self.buf.len() + 1).await
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let (gw, _pods) = echo_gateway().await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(
+        b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n\
+          POST /two HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello\
+          GET /three HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await;
+    for (uri, method, bytes) in [
+        ("/one", "GET", 0),
+        ("/two", "POST", 5),
+        ("/three", "GET", 0),
+    ] {
+        let a = c.answer().await;
+        assert_eq!(a.status, 200);
+        let j = a.json();
+        assert_eq!(
+            (j["uri"].as_str(), j["method"].as_str()),
+            (Some(uri), Some(method))
+        );
+        assert_eq!(j["body_bytes"], bytes);
+    }
+}
+
+#[tokio::test]
+async fn chunked_and_large_request_bodies_reach_the_pod_whole() {
+    let (gw, _pods) = echo_gateway().await;
+    let mut c = Raw::connect(&gw).await;
+    // Chunked, with an extension and a trailer, then a request right behind it.
+    c.send(
+        b"POST /c HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          4;x=y\r\nabcd\r\n6\r\nefghij\r\n0\r\nX-Trailer: 1\r\n\r\n\
+          GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await;
+    let a = c.answer().await;
+    assert_eq!((a.status, a.json()["body_bytes"].clone()), (200, 10.into()));
+    assert_eq!(c.answer().await.json()["uri"], "/after");
+
+    // 1 MiB: more than is buffered before a Pod is chosen, so it streams.
+    let big = vec![b'z'; 1 << 20];
+    c.send(
+        format!(
+            "PUT /big HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    c.send(&big).await;
+    let a = c.answer().await;
+    assert_eq!(
+        (a.status, a.json()["body_bytes"].clone()),
+        (200, (1u64 << 20).into())
+    );
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_before_the_body_is_sent() {
+    let (gw, _pods) = echo_gateway().await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(
+        b"POST /e HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert!(c.fill(25).await);
+    assert_eq!(&c.buf[..25], b"HTTP/1.1 100 Continue\r\n\r\n");
+    c.buf.drain(..25);
+    c.send(b"abc").await;
+    let a = c.answer().await;
+    let j = a.json();
+    assert_eq!((a.status, j["body_bytes"].clone()), (200, 3.into()));
+    assert!(
+        j["headers"].get("expect").is_none(),
+        "Expect is handled here: {j}"
+    );
+}
+
+#[tokio::test]
+async fn http10_clients_get_keep_alive_only_when_they_ask() {
+    let (gw, _pods) = echo_gateway().await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /ka HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let a = c.answer().await;
+    assert_eq!(
+        (a.status, a.header("connection")),
+        (200, Some("keep-alive"))
+    );
+    c.send(b"GET /plain HTTP/1.0\r\nHost: a.test\r\n\r\n").await;
+    let a = c.answer().await;
+    assert_eq!((a.status, a.header("connection")), (200, Some("close")));
+    assert!(c.closed().await, "HTTP/1.0 without keep-alive closes");
+}
+
+#[tokio::test]
+async fn ambiguous_framing_and_oversized_heads_are_refused() {
+    let (gw, pods) = echo_gateway().await;
+    // Content-Length with Transfer-Encoding, or two different lengths: the classic request
+    // smuggling shapes. Both are refused and the connection closed.
+    for bad in [
+        &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /\x01 HTTP/1.1\r\n\r\n",
+    ] {
+        let mut c = Raw::connect(&gw).await;
+        c.send(bad).await;
+        let a = c.answer().await;
+        assert_eq!(a.status, 400, "{:?}", String::from_utf8_lossy(bad));
+        assert_eq!(a.json()["error"], "bad_request");
+        assert!(c.closed().await);
+    }
+    let mut c = Raw::connect(&gw).await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(70_000)
+    );
+    c.send(huge.as_bytes()).await;
+    assert_eq!(c.answer().await.status, 431);
+    // A transfer coding other than chunked cannot be delimited.
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n")
+        .await;
+    assert_eq!(c.answer().await.status, 501);
+    // None of it reached the Pod, and the gateway still serves.
+    let r = gw.get("a.test", "/fine").await;
+    assert_eq!(
+        (r.status, r.header("x-pod")),
+        (200, Some(pods[0].name.clone()))
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_on_their_hop() {
+    let (gw, _pods) = echo_gateway().await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(
+        b"GET /h HTTP/1.1\r\nHost: a.test\r\nConnection: x-secret, keep-alive\r\nX-Secret: 1\r\n\
+          Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n",
+    )
+    .await;
+    let j = c.answer().await.json();
+    let h = &j["headers"];
+    for gone in ["x-secret", "keep-alive", "te", "connection"] {
+        assert!(h.get(gone).is_none(), "{gone} was passed on: {h}");
+    }
+    assert_eq!(h["x-kept"], "yes");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "a.test");
+}
+
+/// A Pod that accepts one WebSocket-style upgrade and then echoes bytes back upper-cased.
+async fn upgrade_pod() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !head.contains("upgrade: echo") || !head.contains("connection: upgrade") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n].to_ascii_uppercase()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn upgrades_are_tunnelled_after_a_101() {
+    let (pod, _task) = upgrade_pod().await;
+    let conf = format!(
+        "upstreams:\n  - {{name: ws, nodes: [{{address: \"{pod}\"}}]}}\n\
+         routes:\n  - {{name: ws, path_prefix: /, upstream: ws}}\n"
+    );
+    let gw = Gateway::start(&conf, &[]).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await;
+    let a = c.answer().await;
+    assert_eq!(a.status, 101);
+    assert_eq!(a.header("upgrade"), Some("echo"));
+    c.send(b"hello through podgate").await;
+    assert!(c.fill(21).await);
+    assert_eq!(&c.buf[..21], b"HELLO THROUGH PODGATE");
+}
+
+/// A Pod that answers every request head with `answer`, then closes if `close` is set.
+async fn canned_pod(answer: &'static [u8], close: bool) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(p) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..p + 4);
+                        if s.write_all(answer).await.is_err() || close {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
+    let chunked = canned_pod(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    let until_close = canned_pod(b"HTTP/1.0 200 OK\r\n\r\nuntil the Pod closes", true).await;
+    let conf = format!(
+        "upstreams:\n  - {{name: chunked, nodes: [{{address: \"{chunked}\"}}]}}\n\
+         \x20 - {{name: close, nodes: [{{address: \"{until_close}\"}}]}}\n\
+         routes:\n  - {{name: chunked, path_prefix: /chunked, upstream: chunked}}\n\
+         \x20 - {{name: close, path_prefix: /close, upstream: close}}\n"
+    );
+    let gw = Gateway::start(&conf, &[]).await;
+    // hyper decodes the chunked framing: the body must be complete and the connection reusable.
+    for _ in 0..3 {
+        let r = gw.get("a.test", "/chunked").await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello, world"[..]));
+    }
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /close HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let end = loop {
+        if let Some(p) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let have = c.buf.len();
+        assert!(c.fill(have + 1).await);
+    };
+    let head = String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+    assert!(head.contains("connection: close"), "{head}");
+    while c.fill(c.buf.len() + 1).await {}
+    assert_eq!(&c.buf[end..], b"until the Pod closes");
+}
