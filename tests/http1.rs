@@ -396,3 +396,117 @@ async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
     while c.fill(c.buf.len() + 1).await {}
     assert_eq!(&c.buf[end..], b"until the Pod closes");
 }
+
+/// A Pod answering `200 ok` with keep-alive, counting the connections open to it.
+async fn counting_pod() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let counter = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let open = counter.clone();
+            open.fetch_add(1, SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                'conn: loop {
+                    while let Some(p) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..p + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(answer).await.is_err() {
+                            break 'conn;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                open.fetch_sub(1, SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+#[tokio::test]
+async fn idle_connections_to_a_pod_that_left_are_closed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (a, open_a) = counting_pod().await;
+    let (b, open_b) = counting_pod().await;
+    let (c, open_c) = counting_pod().await;
+    // One upstream over two services of one Pod each (a manifests cluster), one over a node.
+    let manifest = |svc: &str, addr: std::net::SocketAddr, ready: bool| {
+        let ep = Ep {
+            ip: addr.ip().to_string(),
+            pod: svc,
+            ready: Some(ready),
+            serving: Some(ready),
+            terminating: Some(!ready),
+        };
+        format!(
+            "{}---\n{}",
+            service_yaml(svc),
+            slice_yaml(&format!("{svc}-1"), svc, addr.port(), &[ep])
+        )
+    };
+    let (a_yaml, b_yaml) = (manifest("a", a, true), manifest("b", b, true));
+    let upstreams = |nodes: &str| {
+        format!(
+            "clusters:\n  - {{name: local, manifests: cluster}}\n\
+             upstreams:\n  - name: pods\n    services:\n\
+             \x20     - {{cluster: local, service: a, port: 8000}}\n\
+             \x20     - {{cluster: local, service: b, port: 8000}}\n{nodes}\
+             routes:\n  - {{name: pods, path_prefix: /, upstream: pods}}\n"
+        )
+    };
+    let with_c = format!("  - {{name: node, nodes: [{{address: \"{c}\"}}]}}\n");
+    let with_c = format!(
+        "{}  - {{name: node, path_prefix: /node, upstream: node}}\n",
+        upstreams(&with_c)
+    );
+    let gw = Gateway::start(
+        &with_c,
+        &[("cluster/a.yaml", &a_yaml), ("cluster/b.yaml", &b_yaml)],
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(gw.get("h", "/").await.status, 200);
+    }
+    assert_eq!(gw.get("h", "/node").await.status, 200);
+    // Every Pod served and keeps a pooled connection from podgate.
+    assert!(open_a.load(SeqCst) >= 1 && open_b.load(SeqCst) >= 1 && open_c.load(SeqCst) >= 1);
+
+    // `a` turns terminating: it leaves the selection of an upstream that stays.
+    write_atomically(&gw.path("cluster/a.yaml"), &manifest("a", a, false));
+    // Traffic to the remaining Pod lets the pool sweep; the connection to `a` must go.
+    wait_for(
+        "the idle connection to the Pod that left to close",
+        || async {
+            assert_eq!(gw.get("h", "/").await.status, 200);
+            open_a.load(SeqCst) == 0
+        },
+    )
+    .await;
+    assert!(
+        open_b.load(SeqCst) >= 1,
+        "the Pod that stays keeps its connection"
+    );
+
+    // A reload removes the upstream of `c` altogether.
+    gw.rewrite_config(&upstreams(""));
+    gw.signal("HUP");
+    wait_for(
+        "the idle connection of the removed upstream to close",
+        || async {
+            assert_eq!(gw.get("h", "/").await.status, 200);
+            open_c.load(SeqCst) == 0
+        },
+    )
+    .await;
+}

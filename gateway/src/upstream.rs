@@ -85,6 +85,8 @@ pub struct Upstream {
     pub connector: crate::h1::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
+    /// Counts rebuilds; every backend of the live selection has `health.seen` at least this.
+    generation: AtomicU64,
     /// Whether a first rebuild happened (endpoints found later are newcomers for slow start).
     built: AtomicBool,
     /// Whether a timer thread will rebuild this upstream again.
@@ -107,6 +109,7 @@ impl Upstream {
         });
         Ok(Upstream {
             connector: crate::h1::pool::Connector::new(&conf)?,
+            generation: AtomicU64::new(0),
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
@@ -117,6 +120,11 @@ impl Upstream {
             balancer: Balancer::default(),
             ca,
         })
+    }
+
+    /// Whether `health` belongs to a backend of the live selection (false once it left).
+    pub fn includes(&self, health: &Health) -> bool {
+        health.seen.load(Ordering::Relaxed) >= self.generation.load(Ordering::Relaxed)
     }
 
     /// The store key of service entry `i`: with its label subset, if it has one, so that two
@@ -319,8 +327,10 @@ impl Upstream {
             None => Arc::new(Health::joining(now)),
         };
         let mut ramping = false;
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
         let mut backend = |addr: SocketAddr, weight: u32, cluster, pod| {
             let health = health_of(&addr);
+            health.seen.store(generation, Ordering::Relaxed);
             let (weight, ramps) = health.ramped(weight, self.conf.slow_start, now);
             ramping |= ramps;
             Backend {
@@ -356,6 +366,7 @@ impl Upstream {
             selection.backends().len()
         );
         self.balancer.swap(selection);
+        self.generation.store(generation, Ordering::Relaxed);
         self.metrics
             .set_endpoints(&self.endpoint_counts(&views, any_ready));
         *views_guard = views;

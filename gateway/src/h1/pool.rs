@@ -6,6 +6,8 @@
 //! connections serve that thread's requests.
 
 use crate::config::{Scheme, UpstreamConf};
+use crate::outlier::Health;
+use crate::upstream::Upstream;
 use bytes::BytesMut;
 use pingora_core::tls::{
     CertificateDer, ClientConfig, DigitallySignedStruct, HandshakeSignatureValid, RootCertStore,
@@ -17,15 +19,17 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// How long an idle connection to a Pod is kept. A Pod that leaves the set is no longer picked,
-/// so its idle connections are closed by the sweep after this long at most (sooner when the Pod
-/// closes them: a closed connection is dropped at the next sweep).
+/// How long an idle connection to a Pod is kept.
+///
+/// Idle connections to a Pod that left its upstream's selection (removed, not ready,
+/// terminating), or of an upstream that a reload removed, are closed at the next sweep: within a
+/// second while the worker thread serves traffic.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per Pod and worker thread.
 const MAX_IDLE_PER_POD: usize = 256;
@@ -78,9 +82,9 @@ impl Connector {
             let mut p = p.borrow_mut();
             let idle = p.idle.get_mut(&key)?;
             let now = Instant::now();
-            while let Some((mut conn, since)) = idle.pop() {
-                if now.duration_since(since) < IDLE_TIMEOUT && conn.io.still_open() {
-                    return Some(conn);
+            while let Some(mut entry) = idle.pop() {
+                if entry.usable(now) {
+                    return Some(entry.conn);
                 }
             }
             None
@@ -113,23 +117,34 @@ impl Connector {
         }
     }
 
-    /// Keeps `conn` for a later request to `addr`.
-    pub fn put_back(&self, addr: SocketAddr, mut conn: Conn) {
+    /// Keeps `conn` for a later request to `addr` while the backend (known by its `health`
+    /// record) stays in `upstream`'s selection.
+    pub fn put_back(
+        &self,
+        addr: SocketAddr,
+        mut conn: Conn,
+        upstream: &Arc<Upstream>,
+        health: &Arc<Health>,
+    ) {
         conn.buf.clear();
         let key = self.key(addr);
+        let entry = Idle {
+            conn,
+            since: Instant::now(),
+            upstream: Arc::downgrade(upstream),
+            backend: Arc::downgrade(health),
+        };
         POOL.with(|p| {
             let mut p = p.borrow_mut();
-            let now = Instant::now();
+            let now = entry.since;
             let idle = p.idle.entry(key).or_default();
             if idle.len() < MAX_IDLE_PER_POD {
-                idle.push((conn, now));
+                idle.push(entry);
             }
             if now.duration_since(p.swept) >= SWEEP_EVERY {
                 p.swept = now;
                 p.idle.retain(|_, conns| {
-                    conns.retain_mut(|(c, since)| {
-                        now.duration_since(*since) < IDLE_TIMEOUT && c.io.still_open()
-                    });
+                    conns.retain_mut(|e| e.usable(now));
                     !conns.is_empty()
                 });
             }
@@ -138,8 +153,25 @@ impl Connector {
 }
 
 struct Pool {
-    idle: HashMap<(SocketAddr, u64), Vec<(Conn, Instant)>>,
+    idle: HashMap<(SocketAddr, u64), Vec<Idle>>,
     swept: Instant,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+    upstream: Weak<Upstream>,
+    backend: Weak<Health>,
+}
+
+impl Idle {
+    fn usable(&mut self, now: Instant) -> bool {
+        let current = match (self.upstream.upgrade(), self.backend.upgrade()) {
+            (Some(up), Some(health)) => up.includes(&health),
+            _ => false,
+        };
+        current && now.duration_since(self.since) < IDLE_TIMEOUT && self.conn.io.still_open()
+    }
 }
 
 thread_local! {
