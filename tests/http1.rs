@@ -510,3 +510,59 @@ async fn idle_connections_to_a_pod_that_left_are_closed() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_streamed_answer_reaches_the_client_piece_by_piece() {
+    // The Pod sends the head, then (once the client has it) a first event, then holds the rest
+    // until the test has seen that event arrive through podgate (server-sent events, long
+    // polls, progress output).
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pod = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1);
+            head.push(b[0]);
+        }
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let _ = head_rx.await;
+        s.write_all(b"d\r\ndata: first\n\n\r\n").await.unwrap();
+        let _ = go_rx.await;
+        s.write_all(b"e\r\ndata: second\n\n\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let conf = format!(
+        "upstreams:\n  - {{name: sse, nodes: [{{address: \"{pod}\"}}]}}\n\
+         routes:\n  - {{name: sse, path_prefix: /, upstream: sse}}\n"
+    );
+    let gw = Gateway::start(&conf, &[]).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /events HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
+    while !c.buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let have = c.buf.len();
+        assert!(c.fill(have + 1).await, "closed before the head");
+    }
+    head_tx.send(()).unwrap();
+    let first = b"data: first\n\n";
+    // Each read waits up to the deadline: a buffered first event fails here.
+    while !c.buf.windows(first.len()).any(|w| w == first) {
+        let have = c.buf.len();
+        assert!(c.fill(have + 1).await, "closed before the first event");
+    }
+    go_tx.send(()).unwrap();
+    let second = b"data: second\n\n";
+    while !c.buf.windows(second.len()).any(|w| w == second) {
+        let have = c.buf.len();
+        assert!(c.fill(have + 1).await, "closed before the second event");
+    }
+}

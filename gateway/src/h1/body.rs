@@ -223,7 +223,10 @@ where
         let (take, done) = framing.take(buf).map_err(|_| RelayError::Malformed)?;
         if take > 0 {
             let chunk = buf.split_to(take);
+            // Flushed piece by piece: a streamed answer (server-sent events, progress) must not
+            // wait in a write buffer for bytes that come later.
             dst.write_all(&chunk).await.map_err(RelayError::Write)?;
+            dst.flush().await.map_err(RelayError::Write)?;
             sent += take as u64;
         }
         if done {
