@@ -6,16 +6,25 @@
 //! - start of the `podgate` binary → every endpoint live, and its RSS then;
 //! - 1,000 single-endpoint changes sent at 100/s: time from the fake API server sending the
 //!   watch event to the new selection being live (in-process, on the same library the binary
-//!   uses, so the moment of the swap can be observed exactly), and the CPU time used.
+//!   uses, so the moment of the swap can be observed exactly), and the CPU time used;
+//! - requests per second through the `podgate` binary to three small HTTP servers on loopback
+//!   (a Service of their own in the first fake API server), from a few keep-alive clients: over
+//!   a window without changes, during the same 1,000 changes at 100/s, and over a second window
+//!   without changes after them (so that drift of the machine shows).
 
 mod support;
 
+use bytes::Bytes;
+use http_body_util::Full;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::fake_kube::FakeKube;
+use tokio::net::TcpListener;
 
 const SERVICES: usize = 30;
 const SLICES_PER_SERVICE: usize = 3; // 30 services × 3 slices (+1 extra on 10) × 100 = 10,000
@@ -61,7 +70,8 @@ fn cluster_of(s: usize) -> usize {
     s % 3
 }
 
-/// Fakes loaded with every object; and the config body naming them.
+/// Fakes loaded with every object; and the config body naming them, up to the list of upstreams
+/// (no `routes:` yet: callers add their own, and may add upstreams first).
 async fn setup(dir: &std::path::Path) -> (Vec<FakeKube>, String) {
     let mut fakes = Vec::new();
     for _ in 0..3 {
@@ -98,9 +108,11 @@ async fn setup(dir: &std::path::Path) -> (Vec<FakeKube>, String) {
             cluster_of(s)
         ));
     }
-    conf.push_str("routes:\n  - {name: big, path_prefix: /, upstream: big}\n");
     (fakes, conf)
 }
+
+/// The routes of the tests that send no request through the proxy.
+const BIG_ROUTE: &str = "routes:\n  - {name: big, path_prefix: /, upstream: big}\n";
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -113,8 +125,13 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 fn cpu_seconds() -> f64 {
-    // utime + stime of this process, in clock ticks (100 per second on Linux).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    cpu_seconds_of("self")
+}
+
+/// CPU time used so far by process `pid` ("self" for this one), in seconds.
+fn cpu_seconds_of(pid: &str) -> f64 {
+    // utime + stime, in clock ticks (100 per second on Linux).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat
         .rsplit(')')
         .next()
@@ -129,7 +146,8 @@ fn cpu_seconds() -> f64 {
 #[ignore = "benchmark: run by benches/discovery.sh"]
 async fn discovery_at_scale_binary_start_and_rss() {
     let dir = tempfile::tempdir().unwrap();
-    let (_fakes, body) = setup(dir.path()).await;
+    let (_fakes, mut body) = setup(dir.path()).await;
+    body.push_str(BIG_ROUTE);
     let start = Instant::now();
     let gw = support::Gateway::start_full(dir, "", "threads: 2\n  grace_period: 1s", &body).await;
     loop {
@@ -161,7 +179,8 @@ async fn discovery_at_scale_binary_start_and_rss() {
 #[ignore = "benchmark: run by benches/discovery.sh"]
 async fn discovery_at_scale_event_to_live_latency() {
     let dir = tempfile::tempdir().unwrap();
-    let (fakes, body) = setup(dir.path()).await;
+    let (fakes, mut body) = setup(dir.path()).await;
+    body.push_str(BIG_ROUTE);
     let conf_path = dir.path().join("podgate.yaml");
     std::fs::write(
         &conf_path,
@@ -232,4 +251,252 @@ async fn discovery_at_scale_event_to_live_latency() {
         wall.as_secs_f64(),
         cpu / wall.as_secs_f64() * 100.0
     );
+}
+
+/// What every backend request gets: 64 bytes, as in benches/load.
+const BODY: &[u8; 64] = b"podgate discovery-scale backend: 64 bytes of body, every time!!\n";
+
+/// Keep-alive clients of the throughput measurement.
+const CLIENTS: usize = 8;
+
+/// Length of each throughput window without changes (the churn window is the 10 s of changes).
+const WINDOW: Duration = Duration::from_secs(10);
+
+/// Serves [`BODY`] over HTTP/1.1 to every connection `listener` accepts.
+async fn serve_body(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(BODY),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Three backend Pods sharing one port on 127.0.0.1, .2 and .3, as a Service's Pods share a
+/// port on distinct IPs; returns the port and the server tasks.
+async fn start_backends() -> (u16, Vec<tokio::task::JoinHandle<()>>) {
+    for _ in 0..50 {
+        let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut listeners = vec![first];
+        for last in 2..=3 {
+            match TcpListener::bind((Ipv4Addr::new(127, 0, 0, last), port)).await {
+                Ok(l) => listeners.push(l),
+                Err(_) => break,
+            }
+        }
+        if listeners.len() == 3 {
+            return (
+                port,
+                listeners
+                    .into_iter()
+                    .map(|l| tokio::spawn(serve_body(l)))
+                    .collect(),
+            );
+        }
+    }
+    panic!("no port free on 127.0.0.1, .2 and .3 at once");
+}
+
+/// The EndpointSlice of the `local` Service: the three backends, ready.
+fn local_slice(port: u16) -> EndpointSlice {
+    let endpoints: Vec<_> = (1..=3)
+        .map(|i| {
+            json!({
+                "addresses": [format!("127.0.0.{i}")],
+                "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": format!("local-{i}"), "namespace": "default"},
+            })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": "local-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "local"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+/// CPU time all CPUs of the machine spent busy so far (anything but idle and I/O wait), in
+/// seconds: what is left after podgate's and the harness' share is other processes and
+/// interrupts, which on a shared machine says whether a run was disturbed.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .take(8) // user nice system idle iowait irq softirq steal
+        .map(|t| t.parse().unwrap())
+        .collect();
+    (ticks.iter().sum::<f64>() - ticks[3] - ticks[4]) / 100.0
+}
+
+/// Counters at one moment of the throughput run.
+struct Sample {
+    at: Instant,
+    ok: u64,
+    failed: u64,
+    podgate_cpu: f64,
+    harness_cpu: f64,
+    machine_busy: f64,
+}
+
+impl Sample {
+    fn take(counts: &support::LoadCounts, pid: u32) -> Sample {
+        Sample {
+            at: Instant::now(),
+            ok: counts.ok(),
+            failed: counts.failed(),
+            podgate_cpu: cpu_seconds_of(&pid.to_string()),
+            harness_cpu: cpu_seconds(),
+            machine_busy: machine_busy_seconds(),
+        }
+    }
+
+    /// (requests/s, failed requests, podgate CPU s, harness CPU s, rest of the machine's busy
+    /// CPU s) from `self` to `end`.
+    fn until(&self, end: &Sample) -> (f64, u64, f64, f64, f64) {
+        let podgate = end.podgate_cpu - self.podgate_cpu;
+        let harness = end.harness_cpu - self.harness_cpu;
+        (
+            (end.ok - self.ok) as f64 / (end.at - self.at).as_secs_f64(),
+            end.failed - self.failed,
+            podgate,
+            harness,
+            end.machine_busy - self.machine_busy - podgate - harness,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by benches/discovery.sh"]
+async fn discovery_at_scale_throughput_during_churn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fakes, mut body) = setup(dir.path()).await;
+    let (port, _backends) = start_backends().await;
+    fakes[0].apply_service(&service("local"));
+    fakes[0].apply_slice(&local_slice(port));
+    // Requests only ever go to `local` (loopback); `big` gets the changes, as in the latency test.
+    body.push_str("  - {name: local, services: [{cluster: c0, service: local, port: 8000}]}\n");
+    body.push_str("routes:\n  - {name: local, path_prefix: /, upstream: local}\n");
+    body.push_str("access_log:\n  enabled: false\n");
+    let gw = support::Gateway::start_full(dir, "", "threads: 2\n  grace_period: 1s", &body).await;
+    let start = Instant::now();
+    loop {
+        let v = gw.upstreams_json().await;
+        let live: usize = v["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["backends"].as_array().map_or(0, Vec::len))
+            .sum();
+        if live == 10_003 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "only {live} live"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = gw.get("load.test", "/").await;
+    assert_eq!((first.status, &first.body[..]), (200, &BODY[..]));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (counts, clients) = support::steady_load(gw.addr, "/", CLIENTS, 0, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await; // warm-up: connections, pools, caches
+    let before = Sample::take(&counts, gw.pid());
+    tokio::time::sleep(WINDOW).await;
+    let churn_start = Sample::take(&counts, gw.pid());
+    let changes = 1000;
+    let mut next = Instant::now();
+    for n in 0..changes {
+        // The changes of the latency test: 100 per second, one endpoint of the big upstream each.
+        next += Duration::from_millis(10);
+        tokio::time::sleep_until(next.into()).await;
+        let s = n % 20;
+        let k = n % slices_of(s);
+        fakes[cluster_of(s)].apply_slice(&slice(s, k, n as u32 + 1));
+    }
+    let churn_end = Sample::take(&counts, gw.pid());
+    tokio::time::sleep(WINDOW).await;
+    let after = Sample::take(&counts, gw.pid());
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    // The last change reached the proxy (it moved endpoint 0 of slice 0 of svc19).
+    let n = changes - 1;
+    let (s, k) = (n % 20, n % slices_of(n % 20));
+    let moved = format!("10.{s}.{k}.{}:8080", 101 + (n + 1) % 150);
+    support::wait_for("the last change to be live in podgate", || async {
+        let v = gw.upstreams_json().await;
+        v["upstreams"].as_array().unwrap().iter().any(|u| {
+            u["name"] == "big"
+                && u["backends"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().any(|b| b["address"] == moved.as_str()))
+        })
+    })
+    .await;
+
+    let quiet1 = before.until(&churn_start);
+    let churn = churn_start.until(&churn_end);
+    let quiet2 = churn_end.until(&after);
+    let quiet = (quiet1.0 + quiet2.0) / 2.0;
+    let secs = |a: &Sample, b: &Sample| (b.at - a.at).as_secs_f64();
+    println!(
+        "RESULT request throughput, {CLIENTS} keep-alive clients → podgate (2 threads) → 3 backends \
+         on loopback: no churn {quiet:.0} req/s ({:.0} before, {:.0} after); during 1000 changes at \
+         100/s {:.0} req/s; churn/no-churn {:.3}; failed requests {}/{}/{}, resent {}",
+        quiet1.0,
+        quiet2.0,
+        churn.0,
+        churn.0 / quiet,
+        quiet1.1,
+        churn.1,
+        quiet2.1,
+        counts.resent(),
+    );
+    println!(
+        "RESULT CPU over the windows (before / churn / after, {:.1} / {:.1} / {:.1} s): podgate \
+         {:.2} / {:.2} / {:.2} s; harness (clients, backends, fake API servers) {:.2} / {:.2} / {:.2} s; \
+         rest of the machine (other processes, interrupts) {:.2} / {:.2} / {:.2} s",
+        secs(&before, &churn_start),
+        secs(&churn_start, &churn_end),
+        secs(&churn_end, &after),
+        quiet1.2,
+        churn.2,
+        quiet2.2,
+        quiet1.3,
+        churn.3,
+        quiet2.3,
+        quiet1.4,
+        churn.4,
+        quiet2.4,
+    );
+    let failures = counts
+        .failures
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    if !failures.is_empty() {
+        println!("first failures: {failures:?}");
+    }
 }
