@@ -187,6 +187,11 @@ async fn active_checks_take_a_pod_out_and_bring_it_back() {
     for _ in 0..10 {
         assert_eq!(gw.pod_for("h", "/").await, "steady");
     }
+    let gauge = |state: &str| {
+        format!(r#"podgate_upstream_endpoints{{cluster="static",state="{state}",upstream="web"}}"#)
+    };
+    assert_eq!(metric(&gw, &gauge("unhealthy")).await, Some(1.0));
+    assert_eq!(metric(&gw, &gauge("ready")).await, Some(1.0));
 
     sick.store(false, Ordering::Relaxed);
     wait_for("the flaky Pod to come back", || async {
@@ -200,6 +205,8 @@ async fn active_checks_take_a_pod_out_and_bring_it_back() {
         "{metrics}"
     );
     assert!(gw.log_text().contains("is down after 2 failed checks"));
+    assert_eq!(metric(&gw, &gauge("unhealthy")).await, Some(0.0));
+    assert_eq!(metric(&gw, &gauge("ready")).await, Some(2.0));
 }
 
 #[tokio::test]

@@ -284,7 +284,7 @@ impl ServeHttp for Admin {
             "/config" => json_response(200, &config_json(&self.live.config())),
             "/metrics" => {
                 for up in self.live.upstreams().by_name.values() {
-                    up.refresh_ejected_gauge();
+                    up.refresh_state_gauges();
                 }
                 respond(
                     200,

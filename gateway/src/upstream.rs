@@ -85,6 +85,8 @@ pub struct Upstream {
     pub connector: crate::h1::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
+    /// Endpoints per cluster and state as of the last rebuild (see `refresh_state_gauges`).
+    endpoint_gauges: Mutex<Vec<(String, [i64; 4])>>,
     /// Counts rebuilds; every backend of the live selection has `health.seen` at least this.
     generation: AtomicU64,
     /// Whether a first rebuild happened (endpoints found later are newcomers for slow start).
@@ -110,6 +112,7 @@ impl Upstream {
         Ok(Upstream {
             connector: crate::h1::pool::Connector::new(&conf)?,
             generation: AtomicU64::new(0),
+            endpoint_gauges: Mutex::new(Vec::new()),
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
@@ -207,27 +210,31 @@ impl Upstream {
     }
 
     /// Ejected endpoints per cluster right now, for the `ejected` endpoint gauge.
-    pub fn refresh_ejected_gauge(&self) {
+    /// Brings the endpoint gauges up to date with what changed since the last rebuild: backends
+    /// failing active checks move from `ready` to `unhealthy`, and `ejected` counts passive
+    /// ejections. Called when metrics are scraped.
+    pub fn refresh_state_gauges(&self) {
         let now = outlier::now_ms();
-        let mut counts: Vec<(String, i64)> = self
-            .conf
-            .services
-            .iter()
-            .map(|s| (s.cluster.to_string(), 0))
-            .collect();
-        if !self.conf.nodes.is_empty() {
-            counts.push(("static".into(), 0));
-        }
-        counts.dedup();
+        let mut counts = match self.endpoint_gauges.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let mut ejected: Vec<(String, i64)> = counts.iter().map(|(c, _)| (c.clone(), 0)).collect();
         for b in self.selection().backends() {
+            let cluster = b.cluster.as_deref().unwrap_or("static");
+            let Some(i) = counts.iter().position(|(c, _)| c == cluster) else {
+                continue;
+            };
+            if b.health.active.is_down() {
+                counts[i].1[0] -= 1;
+                counts[i].1[2] += 1;
+            }
             if b.health.passive.is_ejected(now) {
-                let cluster = b.cluster.as_deref().unwrap_or("static");
-                if let Some(c) = counts.iter_mut().find(|(c, _)| c == cluster) {
-                    c.1 += 1;
-                }
+                ejected[i].1 += 1;
             }
         }
-        self.metrics.set_ejected(&counts);
+        self.metrics.set_endpoints(&counts);
+        self.metrics.set_ejected(&ejected);
     }
 
     pub fn selection(&self) -> Arc<Selection> {
@@ -367,8 +374,12 @@ impl Upstream {
         );
         self.balancer.swap(selection);
         self.generation.store(generation, Ordering::Relaxed);
-        self.metrics
-            .set_endpoints(&self.endpoint_counts(&views, any_ready));
+        let counts = self.endpoint_counts(&views, any_ready);
+        self.metrics.set_endpoints(&counts);
+        match self.endpoint_gauges.lock() {
+            Ok(mut g) => *g = counts,
+            Err(poisoned) => *poisoned.into_inner() = counts,
+        }
         *views_guard = views;
         match (holding, ramping) {
             (true, _) => Rebuilt::Again(EMPTY_HOLD + Duration::from_millis(10)),
