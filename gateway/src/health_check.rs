@@ -99,15 +99,26 @@ impl Checked {
     }
 }
 
-/// One probe of `addr`. `host` is the Host header for HTTP checks.
-pub async fn probe(addr: SocketAddr, conf: &HealthCheckConf, host: &str) -> Result<(), String> {
+/// One probe of `addr`. `host` is the Host header for HTTP checks, which go through the
+/// upstream's `connector`: over TLS, verified as requests are, for an https upstream.
+pub async fn probe(
+    addr: SocketAddr,
+    conf: &HealthCheckConf,
+    host: &str,
+    connector: &crate::h1::pool::Connector,
+) -> Result<(), String> {
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
         if conf.kind == CheckKind::Tcp {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             return Ok(());
         }
+        let mut stream = connector
+            .connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?
+            .io;
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: podgate-health-check\r\nConnection: close\r\n\r\n",
             conf.path
@@ -208,7 +219,7 @@ async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) {
                 return;
             };
             let host = host.unwrap_or_else(|| b.addr.to_string());
-            let result = probe(b.addr, &conf, &host).await;
+            let result = probe(b.addr, &conf, &host, &up.connector).await;
             let label = if result.is_ok() { "success" } else { "failure" };
             CHECKS.with_label_values(&[&up.conf.name, label]).inc();
             match (b.health.active.observe(result.is_ok(), &conf), &result) {

@@ -745,7 +745,7 @@ fn read_upstream(
     }
     let health_check = f
         .get("health_check")
-        .and_then(|h| read_health_check(r, h, &f.child("health_check"), scheme));
+        .and_then(|h| read_health_check(r, h, &f.child("health_check")));
 
     let outlier = read_outlier(r, f.get("outlier"), &f.child("outlier"));
     let slow_start = f
@@ -831,7 +831,6 @@ fn read_health_check(
     r: &mut Reader,
     n: &Node,
     path: &str,
-    scheme: Scheme,
 ) -> Option<crate::health_check::HealthCheckConf> {
     use crate::health_check::{CheckKind, HealthCheckConf};
     let f = r.fields(
@@ -863,13 +862,6 @@ fn read_health_check(
         kind,
         ..HealthCheckConf::default()
     };
-    if h.kind == CheckKind::Http && scheme == Scheme::Https {
-        r.error(
-            f.get("kind").or(Some(n)),
-            &f.child("kind"),
-            "http checks of https upstreams are not supported yet: use kind: tcp",
-        );
-    }
     if let Some(p) = r.optional_string(&f, "path") {
         if !p.starts_with('/') || p.contains([' ', '\r', '\n']) {
             r.error(
