@@ -155,8 +155,9 @@ def wrk(port, seconds, pin):
     if "Requests/sec" not in out or "99%" not in out:
         raise SystemExit(f"wrk against 127.0.0.1:{port} gave no result:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))
+    # The latency distribution lines only: a stdev column such as "88.99%" must not match.
+    p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
     return rps, p50, p99, (errors.group(0) if errors else "")
 
