@@ -31,11 +31,24 @@ fn pick(c: &mut Criterion) {
 }
 
 fn rebuild(c: &mut Criterion) {
-    let base = backends(10_000);
-    let mut changed = base.clone();
-    changed[5_000].addr.set_port(8081);
+    // As an upstream hands them over: service by service, each service's endpoints sorted by
+    // address (the store keeps them so), one endpoint moved to another port.
+    let all = backends(10_000);
+    let mut by_service: Vec<Backend> = Vec::new();
+    for svc in 0..3 {
+        let mut eps: Vec<Backend> = all.iter().skip(svc).step_by(3).cloned().collect();
+        eps.sort_by_key(|b| b.addr);
+        by_service.extend(eps);
+    }
+    by_service[5_000].addr.set_port(8081);
     c.bench_function("rebuild_10k_one_changed", |bench| {
-        bench.iter(|| black_box(Selection::new(changed.clone())))
+        bench.iter(|| black_box(Selection::new(by_service.clone())))
+    });
+    // Worst case: weights interleaved, addresses in no order.
+    let mut shuffled = backends(10_000);
+    shuffled[5_000].addr.set_port(8081);
+    c.bench_function("rebuild_10k_unordered", |bench| {
+        bench.iter(|| black_box(Selection::new(shuffled.clone())))
     });
 }
 

@@ -77,6 +77,17 @@ impl Selection {
         Selection { backends, classes }
     }
 
+    /// The backend at `addr`: a binary search in each weight class.
+    pub fn find(&self, addr: &SocketAddr) -> Option<&Backend> {
+        self.classes.iter().find_map(|c| {
+            let members = &self.backends[c.start..c.start + c.len];
+            members
+                .binary_search_by(|b| b.addr.cmp(addr))
+                .ok()
+                .map(|i| &members[i])
+        })
+    }
+
     pub fn backends(&self) -> &[Backend] {
         &self.backends
     }
@@ -244,6 +255,25 @@ mod tests {
             pod: None,
             health: Default::default(),
         }
+    }
+
+    #[test]
+    fn find_looks_in_every_weight_class() {
+        let s = Selection::new(vec![
+            backend(9, 1),
+            backend(3, 5),
+            backend(7, 1),
+            backend(1, 5),
+            backend(5, 2),
+        ]);
+        for (last, weight) in [(1, 5), (3, 5), (5, 2), (7, 1), (9, 1)] {
+            let addr = SocketAddr::from(([10, 0, 0, last], 80));
+            assert_eq!(s.find(&addr).map(|b| b.weight), Some(weight), "{addr}");
+        }
+        assert!(s.find(&SocketAddr::from(([10, 0, 0, 4], 80))).is_none());
+        assert!(Selection::default()
+            .find(&SocketAddr::from(([10, 0, 0, 1], 80)))
+            .is_none());
     }
 
     fn picks(b: &Balancer, n: usize) -> Vec<u8> {

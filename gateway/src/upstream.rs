@@ -69,6 +69,18 @@ fn hold_if_emptied(old: &ServiceView, fresh: ServiceView, now: Instant) -> Servi
     }
 }
 
+/// The backends of one service entry as a rebuild made them, and what they were made from.
+#[derive(Clone)]
+struct BuiltService {
+    endpoints: Arc<Vec<Endpoint>>,
+    any_ready: bool,
+    weight: u32,
+    /// No backend was ramping up (slow start): ramping weights change with time, so such a
+    /// service is built afresh each time.
+    settled: bool,
+    backends: Arc<[Backend]>,
+}
+
 pub struct Upstream {
     pub conf: Arc<UpstreamConf>,
     balancer: Balancer,
@@ -85,6 +97,8 @@ pub struct Upstream {
     pub connector: crate::h1::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
+    /// The backends built for each service entry last time (see `rebuild`).
+    built_services: Mutex<Vec<BuiltService>>,
     /// Endpoints per cluster and state as of the last rebuild (see `refresh_state_gauges`).
     endpoint_gauges: Mutex<Vec<(String, [i64; 4])>>,
     /// Counts rebuilds; every backend of the live selection has `health.seen` at least this.
@@ -113,6 +127,7 @@ impl Upstream {
             connector: crate::h1::pool::Connector::new(&conf)?,
             generation: AtomicU64::new(0),
             endpoint_gauges: Mutex::new(Vec::new()),
+            built_services: Mutex::new(Vec::new()),
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
@@ -260,7 +275,6 @@ impl Upstream {
         let now = Instant::now();
         let mut holding = false;
         let mut views = Vec::with_capacity(self.conf.services.len());
-        let mut candidates: Vec<(&Endpoint, u32, Arc<str>)> = Vec::new();
         let states: Vec<_> = (0..self.conf.services.len())
             .map(|i| store.get(&self.key(i)))
             .collect();
@@ -311,25 +325,14 @@ impl Upstream {
             }
             views.push(view);
         }
-        for (i, view) in views.iter().enumerate() {
-            let svc = &self.conf.services[i];
-            for ep in view.endpoints.iter() {
-                candidates.push((ep, svc.weight, svc.cluster.clone()));
-            }
-        }
-        let any_ready = candidates.iter().any(|(e, ..)| e.ready);
+        let any_ready = views.iter().any(|v| v.endpoints.iter().any(|e| e.ready));
         // Failure records follow the address from one selection to the next.
         let previous = self.balancer.selection();
-        let known: HashMap<SocketAddr, &Arc<Health>> = previous
-            .backends()
-            .iter()
-            .map(|b| (b.addr, &b.health))
-            .collect();
         // Endpoints that join a running upstream start slow; those of the first build do not
         // (a restart of podgate must not throttle a whole fleet).
         let first_build = !self.built.swap(true, Ordering::Relaxed);
-        let health_of = |addr: &SocketAddr| match known.get(addr) {
-            Some(h) => Arc::clone(h),
+        let health_of = |addr: &SocketAddr| match previous.find(addr) {
+            Some(b) => Arc::clone(&b.health),
             None if first_build || self.conf.slow_start.is_none() => Default::default(),
             None => Arc::new(Health::joining(now)),
         };
@@ -340,31 +343,69 @@ impl Upstream {
             health.seen.store(generation, Ordering::Relaxed);
             let (weight, ramps) = health.ramped(weight, self.conf.slow_start, now);
             ramping |= ramps;
-            Backend {
-                addr,
-                weight,
-                cluster,
-                pod,
-                health,
-            }
-        };
-        let mut backends: Vec<Backend> = candidates
-            .into_iter()
-            .filter(|(e, ..)| if any_ready { e.ready } else { e.serving })
-            .map(|(e, weight, cluster)| {
-                backend(
-                    e.addr,
+            (
+                Backend {
+                    addr,
                     weight,
-                    Some(cluster),
-                    e.pod.as_deref().map(Arc::from),
-                )
-            })
-            .collect();
+                    cluster,
+                    pod,
+                    health,
+                },
+                ramps,
+            )
+        };
+        // A service whose endpoints did not change keeps the backends built for it last time:
+        // one change in a 7,000-endpoint upstream rebuilds one service, not all of them.
+        let mut cache = match self.built_services.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut next_cache = Vec::with_capacity(views.len());
+        let mut backends: Vec<Backend> = Vec::with_capacity(previous.backends().len() + 8);
+        for (i, view) in views.iter().enumerate() {
+            let svc = &self.conf.services[i];
+            let reuse = cache.get(i).filter(|c| {
+                c.settled
+                    && Arc::ptr_eq(&c.endpoints, &view.endpoints)
+                    && c.any_ready == any_ready
+                    && c.weight == svc.weight
+            });
+            if let Some(built) = reuse {
+                for b in built.backends.iter() {
+                    b.health.seen.store(generation, Ordering::Relaxed);
+                }
+                backends.extend(built.backends.iter().cloned());
+                next_cache.push(built.clone());
+                continue;
+            }
+            let mut settled = true;
+            let built: Arc<[Backend]> = view
+                .endpoints
+                .iter()
+                .filter(|e| if any_ready { e.ready } else { e.serving })
+                .map(|e| {
+                    let pod = e.pod.as_deref().map(Arc::from);
+                    let (b, ramps) = backend(e.addr, svc.weight, Some(svc.cluster.clone()), pod);
+                    settled &= !ramps;
+                    b
+                })
+                .collect();
+            backends.extend(built.iter().cloned());
+            next_cache.push(BuiltService {
+                endpoints: view.endpoints.clone(),
+                any_ready,
+                weight: svc.weight,
+                settled,
+                backends: built,
+            });
+        }
+        *cache = next_cache;
+        drop(cache);
         backends.extend(
             self.conf
                 .nodes
                 .iter()
-                .map(|n| backend(n.address, n.weight, None, None)),
+                .map(|n| backend(n.address, n.weight, None, None).0),
         );
         let selection = Selection::new(backends);
         log::info!(
