@@ -30,10 +30,24 @@ struct Cli {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Keeps this process off transparent huge pages. mimalloc reserves its arenas as large aligned
+/// regions, and with THP each touched 2 MiB of them becomes resident whole: with 10,000
+/// endpoints RSS was 68 MiB with THP and 38 MiB without, at no measured cost in req/s
+/// (benches/RESULTS.md). The `no_thp` feature stops mimalloc from asking for huge pages on hosts
+/// where THP is `madvise`; this covers hosts where it is `always`.
+#[cfg(target_os = "linux")]
+fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integers only and sets a flag on this process; it
+    // touches no memory of ours. Failure (an old kernel) leaves THP as the host has it.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 /// EX_USAGE from sysexits.h, as for a bad command line.
 const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    #[cfg(target_os = "linux")]
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
