@@ -23,6 +23,18 @@ struct Cli {
     /// zero-downtime binary upgrade.
     #[arg(short = 'u', long = "upgrade")]
     upgrade: bool,
+
+    /// Signal the podgate running on this config (found through `server.pid_file`): `reload`
+    /// re-reads the config (SIGHUP), `stop` stops gracefully (SIGTERM). The config is checked
+    /// first: a bad one is reported and nothing is sent.
+    #[arg(short = 's', long = "signal", value_name = "SIGNAL", value_enum)]
+    signal: Option<SignalCmd>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SignalCmd {
+    Reload,
+    Stop,
 }
 
 /// Pingora allocates per request (headers, tasks, buffers); mimalloc's thread-local free lists
@@ -69,6 +81,22 @@ fn main() -> ExitCode {
         println!("podgate: {} is valid", cli.conf.display());
         return ExitCode::SUCCESS;
     }
+    if let Some(cmd) = cli.signal {
+        return match signal_running(&config.server.pid_file, cmd) {
+            Ok(pid) => {
+                let what = match cmd {
+                    SignalCmd::Reload => "reload (SIGHUP)",
+                    SignalCmd::Stop => "stop (SIGTERM)",
+                };
+                println!("podgate: sent {what} to pid {pid}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("podgate: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let opts = podgate_gateway::server::RunOptions {
         upgrade: cli.upgrade,
     };
@@ -79,4 +107,50 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Sends `cmd` to the process named in `pid_file`, after making sure that process is a podgate
+/// (a stale file may name a pid that now belongs to something else).
+fn signal_running(pid_file: &std::path::Path, cmd: SignalCmd) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| {
+        format!(
+            "cannot read the pid file {} ({e}): is podgate running with this config?",
+            pid_file.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| format!("{} holds {:?}, not a pid", pid_file.display(), text.trim()))?;
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    match comm(&pid.to_string()) {
+        None => {
+            return Err(format!(
+                "no process {pid} (from {}): podgate is not running",
+                pid_file.display()
+            ))
+        }
+        Some(theirs) if Some(&theirs) != comm("self").as_ref() => {
+            return Err(format!(
+                "process {pid} (from {}) is {:?}, not podgate: the pid file is stale",
+                pid_file.display(),
+                theirs.trim()
+            ))
+        }
+        Some(_) => {}
+    }
+    let sig = match cmd {
+        SignalCmd::Reload => libc::SIGHUP,
+        SignalCmd::Stop => libc::SIGTERM,
+    };
+    // SAFETY: kill takes plain integers; `pid` was checked to be a podgate process above.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(pid)
 }

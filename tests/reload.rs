@@ -87,3 +87,53 @@ async fn reload_under_load_adds_and_removes_routes() {
         "{text}"
     );
 }
+
+/// `podgate -c FILE -s reload|stop`, the nginx-style way to signal the running gateway: it finds
+/// the process through `server.pid_file`, refuses to send anything for a bad file, and says so
+/// when nothing runs.
+#[tokio::test]
+async fn dash_s_reload_and_stop_signal_the_running_gateway() {
+    let pods = pods_same_port(&["a-v1", "c-v1"]).await;
+    let mut gw = Gateway::start(&body(&[("/a", "a-v1")], &pods), &[]).await;
+    let conf = gw.path("podgate.yaml");
+    let dash_s = |what: &str| {
+        let out = std::process::Command::new(podgate_bin())
+            .arg("-c")
+            .arg(&conf)
+            .args(["-s", what])
+            .output()
+            .expect("run podgate -s");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+
+    gw.rewrite_config("upstreams: [oops\n");
+    let (code, text) = dash_s("reload");
+    assert_eq!(code, Some(64), "{text}");
+    assert!(text.contains("mistake"), "{text}");
+    assert!(
+        !gw.log_text().contains("SIGHUP"),
+        "a bad file must not be signalled"
+    );
+
+    gw.rewrite_config(&body(&[("/a", "a-v1"), ("/c", "c-v1")], &pods));
+    let (code, text) = dash_s("reload");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("pid {}", gw.pid())), "{text}");
+    wait_for("the route added by the reload", || async {
+        gw.get("h", "/c").await.status == 200
+    })
+    .await;
+
+    let (code, text) = dash_s("stop");
+    assert_eq!(code, Some(0), "{text}");
+    wait_for("podgate to stop", || {
+        let gone = gw.exited().is_some();
+        async move { gone }
+    })
+    .await;
+    let (code, text) = dash_s("reload");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("not running"), "{text}");
+}

@@ -42,7 +42,8 @@ fn config_json(c: &crate::config::Config) -> Value {
         "server": {"threads": c.server.threads, "grace_period": dur(c.server.grace_period),
                    "drain_delay": dur(c.server.drain_delay),
                    "ready_timeout": dur(c.server.ready_timeout),
-                   "upgrade_sock": c.server.upgrade_sock.display().to_string()},
+                   "upgrade_sock": c.server.upgrade_sock.display().to_string(),
+                   "pid_file": c.server.pid_file.display().to_string()},
         "clusters": c.clusters.iter().map(|cl| {
             let kind = match &cl.kind {
                 ClusterKind::Manifests(d) => json!({"manifests": d.display().to_string()}),

@@ -56,6 +56,22 @@ impl BackgroundService for Reloader {
     }
 }
 
+/// Records this process' pid for `podgate -s`, atomically (a reader never sees half a file).
+/// After a binary upgrade the new process overwrites the old one's: it is the one to signal.
+/// Not fatal: without the file only `-s` cannot find this process.
+fn write_pid_file(path: &std::path::Path) {
+    let tmp = path.with_extension(format!("pid.{}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        log::warn!(
+            "cannot write the pid file {}: {e}; `podgate -s` will not find this process",
+            path.display()
+        );
+    }
+}
+
 /// Whether the gateway is on its way out; `/readyz` says 503 from the first moment it is.
 #[derive(Default)]
 pub struct Lifecycle {
@@ -271,6 +287,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         crate::health_check::Checker(live.clone()),
     ));
 
+    write_pid_file(&config.server.pid_file);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             lifecycle,

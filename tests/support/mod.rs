@@ -259,9 +259,15 @@ impl Gateway {
         } else {
             format!("    {listener_extra}\n")
         };
+        // Each gateway its own pid file, so that tests running at once never share one.
+        let pid_file = if server.contains("pid_file") {
+            String::new()
+        } else {
+            format!("  pid_file: {}\n", dir.path().join("podgate.pid").display())
+        };
         let conf_head = format!(
             "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
-             server:\n  {server}\n"
+             server:\n  {server}\n{pid_file}"
         );
         let conf = format!("{conf_head}{body}");
         let conf_path = dir.path().join("podgate.yaml");

@@ -66,6 +66,8 @@ pub struct ServerSettings {
     pub drain_delay: Duration,
     /// Unix socket over which a new process (`-u`) receives the listening sockets.
     pub upgrade_sock: PathBuf,
+    /// Where the running process writes its pid, for `podgate -s reload|stop`.
+    pub pid_file: PathBuf,
     /// `/readyz` waits at most this long after start for every cluster's first sync.
     pub ready_timeout: Duration,
 }
@@ -161,6 +163,7 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
 /// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/podgate_upgrade.sock";
+pub const DEFAULT_PID_FILE: &str = "/tmp/podgate.pid";
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -473,6 +476,7 @@ fn read_server(
         grace_period: DEFAULT_GRACE_PERIOD,
         drain_delay: DEFAULT_DRAIN_DELAY,
         upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
+        pid_file: PathBuf::from(DEFAULT_PID_FILE),
         ready_timeout: DEFAULT_READY_TIMEOUT,
     };
     let Some(n) = n else { return s };
@@ -484,6 +488,7 @@ fn read_server(
             "grace_period",
             "drain_delay",
             "upgrade_sock",
+            "pid_file",
             "ready_timeout",
         ],
     ) else {
@@ -492,6 +497,9 @@ fn read_server(
     s.ready_timeout = r.duration(&f, "ready_timeout", DEFAULT_READY_TIMEOUT);
     if let Some(p) = r.optional_string(&f, "upgrade_sock") {
         s.upgrade_sock = resolve(p);
+    }
+    if let Some(p) = r.optional_string(&f, "pid_file") {
+        s.pid_file = resolve(p);
     }
     if let Some(t) = r.optional_int(&f, "threads", 1, 1024) {
         s.threads = t as usize;
