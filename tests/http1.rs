@@ -395,6 +395,26 @@ async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
     assert!(head.contains("connection: close"), "{head}");
     while c.fill(c.buf.len() + 1).await {}
     assert_eq!(&c.buf[end..], b"until the Pod closes");
+
+    // An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /chunked HTTP/1.0\r\nHost: a.test\r\n\r\n")
+        .await;
+    let end = loop {
+        if let Some(p) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let have = c.buf.len();
+        assert!(c.fill(have + 1).await);
+    };
+    let head = String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    while c.fill(c.buf.len() + 1).await {}
+    assert_eq!(&c.buf[end..], b"hello, world");
+    // The Pod's connection was read to the end of its chunked body: it is reused.
+    let r = gw.get("a.test", "/chunked").await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"hello, world"[..]));
 }
 
 /// A Pod answering `200 ok` with keep-alive, counting the connections open to it.

@@ -2,7 +2,9 @@
 //! moving exactly that many bytes from one side to the other, verbatim.
 //!
 //! Chunked bodies are not re-encoded: the decoder only follows the chunk structure to find where
-//! the message ends, so that bytes of a next (pipelined) message are never sent along.
+//! the message ends, so that bytes of a next (pipelined) message are never sent along. The one
+//! exception is an answer to an HTTP/1.0 client, which cannot read chunks: [`Framing::Dechunk`]
+//! passes on only the chunk data, and the end of the connection ends the body.
 
 use bytes::BytesMut;
 use std::time::Duration;
@@ -17,6 +19,8 @@ pub enum Framing {
     Length(u64),
     /// `Transfer-Encoding: chunked`, followed through [`Chunked`].
     Chunked(Chunked),
+    /// Chunked on the way in; only the chunk data goes on (to an HTTP/1.0 client).
+    Dechunk(Chunked),
     /// Everything until the sender closes (responses without length only).
     UntilClose,
 }
@@ -74,12 +78,22 @@ impl Chunked {
     /// Follows `bytes` and returns how many of them belong to the body: all of them, or fewer
     /// when the body ends inside `bytes`.
     pub fn advance(&mut self, bytes: &[u8]) -> Result<usize, BadChunk> {
+        self.advance_data(bytes, |_| {})
+    }
+
+    /// Like [`Chunked::advance`], and hands `data` each range of `bytes` that is chunk data.
+    pub fn advance_data(
+        &mut self,
+        bytes: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<usize, BadChunk> {
         let mut i = 0;
         while i < bytes.len() && self.state != State::Done {
             let b = bytes[i];
             match self.state {
                 State::Data => {
                     let take = (self.size as usize).min(bytes.len() - i);
+                    data(i..i + take);
                     self.size -= take as u64;
                     i += take;
                     if self.size == 0 {
@@ -167,12 +181,24 @@ impl Framing {
                 *left -= take as u64;
                 (take, *left == 0)
             }
-            Framing::Chunked(c) => {
+            Framing::Chunked(c) | Framing::Dechunk(c) => {
                 let take = c.advance(buf)?;
                 (take, c.is_done())
             }
             Framing::UntilClose => (buf.len(), false),
         })
+    }
+
+    /// Like [`Framing::take`], and appends to `out` what of those bytes goes on: all of them, or
+    /// for [`Framing::Dechunk`] only the chunk data.
+    pub fn take_into(&mut self, buf: &[u8], out: &mut Vec<u8>) -> Result<(usize, bool), BadChunk> {
+        if let Framing::Dechunk(c) = self {
+            let take = c.advance_data(buf, |r| out.extend_from_slice(&buf[r]))?;
+            return Ok((take, c.is_done()));
+        }
+        let (take, done) = self.take(buf)?;
+        out.extend_from_slice(&buf[..take]);
+        Ok((take, done))
     }
 }
 
@@ -219,18 +245,35 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut sent = 0u64;
+    let mut data = Vec::new();
     loop {
-        let (take, done) = framing.take(buf).map_err(|_| RelayError::Malformed)?;
-        if take > 0 {
-            let chunk = buf.split_to(take);
-            // Flushed piece by piece: a streamed answer (server-sent events, progress) must not
-            // wait in a write buffer for bytes that come later.
-            dst.write_all(&chunk).await.map_err(RelayError::Write)?;
-            dst.flush().await.map_err(RelayError::Write)?;
-            sent += take as u64;
-        }
-        if done {
-            return Ok(sent);
+        if let Framing::Dechunk(_) = framing {
+            data.clear();
+            let (take, done) = framing
+                .take_into(buf, &mut data)
+                .map_err(|_| RelayError::Malformed)?;
+            let _ = buf.split_to(take);
+            if !data.is_empty() {
+                dst.write_all(&data).await.map_err(RelayError::Write)?;
+                dst.flush().await.map_err(RelayError::Write)?;
+                sent += data.len() as u64;
+            }
+            if done {
+                return Ok(sent);
+            }
+        } else {
+            let (take, done) = framing.take(buf).map_err(|_| RelayError::Malformed)?;
+            if take > 0 {
+                let chunk = buf.split_to(take);
+                // Flushed piece by piece: a streamed answer (server-sent events, progress) must not
+                // wait in a write buffer for bytes that come later.
+                dst.write_all(&chunk).await.map_err(RelayError::Write)?;
+                dst.flush().await.map_err(RelayError::Write)?;
+                sent += take as u64;
+            }
+            if done {
+                return Ok(sent);
+            }
         }
         buf.clear();
         let n = read_more(src, buf, timeout)
@@ -290,6 +333,22 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn dechunk_passes_on_only_the_chunk_data() {
+        let wire = b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nT: 1\r\n\r\nNEXT";
+        // Split at every position: the first part already read, the rest from the socket.
+        for at in 0..wire.len() {
+            let mut buf = BytesMut::from(&wire[..at]);
+            let mut src: &[u8] = &wire[at..];
+            let mut out = Vec::new();
+            let mut f = Framing::Dechunk(Chunked::default());
+            let n = relay(&mut f, &mut buf, &mut src, &mut out, Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!((n, &out[..]), (11, &b"hello world"[..]), "split at {at}");
         }
     }
 

@@ -677,20 +677,23 @@ impl<F> Engine<F> {
             Framing::Empty
         } else {
             match (resp_info.transfer_encoding, resp_info.content_length) {
+                // An HTTP/1.0 client cannot read chunks: it gets the data, ended by the close.
+                (Some(true), _) if ctx.req.minor == 0 => Framing::Dechunk(Chunked::default()),
                 (Some(true), _) => Framing::Chunked(Chunked::default()),
                 (Some(false), _) | (None, None) => Framing::UntilClose,
                 (None, Some(n)) => Framing::Length(n),
             }
         };
+        let dechunk = matches!(resp_framing, Framing::Dechunk(_));
         let switching = resp.status == 101 && upgrading;
-        let keep = keep && !switching && resp_framing != Framing::UntilClose;
-        let mut out = response_head(&resp, &resp_info, ctx, keep, switching);
+        let keep = keep && !switching && resp_framing != Framing::UntilClose && !dechunk;
+        let mut out = response_head(&resp, &resp_info, ctx, keep, switching, dechunk);
+        let head_len = out.len();
         let (take, done) = resp_framing
-            .take(&up.buf)
+            .take_into(&up.buf, &mut out)
             .map_err(|_| Failure::AfterSend { timed_out: false })?;
-        out.extend_from_slice(&up.buf[..take]);
         let _ = up.buf.split_to(take);
-        outcome.bytes = take as u64;
+        outcome.bytes = (out.len() - head_len) as u64;
         if c.send(&out).await.is_err() {
             return Ok(false);
         }
@@ -861,6 +864,7 @@ fn response_head(
     ctx: &RequestCtx,
     keep: bool,
     switching: bool,
+    dechunk: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(resp.raw.len() + 96);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -872,7 +876,9 @@ fn response_head(
     for (name, value) in resp.headers() {
         if name.eq_ignore_ascii_case(b"x-request-id") {
             has_id = true;
-        } else if info.drops(name, switching) {
+        } else if info.drops(name, switching)
+            || (dechunk && name.eq_ignore_ascii_case(b"transfer-encoding"))
+        {
             continue;
         }
         push_header(&mut out, name, value);
