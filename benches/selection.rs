@@ -12,9 +12,7 @@ fn backends(n: usize) -> Vec<Backend> {
             addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)),
             // Three services with different weights, as an upstream with a canary would have.
             weight: [10, 10, 1][i % 3],
-            cluster: None,
-            pod: None,
-            health: Default::default(),
+            info: Default::default(),
         })
         .collect()
 }

@@ -196,10 +196,10 @@ fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::O
             u.selection.backends().iter().map(|b| BackendOut {
                 address: b.addr,
                 weight: b.weight,
-                cluster: b.cluster.as_deref(),
-                pod: b.pod.as_deref(),
-                check_down: b.health.active.is_down(),
-                ejected: b.health.passive.is_ejected(now),
+                cluster: b.info.cluster.as_deref(),
+                pod: b.info.pod.as_deref(),
+                check_down: b.info.health.active.is_down(),
+                ejected: b.info.health.passive.is_ejected(now),
             })
         }),
     }))

@@ -29,6 +29,14 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// 1..=100.
     pub weight: u32,
+    /// Names and health behind one `Arc`: a rebuild copies every backend of the upstream into
+    /// the new selection, and a pick hands one out, each at the cost of one reference count.
+    pub info: Arc<BackendInfo>,
+}
+
+/// What a [`Backend`] is known as, and its health.
+#[derive(Debug, Default)]
+pub struct BackendInfo {
     /// The cluster it was discovered in; `None` for a static node.
     pub cluster: Option<Arc<str>>,
     pub pod: Option<Arc<str>>,
@@ -251,9 +259,7 @@ mod tests {
         Backend {
             addr: SocketAddr::from(([10, 0, 0, last], 80)),
             weight,
-            cluster: None,
-            pod: None,
-            health: Default::default(),
+            info: Default::default(),
         }
     }
 

@@ -222,7 +222,7 @@ async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) {
             let result = probe(b.addr, &conf, &host, &up.connector).await;
             let label = if result.is_ok() { "success" } else { "failure" };
             CHECKS.with_label_values(&[&up.conf.name, label]).inc();
-            match (b.health.active.observe(result.is_ok(), &conf), &result) {
+            match (b.info.health.active.observe(result.is_ok(), &conf), &result) {
                 (Some(true), Err(why)) => log::warn!(
                     "upstream {}: {} is down after {} failed checks (last: {why})",
                     up.conf.name,

@@ -50,9 +50,6 @@ pub struct Health {
     /// When the endpoint joined a running upstream (for slow start); `None` for endpoints of the
     /// first build, which carry full weight at once.
     pub joined: Option<Instant>,
-    /// The upstream build that last included the endpoint: once the upstream's generation is
-    /// past it, the endpoint has left (its idle pooled connections are closed).
-    pub seen: std::sync::atomic::AtomicU64,
 }
 
 impl Health {

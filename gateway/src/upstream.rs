@@ -4,7 +4,7 @@
 //! them are rebuilt, and each swaps its new selection in atomically. Nothing here runs on the
 //! request path except [`Upstream::pick`].
 
-use crate::balance::{Backend, Balancer, Selection};
+use crate::balance::{Backend, BackendInfo, Balancer, Selection};
 use crate::config::{Scheme, UpstreamConf};
 use crate::outlier::{self, Health};
 use podgate_discovery::{Endpoint, ServiceKey, ServiceState, Store};
@@ -101,8 +101,6 @@ pub struct Upstream {
     built_services: Mutex<Vec<BuiltService>>,
     /// Endpoints per cluster and state as of the last rebuild (see `refresh_state_gauges`).
     endpoint_gauges: Mutex<Vec<(String, [i64; 4])>>,
-    /// Counts rebuilds; every backend of the live selection has `health.seen` at least this.
-    generation: AtomicU64,
     /// Whether a first rebuild happened (endpoints found later are newcomers for slow start).
     built: AtomicBool,
     /// Whether a timer thread will rebuild this upstream again.
@@ -125,7 +123,6 @@ impl Upstream {
         });
         Ok(Upstream {
             connector: crate::h1::pool::Connector::new(&conf)?,
-            generation: AtomicU64::new(0),
             endpoint_gauges: Mutex::new(Vec::new()),
             built_services: Mutex::new(Vec::new()),
             eject_horizon: AtomicU64::new(0),
@@ -138,11 +135,6 @@ impl Upstream {
             balancer: Balancer::default(),
             ca,
         })
-    }
-
-    /// Whether `health` belongs to a backend of the live selection (false once it left).
-    pub fn includes(&self, health: &Health) -> bool {
-        health.seen.load(Ordering::Relaxed) >= self.generation.load(Ordering::Relaxed)
     }
 
     /// The store key of service entry `i`: with its label subset, if it has one, so that two
@@ -175,30 +167,30 @@ impl Upstream {
             }
         };
         self.balancer
-            .pick(|b| tried.contains(&b.addr) || b.health.avoid(now))
+            .pick(|b| tried.contains(&b.addr) || b.info.health.avoid(now))
     }
 
     /// Records how an attempt on `backend` went (passive ejection).
     pub fn record(&self, backend: &Backend, ok: bool) {
         let conf = &self.conf.outlier;
         if ok {
-            backend.health.passive.success();
+            backend.info.health.passive.success();
             return;
         }
         if conf.consecutive_failures == 0
-            || backend.health.passive.failure() < conf.consecutive_failures
+            || backend.info.health.passive.failure() < conf.consecutive_failures
         {
             return;
         }
         let now = outlier::now_ms();
-        if backend.health.passive.is_ejected(now) {
+        if backend.info.health.passive.is_ejected(now) {
             return;
         }
         let selection = self.selection();
         let all = selection.backends();
         let ejected = all
             .iter()
-            .filter(|b| b.health.passive.is_ejected(now))
+            .filter(|b| b.info.health.passive.is_ejected(now))
             .count();
         if !outlier::may_eject(conf, ejected, all.len()) {
             log::warn!(
@@ -212,7 +204,7 @@ impl Upstream {
             );
             return;
         }
-        let took = backend.health.passive.eject(conf, now);
+        let took = backend.info.health.passive.eject(conf, now);
         self.eject_horizon
             .fetch_max(now + took.as_millis() as u64, Ordering::Relaxed);
         self.metrics.ejections.inc();
@@ -236,15 +228,15 @@ impl Upstream {
         };
         let mut ejected: Vec<(String, i64)> = counts.iter().map(|(c, _)| (c.clone(), 0)).collect();
         for b in self.selection().backends() {
-            let cluster = b.cluster.as_deref().unwrap_or("static");
+            let cluster = b.info.cluster.as_deref().unwrap_or("static");
             let Some(i) = counts.iter().position(|(c, _)| c == cluster) else {
                 continue;
             };
-            if b.health.active.is_down() {
+            if b.info.health.active.is_down() {
                 counts[i].1[0] -= 1;
                 counts[i].1[2] += 1;
             }
-            if b.health.passive.is_ejected(now) {
+            if b.info.health.passive.is_ejected(now) {
                 ejected[i].1 += 1;
             }
         }
@@ -332,24 +324,24 @@ impl Upstream {
         // (a restart of podgate must not throttle a whole fleet).
         let first_build = !self.built.swap(true, Ordering::Relaxed);
         let health_of = |addr: &SocketAddr| match previous.find(addr) {
-            Some(b) => Arc::clone(&b.health),
+            Some(b) => Arc::clone(&b.info.health),
             None if first_build || self.conf.slow_start.is_none() => Default::default(),
             None => Arc::new(Health::joining(now)),
         };
         let mut ramping = false;
-        let generation = self.generation.load(Ordering::Relaxed) + 1;
         let mut backend = |addr: SocketAddr, weight: u32, cluster, pod| {
             let health = health_of(&addr);
-            health.seen.store(generation, Ordering::Relaxed);
             let (weight, ramps) = health.ramped(weight, self.conf.slow_start, now);
             ramping |= ramps;
             (
                 Backend {
                     addr,
                     weight,
-                    cluster,
-                    pod,
-                    health,
+                    info: Arc::new(BackendInfo {
+                        cluster,
+                        pod,
+                        health,
+                    }),
                 },
                 ramps,
             )
@@ -371,9 +363,6 @@ impl Upstream {
                     && c.weight == svc.weight
             });
             if let Some(built) = reuse {
-                for b in built.backends.iter() {
-                    b.health.seen.store(generation, Ordering::Relaxed);
-                }
                 backends.extend(built.backends.iter().cloned());
                 next_cache.push(built.clone());
                 continue;
@@ -414,7 +403,6 @@ impl Upstream {
             selection.backends().len()
         );
         self.balancer.swap(selection);
-        self.generation.store(generation, Ordering::Relaxed);
         let counts = self.endpoint_counts(&views, any_ready);
         self.metrics.set_endpoints(&counts);
         match self.endpoint_gauges.lock() {
@@ -468,7 +456,7 @@ impl Upstream {
 }
 
 fn describe(b: &Backend) -> String {
-    match (&b.pod, &b.cluster) {
+    match (&b.info.pod, &b.info.cluster) {
         (Some(pod), Some(cluster)) => format!("Pod {pod} ({}, cluster {cluster})", b.addr),
         _ => format!("node {}", b.addr),
     }

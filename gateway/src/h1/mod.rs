@@ -731,9 +731,7 @@ impl<F> Engine<F> {
             resp_info.keep_alive
         };
         if pod_keeps && up.buf.is_empty() && resp_framing != Framing::UntilClose && !switching {
-            upstream
-                .connector
-                .put_back(backend.addr, up, upstream, &backend.health);
+            upstream.connector.put_back(backend.addr, up, upstream);
         }
         Ok(keep)
     }

@@ -6,7 +6,6 @@
 //! connections serve that thread's requests.
 
 use crate::config::{Scheme, UpstreamConf};
-use crate::outlier::Health;
 use crate::upstream::Upstream;
 use bytes::BytesMut;
 use pingora_core::tls::{
@@ -117,22 +116,14 @@ impl Connector {
         }
     }
 
-    /// Keeps `conn` for a later request to `addr` while the backend (known by its `health`
-    /// record) stays in `upstream`'s selection.
-    pub fn put_back(
-        &self,
-        addr: SocketAddr,
-        mut conn: Conn,
-        upstream: &Arc<Upstream>,
-        health: &Arc<Health>,
-    ) {
+    /// Keeps `conn` for a later request to `addr` while `addr` stays in `upstream`'s selection.
+    pub fn put_back(&self, addr: SocketAddr, mut conn: Conn, upstream: &Arc<Upstream>) {
         conn.buf.clear();
         let key = self.key(addr);
         let entry = Idle {
             conn,
             since: Instant::now(),
             upstream: Arc::downgrade(upstream),
-            backend: Arc::downgrade(health),
         };
         POOL.with(|p| {
             let mut p = p.borrow_mut();
@@ -143,8 +134,8 @@ impl Connector {
             }
             if now.duration_since(p.swept) >= SWEEP_EVERY {
                 p.swept = now;
-                p.idle.retain(|_, conns| {
-                    conns.retain_mut(|e| e.usable(now));
+                p.idle.retain(|(addr, _), conns| {
+                    conns.retain_mut(|e| e.wanted(addr, now));
                     !conns.is_empty()
                 });
             }
@@ -160,17 +151,24 @@ struct Pool {
 struct Idle {
     conn: Conn,
     since: Instant,
+    /// The upstream whose request left the connection here.
     upstream: Weak<Upstream>,
-    backend: Weak<Health>,
 }
 
 impl Idle {
+    /// Whether the connection can carry another request: not idle too long, still open. Taken
+    /// for a backend just picked from a live selection, it needs no membership check.
     fn usable(&mut self, now: Instant) -> bool {
-        let current = match (self.upstream.upgrade(), self.backend.upgrade()) {
-            (Some(up), Some(health)) => up.includes(&health),
-            _ => false,
-        };
-        current && now.duration_since(self.since) < IDLE_TIMEOUT && self.conn.io.still_open()
+        now.duration_since(self.since) < IDLE_TIMEOUT && self.conn.io.still_open()
+    }
+
+    /// Whether the connection is worth keeping: usable, and `addr` still a backend of the
+    /// upstream that pooled it (a Pod that left gets its idle connections closed).
+    fn wanted(&mut self, addr: &SocketAddr, now: Instant) -> bool {
+        self.upstream
+            .upgrade()
+            .is_some_and(|up| up.selection().find(addr).is_some())
+            && self.usable(now)
     }
 }
 
