@@ -247,8 +247,6 @@ impl Gateway {
         server: &str,
         body: &str,
     ) -> Gateway {
-        let port = free_port();
-        let admin_port = free_port();
         let admin_extra = if admin_extra.is_empty() {
             String::new()
         } else {
@@ -265,49 +263,63 @@ impl Gateway {
         } else {
             format!("  pid_file: {}\n", dir.path().join("podgate.pid").display())
         };
-        let conf_head = format!(
-            "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
-             server:\n  {server}\n{pid_file}"
-        );
-        let conf = format!("{conf_head}{body}");
         let conf_path = dir.path().join("podgate.yaml");
-        std::fs::write(&conf_path, conf).unwrap();
         let log = dir.path().join("podgate.log");
-        let child = Command::new(podgate_bin())
-            .arg("-c")
-            .arg(&conf_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn podgate");
-        let mut gw = Gateway {
-            dir,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            child,
-            log,
-            conf_head,
-        };
-        let (addr, admin) = (gw.addr, gw.admin);
-        let start = Instant::now();
-        loop {
-            if let Some(status) = gw.child.try_wait().unwrap() {
-                panic!(
-                    "podgate exited with {status} during start-up:\n{}",
-                    gw.log_text()
-                );
+        // A port found free can be taken by another test (or an outgoing connection) before
+        // podgate binds it; then podgate says so and this tries other ports.
+        for attempt in 1..=3 {
+            let (port, admin_port) = (free_port(), free_port());
+            let conf_head = format!(
+                "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
+                 server:\n  {server}\n{pid_file}"
+            );
+            std::fs::write(&conf_path, format!("{conf_head}{body}")).unwrap();
+            let mut child = Command::new(podgate_bin())
+                .arg("-c")
+                .arg(&conf_path)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("spawn podgate");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+            let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+            let start = Instant::now();
+            let started = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!(
+                        "podgate exited with {status} during start-up:\n{}",
+                        log_text()
+                    );
+                }
+                if attempt < 3 && log_text().contains("is in use") {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break false;
+                }
+                let up = TcpStream::connect(addr).await.is_ok()
+                    && matches!(get(admin, "x", "/healthz").await, Ok(r) if r.status == 200);
+                if up {
+                    break true;
+                }
+                if start.elapsed() > DEADLINE {
+                    panic!("podgate did not start in time:\n{}", log_text());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            if started {
+                return Gateway {
+                    dir,
+                    addr,
+                    admin,
+                    child,
+                    log,
+                    conf_head,
+                };
             }
-            let up = TcpStream::connect(addr).await.is_ok()
-                && matches!(get(admin, "x", "/healthz").await, Ok(r) if r.status == 200);
-            if up {
-                return gw;
-            }
-            if start.elapsed() > DEADLINE {
-                panic!("podgate did not start in time:\n{}", gw.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        unreachable!("the last attempt panics or returns")
     }
 
     /// Replaces the config body (what [`Gateway::start`] took), atomically.
