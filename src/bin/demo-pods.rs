@@ -2,8 +2,9 @@
 //! 127.0.0.11:8080, 127.0.0.12:8080 and 127.0.0.13:8080 — one loopback IP per Pod and the same
 //! port on each, as Pods have in a cluster (conf/quickstart/cluster lists them).
 //!
-//! `demo-pods NAME=IP:PORT ...` runs other Pods instead (the version is the part of NAME after
-//! its last '-').
+//! They answer with the Pod names of conf/quickstart/cluster (`httpbin-v1-6d8f9`, ...).
+//! `demo-pods NAME=IP:PORT ...` runs other Pods instead; the version is the part of NAME that
+//! looks like `v1`, else the part after its last '-'.
 
 use podgate::demo::{serve, DemoPod};
 
@@ -18,9 +19,9 @@ async fn main() {
     }
     if args.is_empty() {
         args = [
-            "httpbin-v1=127.0.0.11:8080",
-            "httpbin-v2=127.0.0.12:8080",
-            "httpbin-v3=127.0.0.13:8080",
+            "httpbin-v1-6d8f9=127.0.0.11:8080",
+            "httpbin-v2-5c7b4=127.0.0.12:8080",
+            "httpbin-v3-8a1e2=127.0.0.13:8080",
         ]
         .map(String::from)
         .to_vec();
@@ -38,7 +39,15 @@ async fn main() {
                 std::process::exit(1);
             }
         };
-        let version = name.rsplit('-').next().unwrap_or(name).to_string();
+        let looks_like_version = |p: &&str| {
+            p.len() > 1 && p.starts_with('v') && p[1..].bytes().all(|b| b.is_ascii_digit())
+        };
+        let version = name
+            .split('-')
+            .find(looks_like_version)
+            .or_else(|| name.rsplit('-').next())
+            .unwrap_or(name)
+            .to_string();
         eprintln!("demo-pods: {name} listening on {addr}");
         tasks.push(tokio::spawn(serve(
             listener,
