@@ -72,6 +72,15 @@ fn slices_of(s: usize) -> usize {
     SLICES_PER_SERVICE + usize::from(s < 10)
 }
 
+/// Change `n` of a churn: one endpoint of one slice of one of the big upstream's 20 Services
+/// moves to a new IP; to the same-shaped Services nobody watches unless `watched`.
+fn apply_change(fakes: &[FakeKube], n: usize, watched: bool) {
+    let s = n % 20;
+    let k = n % slices_of(s);
+    let target = if watched { s } else { unwatched(s) };
+    fakes[cluster_of(s)].apply_slice(&slice(target, k, n as u32 + 1));
+}
+
 /// A Service index of the same shape as `s` that no upstream names (svc100…svc119).
 fn unwatched(s: usize) -> usize {
     s + 100
@@ -245,11 +254,9 @@ async fn discovery_at_scale_event_to_live_latency() {
         // 100 changes per second, each moving one endpoint of one slice of the big upstream.
         next += Duration::from_millis(10);
         tokio::time::sleep_until(next.into()).await;
-        let s = n % 20;
-        let k = n % slices_of(s);
         let before = big.selection();
         let sent = Instant::now();
-        fakes[cluster_of(s)].apply_slice(&slice(s, k, n as u32 + 1));
+        apply_change(&fakes, n, true);
         let at = tokio::time::timeout(Duration::from_secs(10), swapped.recv())
             .await
             .expect("change went live")
@@ -468,10 +475,7 @@ async fn discovery_at_scale_throughput_during_churn() {
                 // The changes of the latency test: 100 per second, one endpoint each.
                 next += Duration::from_millis(10);
                 tokio::time::sleep_until(next.into()).await;
-                let s = n % 20;
-                let k = n % slices_of(s);
-                let target = if watched { s } else { unwatched(s) };
-                fakes[cluster_of(s)].apply_slice(&slice(target, k, n as u32 + 1));
+                apply_change(&fakes, n, watched);
             }
         })
     };

@@ -119,6 +119,20 @@ impl Raw {
         }
     }
 
+    /// A response whose body ends with the connection: its head (lowercased) and body.
+    async fn answer_until_close(&mut self) -> (String, Vec<u8>) {
+        let end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let have = self.buf.len();
+            assert!(self.fill(have + 1).await, "closed before a response head");
+        };
+        while self.fill(self.buf.len() + 1).await {}
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+        (head, self.buf.split_off(end))
+    }
+
     /// Whether the gateway closed the connection (reads EOF with nothing more).
     async fn closed(&mut self) -> bool {
         !self.fill(self.buf.len() + 1).await
@@ -384,34 +398,18 @@ async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
     }
     let mut c = Raw::connect(&gw).await;
     c.send(b"GET /close HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
-    let end = loop {
-        if let Some(p) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let have = c.buf.len();
-        assert!(c.fill(have + 1).await);
-    };
-    let head = String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+    let (head, body) = c.answer_until_close().await;
     assert!(head.contains("connection: close"), "{head}");
-    while c.fill(c.buf.len() + 1).await {}
-    assert_eq!(&c.buf[end..], b"until the Pod closes");
+    assert_eq!(body, b"until the Pod closes");
 
     // An HTTP/1.0 client cannot read chunks: it gets the bare data, ended by the close.
     let mut c = Raw::connect(&gw).await;
     c.send(b"GET /chunked HTTP/1.0\r\nHost: a.test\r\n\r\n")
         .await;
-    let end = loop {
-        if let Some(p) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let have = c.buf.len();
-        assert!(c.fill(have + 1).await);
-    };
-    let head = String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+    let (head, body) = c.answer_until_close().await;
     assert!(!head.contains("transfer-encoding"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
-    while c.fill(c.buf.len() + 1).await {}
-    assert_eq!(&c.buf[end..], b"hello, world");
+    assert_eq!(body, b"hello, world");
     // The Pod's connection was read to the end of its chunked body: it is reused.
     let r = gw.get("a.test", "/chunked").await;
     assert_eq!((r.status, &r.body[..]), (200, &b"hello, world"[..]));
