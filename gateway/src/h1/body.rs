@@ -247,33 +247,21 @@ where
     let mut sent = 0u64;
     let mut data = Vec::new();
     loop {
-        if let Framing::Dechunk(_) = framing {
+        let done = if let Framing::Dechunk(_) = framing {
             data.clear();
             let (take, done) = framing
                 .take_into(buf, &mut data)
                 .map_err(|_| RelayError::Malformed)?;
             let _ = buf.split_to(take);
-            if !data.is_empty() {
-                dst.write_all(&data).await.map_err(RelayError::Write)?;
-                dst.flush().await.map_err(RelayError::Write)?;
-                sent += data.len() as u64;
-            }
-            if done {
-                return Ok(sent);
-            }
+            sent += pass_on(dst, &data).await?;
+            done
         } else {
             let (take, done) = framing.take(buf).map_err(|_| RelayError::Malformed)?;
-            if take > 0 {
-                let chunk = buf.split_to(take);
-                // Flushed piece by piece: a streamed answer (server-sent events, progress) must not
-                // wait in a write buffer for bytes that come later.
-                dst.write_all(&chunk).await.map_err(RelayError::Write)?;
-                dst.flush().await.map_err(RelayError::Write)?;
-                sent += take as u64;
-            }
-            if done {
-                return Ok(sent);
-            }
+            sent += pass_on(dst, &buf.split_to(take)).await?;
+            done
+        };
+        if done {
+            return Ok(sent);
         }
         buf.clear();
         let n = read_more(src, buf, timeout)
@@ -286,6 +274,16 @@ where
             return Err(RelayError::Read(std::io::ErrorKind::UnexpectedEof.into()));
         }
     }
+}
+
+/// Writes `piece` (if any) and flushes it at once: a streamed answer (server-sent events,
+/// progress) must not wait in a write buffer for bytes that come later. Returns its length.
+async fn pass_on<W: AsyncWrite + Unpin>(dst: &mut W, piece: &[u8]) -> Result<u64, RelayError> {
+    if !piece.is_empty() {
+        dst.write_all(piece).await.map_err(RelayError::Write)?;
+        dst.flush().await.map_err(RelayError::Write)?;
+    }
+    Ok(piece.len() as u64)
 }
 
 #[cfg(test)]
