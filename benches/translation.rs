@@ -74,7 +74,10 @@ fn translate(c: &mut Criterion) {
     let slice = slice();
     let state = ServiceState {
         service: Some(service()),
-        slices: BTreeMap::from([(slice.metadata.name.clone().unwrap(), slice)]),
+        slices: BTreeMap::from([(
+            slice.metadata.name.clone().unwrap(),
+            std::sync::Arc::new(slice),
+        )]),
         pods: None,
     };
     // The upstream names the Service port by number, as `port: 8000` in the config does.

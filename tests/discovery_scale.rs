@@ -8,10 +8,10 @@
 //!   watch event to the new selection being live (in-process, on the same library the binary
 //!   uses, so the moment of the swap can be observed exactly), and the CPU time used;
 //! - requests per second through the `podgate` binary to three small HTTP servers on loopback
-//!   (a Service of their own in the first fake API server), from a few keep-alive clients: over
-//!   a window without changes; during the same 1,000 changes at 100/s sent to Services nobody
-//!   watches (what the fake API servers themselves cost on the shared CPUs); during them sent to
-//!   the big upstream; and over a second window without changes (so that drift shows).
+//!   (a Service of their own in the first fake API server), from a few keep-alive clients, in
+//!   three rounds of three 5 s windows: without changes; during 500 changes at 100/s sent to
+//!   Services nobody watches (what the fake API servers themselves cost on the shared CPUs);
+//!   during the same changes sent to the big upstream. Medians of the per-round ratios.
 
 mod support;
 
@@ -44,8 +44,9 @@ fn service(name: &str) -> Service {
     .unwrap()
 }
 
-/// Slice `k` of service `s`: 100 endpoints 10.s.k.i, the one at `bump` (if any) on a new IP.
-fn slice(s: usize, k: usize, version: u32) -> EndpointSlice {
+/// Slice `k` of service `s`: 100 endpoints 10.s.k.i, the first one on an IP that `version`
+/// picks. As JSON: building the typed object first would double the harness' work per change.
+fn slice(s: usize, k: usize, version: u32) -> serde_json::Value {
     let endpoints: Vec<_> = (0..PER_SLICE)
         .map(|i| {
             // `version` moves one endpoint per change, like a Pod replaced.
@@ -58,14 +59,13 @@ fn slice(s: usize, k: usize, version: u32) -> EndpointSlice {
             })
         })
         .collect();
-    serde_json::from_value(json!({
+    json!({
         "metadata": {"name": format!("svc{s}-{k}"), "namespace": "default",
                      "labels": {"kubernetes.io/service-name": format!("svc{s}")}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080}],
         "endpoints": endpoints,
-    }))
-    .unwrap()
+    })
 }
 
 fn slices_of(s: usize) -> usize {
@@ -78,7 +78,7 @@ fn apply_change(fakes: &[FakeKube], n: usize, watched: bool) {
     let s = n % 20;
     let k = n % slices_of(s);
     let target = if watched { s } else { unwatched(s) };
-    fakes[cluster_of(s)].apply_slice(&slice(target, k, n as u32 + 1));
+    fakes[cluster_of(s)].apply_slice_json(slice(target, k, n as u32 + 1));
 }
 
 /// A Service index of the same shape as `s` that no upstream names (svc100…svc119).
@@ -102,7 +102,7 @@ async fn setup(dir: &std::path::Path) -> (Vec<FakeKube>, String) {
         let fake = &fakes[cluster_of(s)];
         fake.apply_service(&service(&format!("svc{s}")));
         for k in 0..slices_of(s) {
-            fake.apply_slice(&slice(s, k, 0));
+            fake.apply_slice_json(slice(s, k, 0));
             total += PER_SLICE;
         }
     }
@@ -225,14 +225,11 @@ async fn discovery_at_scale_event_to_live_latency() {
     let big = live.upstreams().by_name["big"].clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     let expected: usize = (0..20).map(|s| slices_of(s) * PER_SLICE).sum();
-    while big.selection().backends().len() < expected {
+    while big.selection().len() < expected {
         assert!(Instant::now() < deadline, "the big upstream never filled");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    println!(
-        "big upstream: {} endpoints live",
-        big.selection().backends().len()
-    );
+    println!("big upstream: {} endpoints live", big.selection().len());
 
     // Called right after the gateway's own listener (subscription order), on the same thread:
     // the moment the new selection is live.
@@ -289,8 +286,32 @@ const BODY: &[u8; 64] = b"podgate discovery-scale backend: 64 bytes of body, eve
 /// Keep-alive clients of the throughput measurement.
 const CLIENTS: usize = 8;
 
-/// Length of each throughput window without changes (the churn window is the 10 s of changes).
-const WINDOW: Duration = Duration::from_secs(10);
+/// Rounds of the throughput measurement, each a window without changes, one of changes to
+/// Services nobody watches and one of changes to the big upstream.
+const ROUNDS: usize = 3;
+
+/// Changes in each churn window: 5 s at 100/s.
+const CHANGES_PER_WINDOW: usize = 500;
+
+/// Length of each window without changes, as long as a churn window.
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// The threads of `pid` that serve requests: Pingora names them after the process.
+fn podgate_request_threads(pid: u32) -> Vec<String> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // The main thread has the same name and only waits.
+        if comm.trim() == "podgate" && tid != pid.to_string() {
+            threads.push(tid);
+        }
+    }
+    threads
+}
 
 /// Serves [`BODY`] over HTTP/1.1 to every connection `listener` accepts.
 async fn serve_body(listener: TcpListener) {
@@ -376,6 +397,10 @@ fn machine_busy_seconds() -> f64 {
     (ticks.iter().sum::<f64>() - ticks[3] - ticks[4]) / 100.0
 }
 
+/// Requests/s, failed requests, podgate CPU s, harness CPU s and the rest of the machine's busy
+/// CPU s over one window of the throughput run.
+type Window = (f64, u64, f64, f64, f64);
+
 /// Counters at one moment of the throughput run.
 struct Sample {
     at: Instant,
@@ -398,9 +423,8 @@ impl Sample {
         }
     }
 
-    /// (requests/s, failed requests, podgate CPU s, harness CPU s, rest of the machine's busy
-    /// CPU s) from `self` to `end`.
-    fn until(&self, end: &Sample) -> (f64, u64, f64, f64, f64) {
+    /// What happened from `self` to `end`.
+    fn until(&self, end: &Sample) -> Window {
         let podgate = end.podgate_cpu - self.podgate_cpu;
         let harness = end.harness_cpu - self.harness_cpu;
         (
@@ -461,17 +485,15 @@ async fn discovery_at_scale_throughput_during_churn() {
     let stop = Arc::new(AtomicBool::new(false));
     let (counts, clients) = support::steady_load(gw.addr, "/", CLIENTS, 0, stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await; // warm-up: connections, pools, caches
-    let before = Sample::take(&counts, gw.pid());
-    tokio::time::sleep(WINDOW).await;
-    // The same 1,000 changes twice: first to Services nobody watches (the fake API servers do
-    // all their work, podgate gets no event: what the harness itself costs on these shared
-    // CPUs), then to the big upstream's Services.
-    let changes = 1000;
-    let churn = |watched: bool| {
+                                                      // Rounds of three windows, so that drift and a noisy neighbour hit all three alike: no
+                                                      // changes; changes to Services nobody watches (the fake API servers do all their work,
+                                                      // podgate gets no event: what the harness itself costs on these shared CPUs); the same
+                                                      // changes to the big upstream's Services.
+    let churn = |watched: bool, changes: std::ops::Range<usize>| {
         let fakes = fakes.clone();
         api.spawn(async move {
             let mut next = Instant::now();
-            for n in 0..changes {
+            for n in changes {
                 // The changes of the latency test: 100 per second, one endpoint each.
                 next += Duration::from_millis(10);
                 tokio::time::sleep_until(next.into()).await;
@@ -479,20 +501,34 @@ async fn discovery_at_scale_throughput_during_churn() {
             }
         })
     };
-    let control_start = Sample::take(&counts, gw.pid());
-    churn(false).await.unwrap();
-    let churn_start = Sample::take(&counts, gw.pid());
-    churn(true).await.unwrap();
-    let churn_end = Sample::take(&counts, gw.pid());
-    tokio::time::sleep(WINDOW).await;
-    let after = Sample::take(&counts, gw.pid());
+    let request_threads = podgate_request_threads(gw.pid());
+    let mut rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let changes = round * CHANGES_PER_WINDOW..(round + 1) * CHANGES_PER_WINDOW;
+        let quiet = Sample::take(&counts, gw.pid());
+        tokio::time::sleep(WINDOW).await;
+        let control = Sample::take(&counts, gw.pid());
+        churn(false, changes.clone()).await.unwrap();
+        let watched = Sample::take(&counts, gw.pid());
+        churn(true, changes).await.unwrap();
+        let end = Sample::take(&counts, gw.pid());
+        rounds.push([
+            quiet.until(&control),
+            control.until(&watched),
+            watched.until(&end),
+        ]);
+    }
+    let split = request_threads
+        .iter()
+        .map(|tid| cpu_seconds_of(&format!("{}/task/{tid}", gw.pid())))
+        .collect::<Vec<_>>();
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
     }
 
-    // The last change reached the proxy (it moved endpoint 0 of slice 0 of svc19).
-    let n = changes - 1;
+    // The last change reached the proxy.
+    let n = ROUNDS * CHANGES_PER_WINDOW - 1;
     let (s, k) = (n % 20, n % slices_of(n % 20));
     let moved = format!("10.{s}.{k}.{}:8080", 101 + (n + 1) % 150);
     support::wait_for("the last change to be live in podgate", || async {
@@ -506,34 +542,44 @@ async fn discovery_at_scale_throughput_during_churn() {
     })
     .await;
 
-    let windows = [
-        ("no churn before", before.until(&control_start)),
-        (
-            "churn to unwatched Services",
-            control_start.until(&churn_start),
-        ),
-        ("churn to the big upstream", churn_start.until(&churn_end)),
-        ("no churn after", churn_end.until(&after)),
+    let names = [
+        "no churn",
+        "churn to unwatched Services",
+        "churn to the big upstream",
     ];
-    let quiet = (windows[0].1 .0 + windows[3].1 .0) / 2.0;
-    let (control, watched) = (windows[1].1 .0, windows[2].1 .0);
+    for (round, windows) in rounds.iter().enumerate() {
+        for (name, (rps, failed, podgate, harness, rest)) in names.iter().zip(windows) {
+            println!(
+                "RESULT   round {}, {name}: {rps:.0} req/s, {failed} failed; CPU s podgate \
+                 {podgate:.2}, harness (clients, backends, fake API servers) {harness:.2}, rest of \
+                 the machine {rest:.2}",
+                round + 1
+            );
+        }
+    }
+    let median = |f: &dyn Fn(&[Window; 3]) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let quiet = median(&|w| w[0].0);
     println!(
-        "RESULT request throughput, {CLIENTS} keep-alive clients → podgate (2 threads) → 3 backends \
-         on loopback: no churn {quiet:.0} req/s; 1000 changes at 100/s to unwatched Services \
-         {control:.0} req/s ({:.3} of no churn: the harness' own cost); the same to the big \
-         upstream {watched:.0} req/s ({:.3} of no churn, {:.3} of the unwatched churn); resent {}",
-        control / quiet,
-        watched / quiet,
-        watched / control,
+        "RESULT request throughput, {CLIENTS} keep-alive clients → podgate (2 request threads, \
+         CPU split {}) → 3 backends on loopback, medians of {ROUNDS} rounds: no churn {quiet:.0} \
+         req/s; 100 changes/s to unwatched Services {:.3} of no churn (the harness' own cost); \
+         the same to the big upstream {:.3} of no churn, {:.3} of the unwatched churn; failed {}, \
+         resent {}",
+        split
+            .iter()
+            .map(|s| format!("{:.0}%", s / split.iter().sum::<f64>() * 100.0))
+            .collect::<Vec<_>>()
+            .join("/"),
+        median(&|w| w[1].0 / w[0].0),
+        median(&|w| w[2].0 / w[0].0),
+        median(&|w| w[2].0 / w[1].0),
+        counts.failed(),
         counts.resent(),
     );
-    for (name, (rps, failed, podgate, harness, rest)) in windows {
-        println!(
-            "RESULT   {name}: {rps:.0} req/s, {failed} failed; CPU s podgate {podgate:.2}, \
-             harness (clients, backends, fake API servers) {harness:.2}, rest of the machine \
-             {rest:.2}"
-        );
-    }
     api.shutdown_background();
     let failures = counts
         .failures

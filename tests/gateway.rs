@@ -77,6 +77,67 @@ async fn routes_to_pods_in_weighted_smooth_order() {
 }
 
 #[tokio::test]
+async fn a_pod_in_two_services_of_an_upstream_gets_one_share() {
+    // Services a (p1, p2) and b (p2, p3) share p2; each address is one backend.
+    let pods = pods_same_port(&["p1", "p2", "p3"]).await;
+    let port = pods[0].addr.port();
+    let slice = |svc: &str, members: &[usize]| {
+        let eps: Vec<Ep> = members.iter().map(|i| Ep::ready(&pods[*i])).collect();
+        format!(
+            "{}---\n{}",
+            service_yaml(svc),
+            slice_yaml(&format!("{svc}-1"), svc, port, &eps)
+        )
+    };
+    let conf = with_cluster(
+        "upstreams:\n  - name: both\n    services:\n\
+         \x20     - {cluster: local, service: a, port: 8000}\n\
+         \x20     - {cluster: local, service: b, port: 8000}\n\
+         routes:\n  - {name: all, path_prefix: /, upstream: both}\n",
+    );
+    let (a, b) = (slice("a", &[0, 1]), slice("b", &[1, 2]));
+    let gw = Gateway::start(&conf, &[("cluster/a.yaml", &a), ("cluster/b.yaml", &b)]).await;
+    let spread = || async {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..30 {
+            *counts.entry(gw.pod_for("h", "/").await).or_default() += 1;
+        }
+        let mut counts: Vec<_> = counts.into_iter().collect();
+        counts.sort();
+        counts
+    };
+    let even = vec![("p1".into(), 10), ("p2".into(), 10), ("p3".into(), 10)];
+    assert_eq!(spread().await, even);
+    let view = gw.upstreams_json().await;
+    assert_eq!(
+        view["upstreams"][0]["backends"].as_array().unwrap().len(),
+        3
+    );
+
+    // b lets p2 go: the services no longer share a Pod, and p2 still gets its share through a.
+    write_atomically(&gw.path("cluster/b.yaml"), &slice("b", &[2]));
+    wait_for("b to hold p3 only", || async {
+        let view = gw.upstreams_json().await;
+        view["upstreams"][0]["services"][1]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 1)
+    })
+    .await;
+    assert_eq!(spread().await, even);
+
+    // And back: b takes p1 this time.
+    write_atomically(&gw.path("cluster/b.yaml"), &slice("b", &[0, 2]));
+    wait_for("b to hold p1 and p3", || async {
+        let view = gw.upstreams_json().await;
+        view["upstreams"][0]["services"][1]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(spread().await, even);
+}
+
+#[tokio::test]
 async fn target_port_and_even_spread_over_one_service() {
     let pods = pods_same_port(&["httpbin-v1", "httpbin-v2", "httpbin-v3"]).await;
     let port = pods[0].addr.port();

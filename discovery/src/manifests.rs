@@ -403,7 +403,7 @@ impl ManifestsCluster {
                                 self.cluster
                             );
                         }
-                        state.slices.insert(name, (**slice).clone());
+                        state.slices.insert(name, Arc::new((**slice).clone()));
                     }
                     Object::Pod { .. } => {}
                 }

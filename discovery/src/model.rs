@@ -166,13 +166,14 @@ impl Endpoint {
 
 /// Everything known about one Service (or one label subset of its Pods): the Service object and
 /// its EndpointSlices by slice name.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct ServiceState {
     /// The Service object; `None` while only EndpointSlices have been seen.
     pub service: Option<Service>,
     /// The Service's EndpointSlices, by `metadata.name` (for a subset: with only the endpoints of
-    /// the subset's Pods).
-    pub slices: BTreeMap<String, EndpointSlice>,
+    /// the subset's Pods). Shared: a watch event replaces one slice, and the new state shares the
+    /// others with the previous one instead of copying a few hundred endpoints each time.
+    pub slices: BTreeMap<String, Arc<EndpointSlice>>,
     /// The labels of the Pods that the slices' endpoints name in `targetRef`, by Pod name, when
     /// the source reads every Pod (a manifests folder does); a Pod the source does not have is
     /// left out. `None` when the source does not read them (a cluster watches Pods only for the
@@ -294,6 +295,21 @@ impl ServiceState {
     }
 }
 
+/// Slices shared with the previous state compare by pointer first: an update that replaces one
+/// slice of a large Service compares that slice only.
+impl PartialEq for ServiceState {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && self.pods == other.pods
+            && self.slices.len() == other.slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(&other.slices)
+                .all(|((na, a), (nb, b))| na == nb && (Arc::ptr_eq(a, b) || a == b))
+    }
+}
+
 impl ServiceState {
     /// The same Service with only the endpoints whose `targetRef` is a Pod for which `keep(name)`
     /// holds (endpoints without a Pod `targetRef` are dropped: nothing says which labels they
@@ -305,7 +321,7 @@ impl ServiceState {
             .slices
             .iter()
             .map(|(name, slice)| {
-                let mut slice = slice.clone();
+                let mut slice = EndpointSlice::clone(slice);
                 slice.endpoints.retain(|endpoint| {
                     endpoint
                         .target_ref
@@ -314,7 +330,7 @@ impl ServiceState {
                         .and_then(|r| r.name.as_deref())
                         .is_some_and(&keep)
                 });
-                (name.clone(), slice)
+                (name.clone(), Arc::new(slice))
             })
             .collect();
         ServiceState {

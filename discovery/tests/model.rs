@@ -32,7 +32,7 @@ fn state(service: Option<Service>, slices: Vec<EndpointSlice>) -> ServiceState {
         service,
         slices: slices
             .into_iter()
-            .map(|s| (s.metadata.name.clone().unwrap(), s))
+            .map(|s| (s.metadata.name.clone().unwrap(), std::sync::Arc::new(s)))
             .collect(),
         pods: None,
     }

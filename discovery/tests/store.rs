@@ -196,7 +196,9 @@ fn web(versions: Option<&[&str]>, pods: usize) -> ServiceState {
         port: 80,
         ..ServicePort::default()
     }]);
-    state.slices.insert("web-1".into(), slice);
+    state
+        .slices
+        .insert("web-1".into(), std::sync::Arc::new(slice));
     state.pods = versions.map(|versions| {
         versions
             .iter()

@@ -193,7 +193,7 @@ fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::O
                 })
         }),
         backends: Seq(|| {
-            u.selection.backends().iter().map(|b| BackendOut {
+            u.selection.iter().map(|b| BackendOut {
                 address: b.addr,
                 weight: b.weight,
                 cluster: b.info.cluster.as_deref(),

@@ -44,19 +44,96 @@ pub struct BackendInfo {
     pub health: Arc<crate::outlier::Health>,
 }
 
-/// An immutable set of backends ready for picking.
+/// The backends of one service (or of an upstream's static nodes), built once and then shared
+/// by every selection until that service changes: a rebuild after one Pod moved copies one
+/// pointer per service, not one backend per Pod, and touches no backend's reference count.
 #[derive(Debug, Default)]
-pub struct Selection {
-    /// Sorted by weight (descending), then address: each weight class is a contiguous range.
-    backends: Vec<Backend>,
-    classes: Vec<Class>,
+pub struct Segment {
+    /// Sorted by weight (descending), then address; no zero weights, no address twice.
+    backends: Box<[Backend]>,
+    /// Each run of equal weight in `backends`.
+    runs: Vec<Run>,
 }
 
-#[derive(Debug, Clone)]
-struct Class {
+#[derive(Debug, Clone, Copy)]
+struct Run {
     weight: u32,
     start: usize,
     len: usize,
+}
+
+impl Segment {
+    /// Sorts `backends`; drops those with weight 0 (they could never be picked) and repeated
+    /// addresses (the first in weight-then-address order stays).
+    pub fn new(mut backends: Vec<Backend>) -> Arc<Segment> {
+        backends.retain(|b| b.weight > 0);
+        backends.sort_by(|a, b| a.addr.cmp(&b.addr).then(b.weight.cmp(&a.weight)));
+        backends.dedup_by(|later, first| later.addr == first.addr);
+        // Already in order when every backend has one weight, as a service's do.
+        backends.sort_by(|a, b| b.weight.cmp(&a.weight).then(a.addr.cmp(&b.addr)));
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if r.weight == b.weight => r.len += 1,
+                _ => runs.push(Run {
+                    weight: b.weight,
+                    start: i,
+                    len: 1,
+                }),
+            }
+        }
+        Arc::new(Segment {
+            backends: backends.into_boxed_slice(),
+            runs,
+        })
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The backends in address order, when they are (every backend of one weight: a service's
+    /// are unless some ramp up).
+    pub fn by_address(&self) -> Option<&[Backend]> {
+        (self.runs.len() <= 1).then_some(&*self.backends)
+    }
+
+    /// The backend at `addr`: a binary search in each run.
+    pub fn find(&self, addr: &SocketAddr) -> Option<&Backend> {
+        self.runs.iter().find_map(|r| {
+            let members = &self.backends[r.start..r.start + r.len];
+            members
+                .binary_search_by(|b| b.addr.cmp(addr))
+                .ok()
+                .map(|i| &members[i])
+        })
+    }
+}
+
+/// An immutable set of backends ready for picking: segments, and the weight classes their runs
+/// fall into.
+#[derive(Debug, Default)]
+pub struct Selection {
+    segments: Vec<Arc<Segment>>,
+    /// By weight, descending.
+    classes: Vec<Class>,
+    len: usize,
+}
+
+/// The members of one weight: runs of segments, one after the other.
+#[derive(Debug, Clone)]
+struct Class {
+    weight: u32,
+    len: usize,
+    parts: Vec<Part>,
+}
+
+/// One run of one segment within a class; its members are the class's members `offset..`.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    segment: usize,
+    run: Run,
+    offset: usize,
 }
 
 impl Class {
@@ -66,42 +143,85 @@ impl Class {
 }
 
 impl Selection {
-    /// Builds a selection; backends with weight 0 are dropped (they could never be picked).
-    pub fn new(mut backends: Vec<Backend>) -> Self {
-        backends.retain(|b| b.weight > 0);
-        backends.sort_by(|a, b| b.weight.cmp(&a.weight).then(a.addr.cmp(&b.addr)));
-        backends.dedup_by(|a, b| a.addr == b.addr);
-        let mut classes: Vec<Class> = Vec::new();
-        for (i, b) in backends.iter().enumerate() {
-            match classes.last_mut() {
-                Some(c) if c.weight == b.weight => c.len += 1,
-                _ => classes.push(Class {
-                    weight: b.weight,
-                    start: i,
-                    len: 1,
-                }),
-            }
-        }
-        Selection { backends, classes }
+    /// A selection of one segment: `backends` sorted, without weight 0 or repeated addresses.
+    pub fn new(backends: Vec<Backend>) -> Self {
+        Self::from_segments(vec![Segment::new(backends)])
     }
 
-    /// The backend at `addr`: a binary search in each weight class.
-    pub fn find(&self, addr: &SocketAddr) -> Option<&Backend> {
-        self.classes.iter().find_map(|c| {
-            let members = &self.backends[c.start..c.start + c.len];
+    /// A selection of `segments`, in O(segments + runs). No address may be in two segments (it
+    /// would get the share of two backends); whoever cannot rule that out merges the segments
+    /// with [`Selection::new`].
+    pub fn from_segments(segments: Vec<Arc<Segment>>) -> Self {
+        let mut classes: Vec<Class> = Vec::new();
+        for (index, segment) in segments.iter().enumerate() {
+            for run in &segment.runs {
+                let class = match classes.iter().position(|c| c.weight == run.weight) {
+                    Some(c) => c,
+                    None => {
+                        classes.push(Class {
+                            weight: run.weight,
+                            len: 0,
+                            parts: Vec::new(),
+                        });
+                        classes.len() - 1
+                    }
+                };
+                let class = &mut classes[class];
+                class.parts.push(Part {
+                    segment: index,
+                    run: *run,
+                    offset: class.len,
+                });
+                class.len += run.len;
+            }
+        }
+        classes.sort_by_key(|c| std::cmp::Reverse(c.weight));
+        let len = classes.iter().map(|c| c.len).sum();
+        Selection {
+            segments,
+            classes,
+            len,
+        }
+    }
+
+    /// Member `i` of class `class`.
+    fn member(&self, class: usize, i: usize) -> &Backend {
+        let class = &self.classes[class];
+        let part = &class.parts[class.parts.partition_point(|p| p.offset <= i) - 1];
+        &self.segments[part.segment].backends[part.run.start + i - part.offset]
+    }
+
+    /// Where `addr` is in class `class`, if it is there.
+    fn position(&self, class: usize, addr: &SocketAddr) -> Option<usize> {
+        self.classes[class].parts.iter().find_map(|p| {
+            let members = &self.segments[p.segment].backends[p.run.start..p.run.start + p.run.len];
             members
                 .binary_search_by(|b| b.addr.cmp(addr))
                 .ok()
-                .map(|i| &members[i])
+                .map(|i| p.offset + i)
         })
     }
 
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
+    /// The backend at `addr`.
+    pub fn find(&self, addr: &SocketAddr) -> Option<&Backend> {
+        self.segments.iter().find_map(|s| s.find(addr))
+    }
+
+    /// Every backend: by weight (descending), then segment by segment in address order.
+    pub fn iter(&self) -> impl Iterator<Item = &Backend> {
+        self.classes.iter().flat_map(move |c| {
+            c.parts.iter().flat_map(move |p| {
+                &self.segments[p.segment].backends[p.run.start..p.run.start + p.run.len]
+            })
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
+        self.len == 0
     }
 }
 
@@ -154,15 +274,15 @@ impl Balancer {
             if !Arc::ptr_eq(&rot.selection, &guard) {
                 rot.follow(arc_swap::Guard::into_inner(guard));
             }
-            let mut idx = rot.next();
+            let (mut class, mut i) = rot.next();
             // Stop after one full lap of distinct choices: better a refused one than none.
-            for _ in 0..rot.selection.backends.len() {
-                if !skip(&rot.selection.backends[idx]) {
+            for _ in 0..rot.selection.len() {
+                if !skip(rot.selection.member(class, i)) {
                     break;
                 }
-                idx = rot.next();
+                (class, i) = rot.next();
             }
-            Some(rot.selection.backends[idx].clone())
+            Some(rot.selection.member(class, i).clone())
         })
     }
 }
@@ -205,16 +325,17 @@ impl Rotation {
         let new = &self.selection;
         let mut current = Vec::with_capacity(new.classes.len());
         let mut cursor = Vec::with_capacity(new.classes.len());
-        for class in &new.classes {
+        for (ci, class) in new.classes.iter().enumerate() {
             let before = old.classes.iter().position(|c| c.weight == class.weight);
             let (cur, pos) = match before {
                 Some(i) if i < self.current.len() => {
                     let oc = &old.classes[i];
-                    // The member that was due next keeps its turn if it is still there; else the
-                    // first member after it in address order.
-                    let due = old.backends[oc.start + self.cursor[i] % oc.len].addr;
-                    let members = &new.backends[class.start..class.start + class.len];
-                    let pos = members.partition_point(|b| b.addr < due) % class.len;
+                    // The member that was due next keeps its turn if it is still there; else
+                    // the rotation goes on from the same place (one Pod more or less before it
+                    // shifts it by one at most).
+                    let cursor = self.cursor[i] % oc.len;
+                    let due = old.member(i, cursor).addr;
+                    let pos = new.position(ci, &due).unwrap_or(cursor % class.len);
                     (self.current[i], pos)
                 }
                 _ => (0, 0),
@@ -233,8 +354,8 @@ impl Rotation {
         self.cursor = cursor;
     }
 
-    /// Index into `selection.backends` of the next pick. The selection must not be empty.
-    fn next(&mut self) -> usize {
+    /// Class and member of the next pick. The selection must not be empty.
+    fn next(&mut self) -> (usize, usize) {
         let classes = &self.selection.classes;
         let mut best = 0;
         for (i, c) in classes.iter().enumerate() {
@@ -244,10 +365,9 @@ impl Rotation {
             }
         }
         self.current[best] -= self.total;
-        let class = &classes[best];
         let member = self.cursor[best];
-        self.cursor[best] = (member + 1) % class.len;
-        class.start + member
+        self.cursor[best] = (member + 1) % classes[best].len;
+        (best, member)
     }
 }
 
@@ -344,6 +464,67 @@ mod tests {
         assert_eq!(picks(&b, 3), vec![3, 4, 1], "3 was due, not a restart at 1");
         b.swap(set(&[1, 3, 4])); // 2 leaves; 2 was due next
         assert_eq!(picks(&b, 2), vec![3, 4]);
+    }
+
+    #[test]
+    fn segments_side_by_side_are_picked_like_one_set() {
+        // Two weight classes spread over three segments (services).
+        let segments = vec![
+            Segment::new(vec![backend(1, 3), backend(2, 3)]),
+            Segment::new(vec![backend(3, 1)]),
+            Segment::new(vec![backend(5, 1), backend(4, 3)]),
+        ];
+        let s = Selection::from_segments(segments);
+        assert_eq!(s.len(), 5);
+        for (last, weight) in [(1, 3), (2, 3), (3, 1), (4, 3), (5, 1)] {
+            let addr = SocketAddr::from(([10, 0, 0, last], 80));
+            assert_eq!(s.find(&addr).map(|b| b.weight), Some(weight), "{addr}");
+        }
+        let order: Vec<u32> = s.iter().map(|b| b.weight).collect();
+        assert_eq!(order, vec![3, 3, 3, 1, 1], "heaviest class first");
+        let b = Balancer::new(s);
+        let seq = picks(&b, 11 * 4);
+        for window in seq.windows(11) {
+            for (last, weight) in [(1, 3), (2, 3), (3, 1), (4, 3), (5, 1)] {
+                let got = window.iter().filter(|x| **x == last).count() as i64;
+                assert!((got - weight).abs() <= 1, "{last} got {got} in {window:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rotation_continues_when_one_segment_changes() {
+        let kept = Segment::new(vec![backend(1, 1), backend(2, 1)]);
+        let b = Balancer::new(Selection::from_segments(vec![
+            kept.clone(),
+            Segment::new(vec![backend(3, 1), backend(4, 1)]),
+        ]));
+        assert_eq!(picks(&b, 2), vec![1, 2]);
+        // 3 was due; the second service gains 5.
+        b.swap(Selection::from_segments(vec![
+            kept.clone(),
+            Segment::new(vec![backend(3, 1), backend(4, 1), backend(5, 1)]),
+        ]));
+        assert_eq!(picks(&b, 5), vec![3, 4, 5, 1, 2]);
+        // 3 was due again and leaves: the rotation goes on from its place.
+        b.swap(Selection::from_segments(vec![
+            kept,
+            Segment::new(vec![backend(4, 1), backend(5, 1)]),
+        ]));
+        assert_eq!(picks(&b, 4), vec![4, 5, 1, 2]);
+    }
+
+    #[test]
+    fn a_segment_keeps_the_heaviest_of_a_repeated_address() {
+        let s = Segment::new(vec![
+            backend(1, 2),
+            backend(1, 7),
+            backend(2, 0),
+            backend(1, 3),
+        ]);
+        let kept: Vec<(SocketAddr, u32)> =
+            s.backends().iter().map(|b| (b.addr, b.weight)).collect();
+        assert_eq!(kept, vec![(SocketAddr::from(([10, 0, 0, 1], 80)), 7)]);
     }
 
     #[test]

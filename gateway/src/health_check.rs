@@ -211,7 +211,7 @@ async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) {
     let selection = up.selection();
     let host = up.conf.host_header.clone();
     let mut probes = Vec::new();
-    for b in selection.backends().iter().cloned() {
+    for b in selection.iter().cloned() {
         let (limit, conf, up, host) = (limit.clone(), conf.clone(), up.clone(), host.clone());
         probes.push(tokio::spawn(async move {
             tokio::time::sleep(phase(&b.addr, conf.interval) / 2).await;

@@ -4,7 +4,7 @@
 //! them are rebuilt, and each swaps its new selection in atomically. Nothing here runs on the
 //! request path except [`Upstream::pick`].
 
-use crate::balance::{Backend, BackendInfo, Balancer, Selection};
+use crate::balance::{Backend, BackendInfo, Balancer, Segment, Selection};
 use crate::config::{Scheme, UpstreamConf};
 use crate::outlier::{self, Health};
 use podgate_discovery::{Endpoint, ServiceKey, ServiceState, Store};
@@ -78,7 +78,124 @@ struct BuiltService {
     /// No backend was ramping up (slow start): ramping weights change with time, so such a
     /// service is built afresh each time.
     settled: bool,
-    backends: Arc<[Backend]>,
+    /// Its endpoints by state (see [`state_counts`]).
+    counts: [i64; 4],
+    segment: Arc<Segment>,
+}
+
+/// Looks up what a service had at each address, for addresses asked in ascending order (as a
+/// service's endpoints are): one walk through its previous backends, not a search per Pod.
+struct Had<'a> {
+    segment: &'a Segment,
+    /// The previous backends not yet walked past, when they are in address order.
+    rest: Option<&'a [Backend]>,
+}
+
+impl<'a> Had<'a> {
+    fn new(segment: &'a Segment) -> Self {
+        Had {
+            segment,
+            rest: segment.by_address(),
+        }
+    }
+
+    fn at(&mut self, addr: &SocketAddr) -> Option<&'a Backend> {
+        let Some(rest) = &mut self.rest else {
+            return self.segment.find(addr);
+        };
+        while rest.first().is_some_and(|b| b.addr < *addr) {
+            *rest = &rest[1..];
+        }
+        rest.first().filter(|b| b.addr == *addr)
+    }
+}
+
+/// What the last rebuild of an upstream made, to be reused by the next.
+#[derive(Default)]
+struct Built {
+    /// Per service entry, in the order of `conf.services`.
+    services: Vec<BuiltService>,
+    /// The static nodes' segment, if the upstream has nodes.
+    nodes: Option<Arc<Segment>>,
+    /// How many segments (services and nodes) hold each address.
+    holders: HashMap<SocketAddr, u32>,
+    /// Addresses held by more than one segment: while there is one, segments cannot simply be
+    /// put side by side (that address would get two shares).
+    overlaps: usize,
+}
+
+impl Built {
+    fn set_service(&mut self, i: usize, service: BuiltService) {
+        if i < self.services.len() {
+            let new = service.segment.clone();
+            let old = std::mem::replace(&mut self.services[i], service);
+            self.replace(&old.segment, &new);
+        } else {
+            debug_assert_eq!(i, self.services.len(), "services are built in order");
+            self.count(&service.segment, true);
+            self.services.push(service);
+        }
+    }
+
+    fn set_nodes(&mut self, nodes: Arc<Segment>) {
+        match self.nodes.replace(nodes.clone()) {
+            Some(old) => self.replace(&old, &nodes),
+            None => self.count(&nodes, true),
+        }
+    }
+
+    /// Records that `new` replaced `old`: only the addresses that differ, when both are in
+    /// address order (one Pod moved: two addresses, not a thousand).
+    fn replace(&mut self, old: &Segment, new: &Segment) {
+        let (Some(mut old), Some(mut new)) = (old.by_address(), new.by_address()) else {
+            self.count(old, false);
+            self.count(new, true);
+            return;
+        };
+        while let (Some(o), Some(n)) = (old.first(), new.first()) {
+            match o.addr.cmp(&n.addr) {
+                std::cmp::Ordering::Equal => {
+                    (old, new) = (&old[1..], &new[1..]);
+                }
+                std::cmp::Ordering::Less => {
+                    self.hold(&o.addr, false);
+                    old = &old[1..];
+                }
+                std::cmp::Ordering::Greater => {
+                    self.hold(&n.addr, true);
+                    new = &new[1..];
+                }
+            }
+        }
+        old.iter().for_each(|b| self.hold(&b.addr, false));
+        new.iter().for_each(|b| self.hold(&b.addr, true));
+    }
+
+    /// Records that `segment` now holds (or no longer holds) its addresses.
+    fn count(&mut self, segment: &Segment, holds: bool) {
+        for b in segment.backends() {
+            self.hold(&b.addr, holds);
+        }
+    }
+
+    fn hold(&mut self, addr: &SocketAddr, holds: bool) {
+        if holds {
+            let n = self.holders.entry(*addr).or_insert(0);
+            *n += 1;
+            if *n == 2 {
+                self.overlaps += 1;
+            }
+        } else if let Some(n) = self.holders.get_mut(addr) {
+            *n -= 1;
+            match *n {
+                0 => {
+                    self.holders.remove(addr);
+                }
+                1 => self.overlaps -= 1,
+                _ => {}
+            }
+        }
+    }
 }
 
 pub struct Upstream {
@@ -97,8 +214,8 @@ pub struct Upstream {
     pub connector: crate::h1::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
-    /// The backends built for each service entry last time (see `rebuild`).
-    built_services: Mutex<Vec<BuiltService>>,
+    /// What the last rebuild built (see `rebuild`).
+    built_services: Mutex<Built>,
     /// Endpoints per cluster and state as of the last rebuild (see `refresh_state_gauges`).
     endpoint_gauges: Mutex<Vec<(String, [i64; 4])>>,
     /// Whether a first rebuild happened (endpoints found later are newcomers for slow start).
@@ -124,7 +241,7 @@ impl Upstream {
         Ok(Upstream {
             connector: crate::h1::pool::Connector::new(&conf)?,
             endpoint_gauges: Mutex::new(Vec::new()),
-            built_services: Mutex::new(Vec::new()),
+            built_services: Mutex::new(Built::default()),
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
@@ -187,19 +304,18 @@ impl Upstream {
             return;
         }
         let selection = self.selection();
-        let all = selection.backends();
-        let ejected = all
+        let ejected = selection
             .iter()
             .filter(|b| b.info.health.passive.is_ejected(now))
             .count();
-        if !outlier::may_eject(conf, ejected, all.len()) {
+        if !outlier::may_eject(conf, ejected, selection.len()) {
             log::warn!(
                 "upstream {}: {} failed {} times in a row but is not ejected: {ejected} of {} \
                  endpoints already are (max_ejection_percent {})",
                 self.conf.name,
                 describe(backend),
                 conf.consecutive_failures,
-                all.len(),
+                selection.len(),
                 conf.max_ejection_percent
             );
             return;
@@ -227,7 +343,7 @@ impl Upstream {
             Err(poisoned) => poisoned.into_inner().clone(),
         };
         let mut ejected: Vec<(String, i64)> = counts.iter().map(|(c, _)| (c.clone(), 0)).collect();
-        for b in self.selection().backends() {
+        for b in self.selection().iter() {
             let cluster = b.info.cluster.as_deref().unwrap_or("static");
             let Some(i) = counts.iter().position(|(c, _)| c == cluster) else {
                 continue;
@@ -323,14 +439,16 @@ impl Upstream {
         // Endpoints that join a running upstream start slow; those of the first build do not
         // (a restart of podgate must not throttle a whole fleet).
         let first_build = !self.built.swap(true, Ordering::Relaxed);
-        let health_of = |addr: &SocketAddr| match previous.find(addr) {
-            Some(b) => Arc::clone(&b.info.health),
-            None if first_build || self.conf.slow_start.is_none() => Default::default(),
-            None => Arc::new(Health::joining(now)),
-        };
         let mut ramping = false;
-        let mut backend = |addr: SocketAddr, weight: u32, cluster, pod| {
-            let health = health_of(&addr);
+        // A backend at `addr`, with the failure record of `known` (what its service had at that
+        // address), else of the previous selection's backend there (a Pod new to its service,
+        // usually one per change).
+        let mut backend = |addr: SocketAddr, weight: u32, cluster, pod, known: Option<&Backend>| {
+            let health = match known.or_else(|| previous.find(&addr)) {
+                Some(b) => Arc::clone(&b.info.health),
+                None if first_build || self.conf.slow_start.is_none() => Default::default(),
+                None => Arc::new(Health::joining(now)),
+            };
             let (weight, ramps) = health.ramped(weight, self.conf.slow_start, now);
             ramping |= ramps;
             (
@@ -346,64 +464,88 @@ impl Upstream {
                 ramps,
             )
         };
-        // A service whose endpoints did not change keeps the backends built for it last time:
-        // one change in a 7,000-endpoint upstream rebuilds one service, not all of them.
-        let mut cache = match self.built_services.lock() {
+        // A service whose endpoints did not change keeps the segment built for it last time:
+        // one change in a 7,000-endpoint upstream builds one service's backends, and the new
+        // selection shares every other service's with the previous one.
+        let mut built = match self.built_services.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut next_cache = Vec::with_capacity(views.len());
-        let mut backends: Vec<Backend> = Vec::with_capacity(previous.backends().len() + 8);
+        let mut segments = Vec::with_capacity(views.len() + 1);
         for (i, view) in views.iter().enumerate() {
             let svc = &self.conf.services[i];
-            let reuse = cache.get(i).filter(|c| {
+            let was = built.services.get(i);
+            if let Some(kept) = was.filter(|c| {
                 c.settled
                     && Arc::ptr_eq(&c.endpoints, &view.endpoints)
                     && c.any_ready == any_ready
                     && c.weight == svc.weight
-            });
-            if let Some(built) = reuse {
-                backends.extend(built.backends.iter().cloned());
-                next_cache.push(built.clone());
+            }) {
+                segments.push(kept.segment.clone());
                 continue;
             }
+            let was = was.map(|c| c.segment.clone()).unwrap_or_default();
+            let mut had = Had::new(&was);
             let mut settled = true;
-            let built: Arc<[Backend]> = view
+            let backends = view
                 .endpoints
                 .iter()
                 .filter(|e| if any_ready { e.ready } else { e.serving })
                 .map(|e| {
                     let pod = e.pod.as_deref().map(Arc::from);
-                    let (b, ramps) = backend(e.addr, svc.weight, Some(svc.cluster.clone()), pod);
+                    let cluster = Some(svc.cluster.clone());
+                    let known = had.at(&e.addr);
+                    let (b, ramps) = backend(e.addr, svc.weight, cluster, pod, known);
                     settled &= !ramps;
                     b
                 })
                 .collect();
-            backends.extend(built.iter().cloned());
-            next_cache.push(BuiltService {
-                endpoints: view.endpoints.clone(),
-                any_ready,
-                weight: svc.weight,
-                settled,
-                backends: built,
-            });
+            let segment = Segment::new(backends);
+            segments.push(segment.clone());
+            built.set_service(
+                i,
+                BuiltService {
+                    endpoints: view.endpoints.clone(),
+                    any_ready,
+                    weight: svc.weight,
+                    settled,
+                    counts: state_counts(&view.endpoints, any_ready),
+                    segment,
+                },
+            );
         }
-        *cache = next_cache;
-        drop(cache);
-        backends.extend(
-            self.conf
+        if !self.conf.nodes.is_empty() {
+            let nodes = self
+                .conf
                 .nodes
                 .iter()
-                .map(|n| backend(n.address, n.weight, None, None).0),
-        );
-        let selection = Selection::new(backends);
-        log::info!(
-            "upstream {}: {} backend(s) live",
-            self.conf.name,
-            selection.backends().len()
-        );
+                .map(|n| backend(n.address, n.weight, None, None, None).0)
+                .collect();
+            let nodes = Segment::new(nodes);
+            segments.push(nodes.clone());
+            built.set_nodes(nodes);
+        }
+        let selection = if built.overlaps == 0 {
+            Selection::from_segments(segments)
+        } else {
+            // Services sharing Pods (or a node): merged, so that each address counts once.
+            Selection::new(
+                segments
+                    .iter()
+                    .flat_map(|s| s.backends().iter().cloned())
+                    .collect(),
+            )
+        };
+        let counts = self.endpoint_counts(&built.services);
+        drop(built);
+        if selection.len() != previous.len() {
+            log::info!(
+                "upstream {}: {} backend(s) live",
+                self.conf.name,
+                selection.len()
+            );
+        }
         self.balancer.swap(selection);
-        let counts = self.endpoint_counts(&views, any_ready);
         self.metrics.set_endpoints(&counts);
         match self.endpoint_gauges.lock() {
             Ok(mut g) => *g = counts,
@@ -421,7 +563,7 @@ impl Upstream {
 impl Upstream {
     /// Endpoints per cluster and state, for the `podgate_upstream_endpoints` gauge. Every cluster
     /// the upstream names is listed, so a state that drops to zero is set to zero.
-    fn endpoint_counts(&self, views: &[ServiceView], any_ready: bool) -> Vec<(String, [i64; 4])> {
+    fn endpoint_counts(&self, built: &[BuiltService]) -> Vec<(String, [i64; 4])> {
         fn slot(counts: &mut Vec<(String, [i64; 4])>, cluster: &str) -> usize {
             match counts.iter().position(|(c, _)| c == cluster) {
                 Some(i) => i,
@@ -432,19 +574,10 @@ impl Upstream {
             }
         }
         let mut counts: Vec<(String, [i64; 4])> = Vec::new();
-        for (svc, view) in self.conf.services.iter().zip(views) {
+        for (svc, service) in self.conf.services.iter().zip(built) {
             let i = slot(&mut counts, &svc.cluster);
-            for e in view.endpoints.iter() {
-                // ready: gets traffic; draining: terminating or serving-only (a fallback only
-                // when nothing is ready); unhealthy: failing readiness.
-                let state = if e.ready || (e.serving && !any_ready) {
-                    0
-                } else if e.serving || e.terminating {
-                    1
-                } else {
-                    2
-                };
-                counts[i].1[state] += 1;
+            for (sum, n) in counts[i].1.iter_mut().zip(service.counts) {
+                *sum += n;
             }
         }
         if !self.conf.nodes.is_empty() {
@@ -453,6 +586,24 @@ impl Upstream {
         }
         counts
     }
+}
+
+/// A service's endpoints by state: ready (gets traffic), draining (terminating, or serving only:
+/// a fallback when nothing in the upstream is ready), unhealthy (failing readiness), and a
+/// fourth slot the gauge fills in later (ejected).
+fn state_counts(endpoints: &[Endpoint], any_ready: bool) -> [i64; 4] {
+    let mut counts = [0; 4];
+    for e in endpoints {
+        let state = if e.ready || (e.serving && !any_ready) {
+            0
+        } else if e.serving || e.terminating {
+            1
+        } else {
+            2
+        };
+        counts[state] += 1;
+    }
+    counts
 }
 
 fn describe(b: &Backend) -> String {

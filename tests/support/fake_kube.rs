@@ -234,6 +234,12 @@ impl FakeKube {
         self.apply(Kind::EndpointSlice, serde_json::to_value(slice).unwrap())
     }
 
+    /// Creates or replaces an EndpointSlice given as JSON (as the API server would receive
+    /// it), without a round trip through the typed object; returns its new resourceVersion.
+    pub fn apply_slice_json(&self, slice: Value) -> u64 {
+        self.apply(Kind::EndpointSlice, slice)
+    }
+
     /// Creates or replaces a Pod; returns its new resourceVersion.
     pub fn apply_pod(&self, pod: &Pod) -> u64 {
         self.apply(Kind::Pod, serde_json::to_value(pod).unwrap())
@@ -476,9 +482,12 @@ fn watch_event(change: &Change, matches: impl Fn(&Value) -> bool) -> Option<Byte
     }
 }
 
+/// One line of a watch stream. `type` comes first, as the API server writes it: a client reading
+/// `object` first would have to buffer the whole object before it knows what to make of it.
 fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
-    line.push(b'\n');
+    let mut line = format!("{{\"type\":\"{kind}\",\"object\":").into_bytes();
+    serde_json::to_writer(&mut line, object).unwrap();
+    line.extend_from_slice(b"}\n");
     Bytes::from(line)
 }
 

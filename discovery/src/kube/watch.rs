@@ -361,14 +361,14 @@ impl Assembly {
                 *slices = items
                     .into_iter()
                     .filter(|s| self.ours(s))
-                    .map(|s| (s.name_any(), trim(s)))
+                    .map(|s| (s.name_any(), Arc::new(trim(s))))
                     .collect::<BTreeMap<_, _>>();
                 parts.slices_listed = true;
             }
             // A slice relabelled away from the Service is gone from it (the API server also
             // sends DELETED for that; checking here costs nothing).
             Change::Applied(s) if self.ours(&s) => {
-                slices.insert(s.name_any(), trim(s));
+                slices.insert(s.name_any(), Arc::new(trim(s)));
             }
             Change::Applied(s) | Change::Deleted(s) => {
                 slices.remove(&s.name_any());
