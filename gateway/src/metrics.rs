@@ -7,7 +7,7 @@
 
 use prometheus::{
     register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder, Histogram,
-    HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Registry, TextEncoder,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -82,6 +82,21 @@ static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+static CLIENT_CONNECTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "podgate_client_connections",
+        "Open client connections (HTTP/1.1 and h2 over TLS listeners) by request thread, \
+         numbered in the order the threads first served one.",
+        &["thread"]
+    )
+    .expect("metric registers once")
+});
+
+/// The open-connections gauge of request thread `i`.
+pub fn client_connections(i: usize) -> IntGauge {
+    CLIENT_CONNECTIONS.with_label_values(&[&i.to_string()])
+}
 
 /// Label for requests that matched no route.
 pub const UNMATCHED: &str = "(none)";

@@ -241,7 +241,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             add_listeners(&mut svc, &listeners)?;
             server.add_service(svc);
         } else {
-            let app = crate::h1::Engine::new(gateway(), proxy, linger);
+            let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads);
             let mut svc = Service::new("podgate".to_string(), app);
             add_listeners(&mut svc, &listeners)?;
             server.add_service(svc);

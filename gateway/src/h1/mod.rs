@@ -16,6 +16,7 @@
 
 pub mod body;
 pub mod pool;
+pub mod spread;
 
 use crate::access_log;
 use crate::proxy::{access_line, error_json, Gateway, GatewayRoute, LogFields};
@@ -49,14 +50,18 @@ pub struct Engine<F> {
     h2: Arc<F>,
     /// How long idle connections stay open once the listeners closed (see `server.rs`).
     linger: Duration,
+    /// Evens out connections over the request threads.
+    spread: Arc<spread::Spread>,
 }
 
 impl<F> Engine<F> {
-    pub fn new(gateway: Gateway, h2: F, linger: Duration) -> Self {
+    /// The application of a listening service running `threads` request threads.
+    pub fn new(gateway: Gateway, h2: F, linger: Duration, threads: usize) -> Self {
         Engine {
             gateway,
             h2: Arc::new(h2),
             linger,
+            spread: spread::Spread::new(threads),
         }
     }
 }
@@ -65,8 +70,28 @@ impl<F> Engine<F> {
 impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         if io.selected_alpn_proto() == Some(ALPN::H2) {
+            let _open = self.spread.open_here();
             return self.h2.process_new(io, shutdown).await;
         }
+        if spread::movable(&io) {
+            if let Some((there, open)) = self.spread.elsewhere() {
+                if let Some(tcp) = spread::detach(&io) {
+                    // Pingora's copy leaves this thread's poller and closes; the socket stays
+                    // open through the copy.
+                    drop(io);
+                    let (engine, shutdown) = (self.clone(), shutdown.clone());
+                    there.spawn(async move {
+                        let _open = open;
+                        match spread::attach(tcp) {
+                            Ok(io) => engine.serve(io, &shutdown).await,
+                            Err(e) => log::warn!("cannot move a client connection: {e}"),
+                        }
+                    });
+                    return None;
+                }
+            }
+        }
+        let _open = self.spread.open_here();
         self.serve(io, shutdown).await;
         None
     }

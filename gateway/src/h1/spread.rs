@@ -1,0 +1,185 @@
+//! Keeps client connections spread evenly over the request threads.
+//!
+//! Pingora hands each accepted connection to one of its request threads at random. With many
+//! short connections that evens out; with a few long keep-alive ones (a load balancer in front of
+//! podgate holds a handful) it often does not: 8 connections on 2 threads land 6:2 or worse one
+//! time in three, and the busier thread then caps the whole process while the other idles. The
+//! same problem made Envoy add its `exact_balance` listener option.
+//!
+//! So a new plain-TCP connection that lands on a thread holding more open connections than the
+//! least busy one is handed to that thread: the socket is duplicated, re-registered with the
+//! target thread's runtime and served there; Pingora's copy is closed. TLS connections stay where
+//! they are (their session state lives in the stream and cannot follow), but count. The target's
+//! runtime is one of the same listening service's runtimes, so shutdown treats a moved
+//! connection like any other.
+
+use crate::metrics;
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
+use prometheus::IntGauge;
+use std::cell::RefCell;
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::runtime::Handle;
+
+/// The request threads of one listening service, as they become known.
+pub struct Spread {
+    id: u64,
+    threads: Box<[Thread]>,
+    /// Threads registered so far (indexes into `threads`).
+    known: AtomicUsize,
+    /// Whether the other threads were asked to register.
+    probed: std::sync::atomic::AtomicBool,
+}
+
+struct Thread {
+    handle: OnceLock<Handle>,
+    open: AtomicUsize,
+    gauge: OnceLock<IntGauge>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's index in each [`Spread`] that knows it, by spread id.
+    static MINE: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An open connection counted on a thread; uncounted when dropped.
+pub struct Open {
+    spread: Arc<Spread>,
+    thread: usize,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let t = &self.spread.threads[self.thread];
+        let now = t.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        if let Some(g) = t.gauge.get() {
+            g.set(now as i64);
+        }
+    }
+}
+
+impl Spread {
+    /// For a service running `threads` request threads.
+    pub fn new(threads: usize) -> Arc<Self> {
+        Arc::new(Spread {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            threads: (0..threads)
+                .map(|_| Thread {
+                    handle: OnceLock::new(),
+                    open: AtomicUsize::new(0),
+                    gauge: OnceLock::new(),
+                })
+                .collect(),
+            known: AtomicUsize::new(0),
+            probed: Default::default(),
+        })
+    }
+
+    /// This thread's index, registering it (and, the first time, asking every other request
+    /// thread to register too); `None` beyond the expected number of threads.
+    fn here(self: &Arc<Self>) -> Option<usize> {
+        let found = MINE.with(|m| {
+            m.borrow()
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .map(|(_, i)| *i)
+        });
+        if let Some(i) = found {
+            return Some(i);
+        }
+        let i = self.known.fetch_add(1, Ordering::AcqRel);
+        let thread = self.threads.get(i)?;
+        let _ = thread.handle.set(Handle::current());
+        let gauge = metrics::client_connections(i);
+        gauge.set(thread.open.load(Ordering::Relaxed) as i64);
+        let _ = thread.gauge.set(gauge);
+        MINE.with(|m| m.borrow_mut().push((self.id, i)));
+        if !self.probed.swap(true, Ordering::AcqRel) {
+            // Pingora hands out a random thread's runtime: asking a few times per thread
+            // reaches every one of them with near certainty (2 threads: all but 1 in 2^15).
+            for _ in 0..self.threads.len() * 16 {
+                let me = self.clone();
+                pingora_runtime::current_handle().spawn(async move {
+                    me.here();
+                });
+            }
+        }
+        Some(i)
+    }
+
+    /// Counts a connection served on `thread` until the result is dropped.
+    fn count(self: &Arc<Self>, thread: usize) -> Open {
+        let t = &self.threads[thread];
+        let now = t.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(g) = t.gauge.get() {
+            g.set(now as i64);
+        }
+        Open {
+            spread: self.clone(),
+            thread,
+        }
+    }
+
+    /// Counts a connection served on this thread (not at all on a thread beyond the expected
+    /// number).
+    pub fn open_here(self: &Arc<Self>) -> Option<Open> {
+        self.here().map(|i| self.count(i))
+    }
+
+    /// The runtime of the thread with the fewest open connections, if that is fewer than this
+    /// thread has, with the connection counted on it.
+    pub fn elsewhere(self: &Arc<Self>) -> Option<(Handle, Open)> {
+        let here = self.here()?;
+        let known = self.known.load(Ordering::Acquire).min(self.threads.len());
+        let open = |i: usize| self.threads[i].open.load(Ordering::Relaxed);
+        let least = (0..known)
+            .filter(|i| self.threads[*i].handle.get().is_some())
+            .min_by_key(|i| open(*i))?;
+        if open(least) >= open(here) {
+            return None;
+        }
+        let handle = self.threads[least].handle.get()?.clone();
+        Some((handle, self.count(least)))
+    }
+}
+
+/// A second handle on the plain TCP socket under `io`, to be registered with another runtime;
+/// `None` for anything but a plain TCP connection. Pingora's stream must be dropped (closing its
+/// descriptor and leaving its runtime's poller) before the copy is used.
+pub fn detach(io: &Stream) -> Option<std::net::TcpStream> {
+    if !movable(io) {
+        return None;
+    }
+    let fd: RawFd = io.id();
+    // Close-on-exec like the original: a binary upgrade must not hand client sockets on.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return None;
+    }
+    // SAFETY: `copy` is a descriptor this process just created and owns alone.
+    let tcp = unsafe { std::net::TcpStream::from_raw_fd(copy) };
+    tcp.set_nonblocking(true).ok()?;
+    Some(tcp)
+}
+
+/// Whether `io` is a plain TCP connection (the kind [`detach`] can move).
+pub fn movable(io: &Stream) -> bool {
+    io.get_ssl_digest().is_none()
+        && io.get_proxy_digest().is_none()
+        && io
+            .get_socket_digest()
+            .is_some_and(|d| d.peer_addr().is_some_and(|a| a.as_inet().is_some()))
+}
+
+/// Pingora's stream over a socket taken over with [`detach`], on the current runtime.
+pub fn attach(tcp: std::net::TcpStream) -> std::io::Result<Stream> {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let tcp = tokio::net::TcpStream::from_std(tcp)?;
+    let mut stream = pingora_core::protocols::l4::stream::Stream::from(tcp);
+    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+    Ok(Box::new(stream))
+}
