@@ -1,8 +1,9 @@
-//! Smooth weighted selection: one pick with 3, 1k and 10k backends in a few weight classes, and a
-//! rebuild of a 10k-backend selection after one endpoint changed.
+//! Smooth weighted selection: one pick with 3, 1k and 10k backends in a few weight classes (and
+//! 10k in 20 services' segments), and a 10k-backend selection after one endpoint changed: built
+//! whole (what services sharing Pods still need) and side by side from segments (the usual path).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use podgate_gateway::balance::{Backend, Balancer, Selection};
+use podgate_gateway::balance::{Backend, Balancer, Segment, Selection};
 use std::hint::black_box;
 use std::net::SocketAddr;
 
@@ -26,6 +27,19 @@ fn pick(c: &mut Criterion) {
         });
     }
     g.finish();
+    // As an upstream of 20 services builds it: one segment per service.
+    let b = Balancer::new(Selection::from_segments(segments(10_000)));
+    c.bench_function("pick_10000_in_20_services", |bench| {
+        bench.iter(|| black_box(b.pick(|_| false)))
+    });
+}
+
+/// `n` backends as 20 services' segments (two services of the three weights' kind each).
+fn segments(n: usize) -> Vec<std::sync::Arc<Segment>> {
+    let all = backends(n);
+    (0..20)
+        .map(|svc| Segment::new(all.iter().skip(svc).step_by(20).cloned().collect()))
+        .collect()
 }
 
 fn rebuild(c: &mut Criterion) {
@@ -41,6 +55,14 @@ fn rebuild(c: &mut Criterion) {
     by_service[5_000].addr.set_port(8081);
     c.bench_function("rebuild_10k_one_changed", |bench| {
         bench.iter(|| black_box(Selection::new(by_service.clone())))
+    });
+    // What a rebuild does now: the 20 services' segments side by side, one of them new.
+    let mut parts = segments(10_000);
+    let mut changed: Vec<Backend> = parts[7].backends().to_vec();
+    changed[0].addr.set_port(8081);
+    parts[7] = Segment::new(changed);
+    c.bench_function("selection_from_20_segments_10k", |bench| {
+        bench.iter(|| black_box(Selection::from_segments(parts.clone())))
     });
     // Worst case: weights interleaved, addresses in no order.
     let mut shuffled = backends(10_000);

@@ -288,7 +288,7 @@ const CLIENTS: usize = 8;
 
 /// Rounds of the throughput measurement, each a window without changes, one of changes to
 /// Services nobody watches and one of changes to the big upstream.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// Changes in each churn window: 5 s at 100/s.
 const CHANGES_PER_WINDOW: usize = 500;

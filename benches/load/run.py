@@ -13,6 +13,11 @@ BODY = "x" * 63 + "\n"  # 64 bytes
 UPSTREAMS = [18101, 18102, 18103]
 PORTS = {"nginx": 18081, "haproxy": 18082, "bare-pingora": 18083, "podgate": 18084}
 PODGATE_ADMIN = 18085
+# A/B of a change in the same run: BASELINE=/path/to/an/older/podgate adds it as a fifth
+# contestant, with the same config.
+BASELINE = os.environ.get("BASELINE")
+if BASELINE:
+    PORTS["podgate-baseline"] = 18086
 
 
 def wait_port(port, timeout=10.0):
@@ -116,14 +121,19 @@ backend pods
         stderr=subprocess.DEVNULL)
 
     nodes = ", ".join(f'{{address: "127.0.0.1:{p}"}}' for p in UPSTREAMS)
-    write(f"{d}/podgate.yaml", f"""listeners:
-  - address: 127.0.0.1:{PORTS['podgate']}
+    builds = {"podgate": f"{ROOT}/target/release/podgate"}
+    if BASELINE:
+        builds["podgate-baseline"] = BASELINE
+    for i, (name, binary) in enumerate(builds.items()):
+        write(f"{d}/{name}.yaml", f"""listeners:
+  - address: 127.0.0.1:{PORTS[name]}
 admin:
-  address: 127.0.0.1:{PODGATE_ADMIN}
+  address: 127.0.0.1:{PODGATE_ADMIN + 2 * i}
 server:
   threads: {threads}
   grace_period: 1s
-  upgrade_sock: {d}/podgate-upgrade.sock
+  upgrade_sock: {d}/{name}-upgrade.sock
+  pid_file: {d}/{name}.pid
 access_log:
   enabled: false
 upstreams:
@@ -134,9 +144,9 @@ routes:
     path_prefix: /
     upstream: pods
 """)
-    procs["podgate"] = subprocess.Popen(
-        pre + [f"{ROOT}/target/release/podgate", "-c", f"{d}/podgate.yaml"],
-        stderr=open(f"{d}/podgate.log", "w"), env=dict(os.environ, RUST_LOG="warn"))
+        procs[name] = subprocess.Popen(
+            pre + [binary, "-c", f"{d}/{name}.yaml"],
+            stderr=open(f"{d}/{name}.log", "w"), env=dict(os.environ, RUST_LOG="warn"))
     for name, port in PORTS.items():
         wait_port(port)
     return procs

@@ -184,10 +184,24 @@ impl Selection {
         }
     }
 
-    /// Member `i` of class `class`.
-    fn member(&self, class: usize, i: usize) -> &Backend {
-        let class = &self.classes[class];
-        let part = &class.parts[class.parts.partition_point(|p| p.offset <= i) - 1];
+    /// Member `i` of class `class`. `hint` is the part it was in last time: a rotation moves
+    /// through a class member by member, so that part or the next is usually the one.
+    fn member(&self, class: usize, i: usize, hint: &mut usize) -> &Backend {
+        let parts = &self.classes[class].parts;
+        let holds = |p: usize| {
+            parts
+                .get(p)
+                .is_some_and(|p| p.offset <= i && i < p.offset + p.run.len)
+        };
+        let p = if holds(*hint) {
+            *hint
+        } else if holds(*hint + 1) {
+            *hint + 1
+        } else {
+            parts.partition_point(|p| p.offset <= i) - 1
+        };
+        *hint = p;
+        let part = &parts[p];
         &self.segments[part.segment].backends[part.run.start + i - part.offset]
     }
 
@@ -274,15 +288,17 @@ impl Balancer {
             if !Arc::ptr_eq(&rot.selection, &guard) {
                 rot.follow(arc_swap::Guard::into_inner(guard));
             }
-            let (mut class, mut i) = rot.next();
             // Stop after one full lap of distinct choices: better a refused one than none.
-            for _ in 0..rot.selection.len() {
-                if !skip(rot.selection.member(class, i)) {
-                    break;
+            let lap = rot.selection.len();
+            let mut tries = 0;
+            loop {
+                let (class, i) = rot.next();
+                let backend = rot.selection.member(class, i, &mut rot.part[class]);
+                tries += 1;
+                if tries >= lap || !skip(backend) {
+                    return Some(backend.clone());
                 }
-                (class, i) = rot.next();
             }
-            Some(rot.selection.member(class, i).clone())
         })
     }
 }
@@ -306,6 +322,8 @@ struct Rotation {
     current: Vec<i64>,
     /// Next member to hand out, per class.
     cursor: Vec<usize>,
+    /// The part of each class its cursor was last found in (see `Selection::member`).
+    part: Vec<usize>,
     total: i64,
 }
 
@@ -315,6 +333,7 @@ impl Rotation {
             selection: Arc::new(Selection::default()),
             current: Vec::new(),
             cursor: Vec::new(),
+            part: Vec::new(),
             total: 0,
         }
     }
@@ -334,7 +353,7 @@ impl Rotation {
                     // the rotation goes on from the same place (one Pod more or less before it
                     // shifts it by one at most).
                     let cursor = self.cursor[i] % oc.len;
-                    let due = old.member(i, cursor).addr;
+                    let due = old.member(i, cursor, &mut 0).addr;
                     let pos = new.position(ci, &due).unwrap_or(cursor % class.len);
                     (self.current[i], pos)
                 }
@@ -352,6 +371,7 @@ impl Rotation {
         self.total = new.classes.iter().map(Class::total).sum();
         self.current = current;
         self.cursor = cursor;
+        self.part = vec![0; self.cursor.len()];
     }
 
     /// Class and member of the next pick. The selection must not be empty.
