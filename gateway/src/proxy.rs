@@ -174,6 +174,7 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
         503 => ("no_endpoint", "the upstream has no ready endpoint"),
         504 => ("gateway_timeout", "the upstream did not answer in time"),
         400 => ("bad_request", "the request could not be processed"),
+        408 => ("request_timeout", "the request head did not arrive in time"),
         431 => (
             "request_header_fields_too_large",
             "the request head is too large",
