@@ -430,37 +430,13 @@ impl<F> Engine<F> {
         };
         let resp_info = HeadInfo::gather(resp.headers());
         let switching = resp.status == 101;
-        let no_body = ctx.head_only || switching || resp.status == 204 || resp.status == 304;
-        let mut resp_framing = match length {
-            _ if no_body => Framing::Empty,
-            BodyLength::Chunked => Framing::Chunked(Chunked::default()),
-            BodyLength::Length(n) => Framing::Length(n),
-            BodyLength::None => Framing::UntilClose,
-        };
-        // An HTTP/1.0 client cannot read chunks: it gets the data, ended by the close.
-        let how = if ctx.req.minor == 0 {
-            Out::Plain
-        } else {
-            Out::Chunked
-        };
-        let chunked = matches!(resp_framing, Framing::Chunked(_));
-        let keep = keep
-            && !switching
-            && resp_framing != Framing::UntilClose
-            && !(chunked && how == Out::Plain);
-        // What podgate says about the body: its own framing, or for HEAD and 304 the length
-        // the Pod gave (metadata; no body follows).
-        let declared = match (&resp_framing, length) {
-            (Framing::Length(n), _) => Declared::Length(*n),
-            (Framing::Chunked(_), _) if how == Out::Chunked => Declared::Chunked,
-            (Framing::Empty, BodyLength::Length(n)) if ctx.head_only || resp.status == 304 => {
-                Declared::Length(n)
-            }
-            (Framing::Empty, BodyLength::Chunked) if ctx.head_only && how == Out::Chunked => {
-                Declared::Chunked
-            }
-            _ => Declared::Nothing,
-        };
+        let AnswerFraming {
+            framing: mut resp_framing,
+            how,
+            declared,
+            ends_with_close,
+        } = answer_framing(resp.status, length, ctx.head_only, ctx.req.minor);
+        let keep = keep && !switching && !ends_with_close;
         let mut out = response_head(&resp, &resp_info, ctx, keep, switching, declared);
         let head_len = out.len();
         let (take, done) = resp_framing
@@ -610,11 +586,57 @@ async fn read_response(up: &mut pool::Conn, timeout: Duration) -> std::io::Resul
 }
 
 /// What the head sent to the client says of the body.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Declared {
     Length(u64),
     Chunked,
     Nothing,
+}
+
+/// How an answer's body travels to the client.
+struct AnswerFraming {
+    /// How the Pod's body is read.
+    framing: Framing,
+    /// How a chunked body is written on.
+    how: Out,
+    /// What the head sent to the client says of the body.
+    declared: Declared,
+    /// Only the end of the connection ends the body for the client.
+    ends_with_close: bool,
+}
+
+/// Decides the framing of an answer with `status` and the Pod's `length`, to a request that
+/// was `head_only` from a client speaking HTTP/1.`minor`.
+fn answer_framing(status: u16, length: BodyLength, head_only: bool, minor: u8) -> AnswerFraming {
+    let no_body = head_only || status == 101 || status == 204 || status == 304;
+    let framing = match length {
+        _ if no_body => Framing::Empty,
+        BodyLength::Chunked => Framing::Chunked(Chunked::default()),
+        BodyLength::Length(n) => Framing::Length(n),
+        BodyLength::None => Framing::UntilClose,
+    };
+    // An HTTP/1.0 client cannot read chunks: it gets the data, ended by the close.
+    let how = if minor == 0 { Out::Plain } else { Out::Chunked };
+    let chunked = matches!(framing, Framing::Chunked(_));
+    // What podgate says about the body: its own framing, or for HEAD and 304 the length the
+    // Pod gave (metadata; no body follows).
+    let declared = match (&framing, length) {
+        (Framing::Length(n), _) => Declared::Length(*n),
+        (Framing::Chunked(_), _) if how == Out::Chunked => Declared::Chunked,
+        (Framing::Empty, BodyLength::Length(n)) if head_only || status == 304 => {
+            Declared::Length(n)
+        }
+        (Framing::Empty, BodyLength::Chunked) if head_only && how == Out::Chunked => {
+            Declared::Chunked
+        }
+        _ => Declared::Nothing,
+    };
+    AnswerFraming {
+        ends_with_close: framing == Framing::UntilClose || (chunked && how == Out::Plain),
+        framing,
+        how,
+        declared,
+    }
 }
 
 /// The head sent to the client.
@@ -690,4 +712,97 @@ async fn tunnel(c: &mut Client, mut up: pool::Conn, timeout: Duration) {
         }
     }
     let _ = tokio::io::copy_bidirectional(&mut c.io, &mut up.io).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::h1::head::parse_request;
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    /// Field lines a Pod might send, framing and hop-by-hop ones included.
+    fn fields() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            Just(&b"Content-Length: 5\r\n"[..]),
+            Just(&b"Content-Length: 5, 5\r\n"[..]),
+            Just(&b"Content-Length: 7\r\n"[..]),
+            Just(&b"Transfer-Encoding: chunked\r\n"[..]),
+            Just(&b"Transfer-Encoding: gzip\r\n"[..]),
+            Just(&b"Connection: content-length, x-a\r\n"[..]),
+            Just(&b"Connection: close\r\n"[..]),
+            Just(&b"X-A: 1\r\n"[..]),
+            Just(&b"Upgrade: x\r\n"[..]),
+            Just(&b"X-Request-Id: pod\r\n"[..]),
+            Just(&b"Keep-Alive: 5\r\n"[..]),
+        ];
+        proptest::collection::vec(line, 0..8).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        /// Whatever head a Pod sends, the head podgate writes for the client parses, carries at
+        /// most one framing field, and that field says what podgate decided.
+        #[test]
+        fn rewritten_answer_heads_carry_exactly_podgates_framing(
+            status in prop_oneof![Just(200u16), Just(204), Just(304), Just(101), 100u16..1000],
+            reason in prop_oneof![Just(&b""[..]), Just(&b" OK"[..]), Just(&b" \xe4"[..])],
+            minor in 0u8..2,
+            client_minor in 0u8..2,
+            head_only in any::<bool>(),
+            keep in any::<bool>(),
+            fields in fields(),
+        ) {
+            let mut wire = format!("HTTP/1.{minor} {status}").into_bytes();
+            wire.extend_from_slice(reason);
+            wire.extend_from_slice(b"\r\n");
+            wire.extend_from_slice(&fields);
+            wire.extend_from_slice(b"\r\n");
+            let mut buf = BytesMut::from(&wire[..]);
+            let resp = parse_response(&mut buf).unwrap().unwrap();
+            let info = HeadInfo::gather(resp.headers());
+            let Ok(length) = info.response_length(resp.minor) else {
+                return Ok(());
+            };
+            let method = if head_only { "HEAD" } else { "GET" };
+            let mut rbuf =
+                BytesMut::from(format!("{method} / HTTP/1.{client_minor}\r\nHost: a\r\n\r\n").as_bytes());
+            let req = parse_request(&mut rbuf).unwrap().unwrap();
+            let rinfo = HeadInfo::gather(req.headers());
+            let ctx = RequestCtx {
+                req: &req,
+                info: &rinfo,
+                request_id: "id",
+                host: "a",
+                host_raw: b"a",
+                path_and_query: "/",
+                head_only,
+                has_length: false,
+                upgrading: false,
+            };
+            let f = answer_framing(status, length, head_only, client_minor);
+            let out = response_head(&resp, &info, &ctx, keep, status == 101, f.declared);
+
+            let mut slots = [httparse::EMPTY_HEADER; 32];
+            let mut parsed = httparse::Response::new(&mut slots);
+            prop_assert!(matches!(parsed.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
+            let named = |n: &str| parsed.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(n)).count();
+            let (cl, te) = (named("content-length"), named("transfer-encoding"));
+            prop_assert!(cl + te <= 1, "{}", String::from_utf8_lossy(&out));
+            if fields.windows(3).any(|w| w == b"x-a") {
+                prop_assert_eq!(named("x-a"), 0, "a field named in Connection went on");
+            }
+            match f.declared {
+                Declared::Length(n) => {
+                    let v = parsed.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")).unwrap().value;
+                    let want = n.to_string();
+                    prop_assert_eq!(v, want.as_bytes());
+                }
+                Declared::Chunked => prop_assert_eq!(te, 1),
+                Declared::Nothing => prop_assert_eq!(cl + te, 0),
+            }
+            if client_minor == 0 {
+                prop_assert_eq!(te, 0, "chunks to an HTTP/1.0 client");
+            }
+        }
+    }
 }

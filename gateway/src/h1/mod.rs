@@ -24,6 +24,8 @@ pub mod body;
 mod exchange;
 pub mod head;
 pub mod pool;
+#[cfg(test)]
+mod props;
 pub mod spread;
 
 use crate::config::ServerSettings;
