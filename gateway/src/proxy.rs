@@ -363,8 +363,18 @@ impl ProxyHttp for Gateway {
         }
         let proto = if is_tls(session) { "https" } else { "http" };
         req.insert_header("x-forwarded-proto", proto)?;
-        if !ctx.host.is_empty() {
-            req.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        // The Host as the client sent it, port included (nginx's $http_host), in lowercase.
+        let client_host = {
+            let r = session.req_header();
+            r.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| r.uri.authority().map(|a| a.as_str()))
+                .unwrap_or("")
+                .to_ascii_lowercase()
+        };
+        if !client_host.is_empty() {
+            req.insert_header("x-forwarded-host", client_host)?;
         }
         Ok(())
     }

@@ -542,8 +542,13 @@ fn upstream_head(
     }
     let proto: &[u8] = if c.tls { b"https" } else { b"http" };
     push_header(&mut out, b"x-forwarded-proto", proto);
-    if !ctx.host.is_empty() {
-        push_header(&mut out, b"x-forwarded-host", ctx.host.as_bytes());
+    if !ctx.host_raw.is_empty() {
+        // As the client sent it, port included (nginx's $http_host), in lowercase.
+        push_header(
+            &mut out,
+            b"x-forwarded-host",
+            &ctx.host_raw.to_ascii_lowercase(),
+        );
     }
     push_header(&mut out, b"x-request-id", ctx.request_id.as_bytes());
     match framing {
