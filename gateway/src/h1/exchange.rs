@@ -53,8 +53,6 @@ struct RequestCtx<'a> {
     req: &'a Request,
     info: &'a HeadInfo<'a>,
     request_id: &'a str,
-    /// The client's host, normalised.
-    host: &'a str,
     /// The `Host` to send on when no `host_header` replaces it: the client's `Host`, or the
     /// authority of an absolute-form target (RFC 9112 §3.2.2).
     host_raw: &'a [u8],
@@ -179,7 +177,6 @@ impl<F> Engine<F> {
                 req: &req,
                 info: &info,
                 request_id: &request_id,
-                host: &host,
                 host_raw,
                 path_and_query,
                 head_only,
@@ -777,7 +774,6 @@ mod tests {
                 req: &req,
                 info: &rinfo,
                 request_id: "id",
-                host: "a",
                 host_raw: b"a",
                 path_and_query: "/",
                 head_only,
