@@ -310,7 +310,9 @@ impl<F> Engine<F> {
             };
             first = false;
             let stopping = *shutdown.borrow();
-            if !self.exchange(&mut client, req, stopping).await {
+            // Boxed: the exchange's state is large and only needed while a request is in
+            // flight; inline, every idle connection would carry it.
+            if !Box::pin(self.exchange(&mut client, req, stopping)).await {
                 break;
             }
             if client.buf.is_empty() {
