@@ -153,8 +153,12 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
             let _open = self.spread.open_here();
             return self.h2.process_new(io, shutdown).await;
         }
+        // Every plain-TCP connection continues in a task of its own on the least busy thread,
+        // and Pingora's task for it ends here: that task carries a TLS handshake's state inline
+        // (8.8 KB measured), which an idle keep-alive connection would otherwise hold for ever.
         if spread::movable(&io) {
-            if let Some((there, open)) = self.spread.elsewhere() {
+            if let Some((there, open)) = self.spread.least() {
+                let addr = peer(&io);
                 if let Some(tcp) = spread::detach(&io) {
                     // Pingora's copy leaves this thread's poller and closes; the socket stays
                     // open through the copy.
@@ -163,7 +167,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
                     there.spawn(async move {
                         let _open = open;
                         match spread::attach(tcp) {
-                            Ok(io) => engine.serve(io, &shutdown).await,
+                            Ok(io) => engine.serve(io, addr, &shutdown).await,
                             Err(e) => log::warn!("cannot move a client connection: {e}"),
                         }
                     });
@@ -172,7 +176,8 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
             }
         }
         let _open = self.spread.open_here();
-        self.serve(io, shutdown).await;
+        let addr = peer(&io);
+        self.serve(io, addr, shutdown).await;
         None
     }
 
@@ -182,6 +187,12 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
         tokio::time::sleep(self.linger).await;
         self.h2.cleanup().await;
     }
+}
+
+/// The client's address, as Pingora's accept recorded it.
+fn peer(io: &Stream) -> Option<SocketAddr> {
+    io.get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
 }
 
 /// A client connection.
@@ -273,11 +284,8 @@ fn error_answer(
 }
 
 impl<F> Engine<F> {
-    async fn serve(&self, io: Stream, shutdown: &ShutdownWatch) {
+    async fn serve(&self, io: Stream, addr: Option<SocketAddr>, shutdown: &ShutdownWatch) {
         let accepted = Instant::now();
-        let addr = io
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
         let tls = io.get_ssl_digest().is_some();
         let mut client = Client {
             io,

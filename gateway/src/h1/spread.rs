@@ -14,7 +14,7 @@
 //! connection like any other.
 
 use crate::metrics;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora_core::protocols::Stream;
 use prometheus::IntGauge;
 use std::cell::RefCell;
 use std::os::fd::{FromRawFd, RawFd};
@@ -129,19 +129,21 @@ impl Spread {
         self.here().map(|i| self.count(i))
     }
 
-    /// The runtime of the thread with the fewest open connections, if that is fewer than this
-    /// thread has, with the connection counted on it.
-    pub fn elsewhere(self: &Arc<Self>) -> Option<(Handle, Open)> {
+    /// The runtime of the thread with the fewest open connections (this one when it has no
+    /// more than any other), with the connection counted on it.
+    pub fn least(self: &Arc<Self>) -> Option<(Handle, Open)> {
         let here = self.here()?;
         let known = self.known.load(Ordering::Acquire).min(self.threads.len());
         let open = |i: usize| self.threads[i].open.load(Ordering::Relaxed);
         let least = (0..known)
             .filter(|i| self.threads[*i].handle.get().is_some())
-            .min_by_key(|i| open(*i))?;
-        if open(least) >= open(here) {
-            return None;
-        }
-        let handle = self.threads[least].handle.get()?.clone();
+            .min_by_key(|i| open(*i))
+            .filter(|i| open(*i) < open(here))
+            .unwrap_or(here);
+        let handle = match self.threads[least].handle.get() {
+            Some(h) => h.clone(),
+            None => Handle::current(),
+        };
         Some((handle, self.count(least)))
     }
 }
@@ -174,12 +176,12 @@ pub fn movable(io: &Stream) -> bool {
             .is_some_and(|d| d.peer_addr().is_some_and(|a| a.as_inet().is_some()))
 }
 
-/// Pingora's stream over a socket taken over with [`detach`], on the current runtime.
+/// Pingora's stream over a socket taken over with [`detach`], on the current runtime. It
+/// carries no socket digest (408 bytes an idle connection would hold): the caller keeps the
+/// peer address it read before detaching.
 pub fn attach(tcp: std::net::TcpStream) -> std::io::Result<Stream> {
-    use std::os::fd::AsRawFd;
-    let fd = tcp.as_raw_fd();
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
-    let mut stream = pingora_core::protocols::l4::stream::Stream::from(tcp);
-    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-    Ok(Box::new(stream))
+    Ok(Box::new(pingora_core::protocols::l4::stream::Stream::from(
+        tcp,
+    )))
 }
