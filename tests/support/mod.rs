@@ -573,6 +573,7 @@ pub async fn https_pod(name: &str, pki: &TestPki) -> Pod {
     }
 }
 pub mod fake_kube;
+pub mod wire;
 
 /// Counts of a load run.
 #[derive(Default)]
