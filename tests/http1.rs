@@ -584,3 +584,19 @@ async fn a_streamed_answer_reaches_the_client_piece_by_piece() {
         assert!(c.fill(have + 1).await, "closed before the second event");
     }
 }
+
+#[tokio::test]
+async fn x_forwarded_host_keeps_the_port_the_client_sent() {
+    let (gw, _pods) = echo_gateway().await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /h HTTP/1.1\r\nHost: a.test:8080\r\n\r\n")
+        .await;
+    let j = c.answer().await.json();
+    assert_eq!(j["headers"]["x-forwarded-host"], "a.test:8080");
+    // An absolute-form target's authority is the host (RFC 9112 §3.2.2), also toward the Pod.
+    c.send(b"GET http://b.test:81/h HTTP/1.1\r\nHost: ignored.test\r\n\r\n")
+        .await;
+    let j = c.answer().await.json();
+    assert_eq!(j["headers"]["x-forwarded-host"], "b.test:81");
+    assert_eq!(j["headers"]["host"], "b.test:81");
+}

@@ -174,6 +174,7 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
         503 => ("no_endpoint", "the upstream has no ready endpoint"),
         504 => ("gateway_timeout", "the upstream did not answer in time"),
         400 => ("bad_request", "the request could not be processed"),
+        408 => ("request_timeout", "the request head did not arrive in time"),
         431 => (
             "request_header_fields_too_large",
             "the request head is too large",
@@ -362,8 +363,18 @@ impl ProxyHttp for Gateway {
         }
         let proto = if is_tls(session) { "https" } else { "http" };
         req.insert_header("x-forwarded-proto", proto)?;
-        if !ctx.host.is_empty() {
-            req.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        // The Host as the client sent it, port included (nginx's $http_host), in lowercase.
+        let client_host = {
+            let r = session.req_header();
+            r.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| r.uri.authority().map(|a| a.as_str()))
+                .unwrap_or("")
+                .to_ascii_lowercase()
+        };
+        if !client_host.is_empty() {
+            req.insert_header("x-forwarded-host", client_host)?;
         }
         Ok(())
     }

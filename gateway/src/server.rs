@@ -218,6 +218,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    // One budget of head memory for the whole process, shared by every listener.
+    let limits = crate::h1::Limits::new(&config.server);
     for h2c in [false, true] {
         let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();
         if listeners.is_empty() {
@@ -241,7 +243,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             add_listeners(&mut svc, &listeners)?;
             server.add_service(svc);
         } else {
-            let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads);
+            let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads)
+                .with_limits(limits.clone());
             let mut svc = Service::new("podgate".to_string(), app);
             add_listeners(&mut svc, &listeners)?;
             server.add_service(svc);

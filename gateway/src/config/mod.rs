@@ -70,6 +70,14 @@ pub struct ServerSettings {
     pub pid_file: PathBuf,
     /// `/readyz` waits at most this long after start for every cluster's first sync.
     pub ready_timeout: Duration,
+    /// A client must send a whole request head within this (nginx `client_header_timeout`).
+    pub client_header_timeout: Duration,
+    /// Longest wait for the next bytes of a request body, and for a client to take an answer.
+    pub client_body_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this; zero turns keep-alive off.
+    pub keepalive_timeout: Duration,
+    /// Bytes that all connections still sending a request head may hold together.
+    pub header_memory: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -165,6 +173,13 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/podgate_upgrade.sock";
 pub const DEFAULT_PID_FILE: &str = "/tmp/podgate.pid";
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// nginx's defaults for `client_header_timeout`, `client_body_timeout` (60 s each) and
+/// `keepalive_timeout` (75 s; podgate keeps the 60 s it always had).
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// 2,000 connections with a full 64 KiB head each, or 128k with a 1 KiB one.
+pub const DEFAULT_HEADER_MEMORY: usize = 128 << 20;
 pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.
@@ -478,6 +493,10 @@ fn read_server(
         upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
         pid_file: PathBuf::from(DEFAULT_PID_FILE),
         ready_timeout: DEFAULT_READY_TIMEOUT,
+        client_header_timeout: DEFAULT_CLIENT_HEADER_TIMEOUT,
+        client_body_timeout: DEFAULT_CLIENT_BODY_TIMEOUT,
+        keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+        header_memory: DEFAULT_HEADER_MEMORY,
     };
     let Some(n) = n else { return s };
     let Some(f) = r.fields(
@@ -490,11 +509,39 @@ fn read_server(
             "upgrade_sock",
             "pid_file",
             "ready_timeout",
+            "client_header_timeout",
+            "client_body_timeout",
+            "keepalive_timeout",
+            "header_memory",
         ],
     ) else {
         return s;
     };
     s.ready_timeout = r.duration(&f, "ready_timeout", DEFAULT_READY_TIMEOUT);
+    for (key, value, default) in [
+        (
+            "client_header_timeout",
+            &mut s.client_header_timeout,
+            DEFAULT_CLIENT_HEADER_TIMEOUT,
+        ),
+        (
+            "client_body_timeout",
+            &mut s.client_body_timeout,
+            DEFAULT_CLIENT_BODY_TIMEOUT,
+        ),
+    ] {
+        *value = r.duration(&f, key, default);
+        if value.is_zero() {
+            r.error(
+                f.get(key),
+                &f.child(key),
+                "must be longer than 0s: a client needs some time to send a request",
+            );
+            *value = default;
+        }
+    }
+    s.keepalive_timeout = r.duration(&f, "keepalive_timeout", DEFAULT_KEEPALIVE_TIMEOUT);
+    s.header_memory = r.size(&f, "header_memory", DEFAULT_HEADER_MEMORY, 64 << 10);
     if let Some(p) = r.optional_string(&f, "upgrade_sock") {
         s.upgrade_sock = resolve(p);
     }

@@ -333,6 +333,36 @@ impl Reader {
         }
     }
 
+    /// A size in bytes: a whole number, or a string with a unit (`512KiB`, `64MiB`, `1GiB`; nginx's
+    /// `k`, `m`, `g` mean the same). At least `min`; `default` when absent.
+    pub fn size(&mut self, f: &Fields<'_>, key: &str, default: usize, min: usize) -> usize {
+        let Some(n) = f.get(key) else {
+            return default;
+        };
+        let parsed = match scalar(n) {
+            Scalar::Str(s) => parse_size(s),
+            Scalar::Int(i) => usize::try_from(i).map_err(|_| format!("`{i}` is not a size")),
+            Scalar::Other(kind) => Err(format!(
+                "expected a size such as 64KiB or 128MiB, found {kind}"
+            )),
+        };
+        match parsed {
+            Ok(v) if v >= min => v,
+            Ok(v) => {
+                self.error(
+                    Some(n),
+                    &f.child(key),
+                    format!("{v} bytes is less than the smallest allowed, {min}"),
+                );
+                default
+            }
+            Err(msg) => {
+                self.error(Some(n), &f.child(key), msg);
+                default
+            }
+        }
+    }
+
     /// A `host:port` socket address with a port in 1..65535.
     pub fn address(&mut self, node: &Node, path: &str) -> Option<SocketAddr> {
         let s = self.string(node, path)?;
@@ -422,6 +452,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a size: digits and an optional unit (`B`, `KiB`/`k`, `MiB`/`m`, `GiB`/`g`).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let bad = || format!("`{s}` is not a size (write e.g. 512KiB, 64MiB, 1GiB)");
+    let value: usize = num.parse().map_err(|_| bad())?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "k" | "K" => 1 << 10,
+        "MiB" | "m" | "M" => 1 << 20,
+        "GiB" | "g" | "G" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(scale).ok_or_else(bad)
 }
 
 /// Parses `host:port` where host is an IP address (`[::1]:80` for IPv6); the port must be 1..65535.

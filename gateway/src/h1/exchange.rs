@@ -1,0 +1,809 @@
+//! One request on the HTTP/1.1 path: check its head, route it, send it to a Pod with a head
+//! podgate wrote (framing included), and relay the answer under framing podgate writes too.
+//!
+//! Semantics (the same as the Pingora path, see `proxy.rs`): hop-by-hop headers are dropped;
+//! `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` are set; `strip_prefix` and `host_header`
+//! apply; request bodies up to [`BUFFERED_BODY`] are read before the Pod is chosen (so that
+//! idempotent requests can be retried on another Pod), larger and chunked ones are streamed;
+//! `Expect: 100-continue` is answered here; upgrades (WebSocket; never h2c) are tunnelled after a
+//! 101.
+//!
+//! What comes from a Pod is checked like what comes from a client: an answer whose framing is
+//! ambiguous (RFC 9112 §6.3) is a 502 and its connection is not reused.
+
+use super::body::{read_more, relay, Chunked, Framing, Out, RelayError};
+use super::head::{parse_response, BodyLength, HeadInfo, Request, Response};
+use super::{error_answer, pool, Client, Engine, BUFFERED_BODY};
+use crate::access_log;
+use crate::proxy::{access_line, GatewayRoute, LogFields};
+use crate::routing::{normalize_host, Match};
+use bytes::Bytes;
+use http::Method;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+/// How one request went, for metrics and the access log.
+struct Outcome<'r> {
+    route: Option<&'r Arc<GatewayRoute>>,
+    backend: Option<crate::balance::Backend>,
+    status: u16,
+    bytes: u64,
+    first_byte: Option<Duration>,
+    retries: usize,
+}
+
+/// Why an attempt on one Pod failed.
+enum Failure {
+    /// Nothing was sent: any request may go to another Pod.
+    Connect,
+    /// The request may have reached the Pod; no usable response came back.
+    AfterSend { timed_out: bool },
+    /// The client went away; nothing more to answer.
+    Client,
+    /// The client's body broke its framing: 400, and the Pod never sees the request end.
+    BadBody,
+    /// The streamed request body could not be delivered to the Pod.
+    Upstream,
+}
+
+/// The request as routed.
+struct RequestCtx<'a> {
+    req: &'a Request,
+    info: &'a HeadInfo<'a>,
+    request_id: &'a str,
+    /// The `Host` to send on when no `host_header` replaces it: the client's `Host`, or the
+    /// authority of an absolute-form target (RFC 9112 §3.2.2).
+    host_raw: &'a [u8],
+    path_and_query: &'a str,
+    head_only: bool,
+    /// Whether the client sent a Content-Length (passed on even when 0).
+    has_length: bool,
+    upgrading: bool,
+}
+
+/// Where a request target points.
+struct Target<'a> {
+    path_and_query: &'a str,
+    /// The authority of an absolute-form target.
+    authority: Option<&'a str>,
+}
+
+/// Reads an origin-form (`/p?q`), absolute-form (`http://h/p`) or asterisk-form target.
+fn target(raw: &str) -> Option<Target<'_>> {
+    if raw.starts_with('/') || raw == "*" {
+        return Some(Target {
+            path_and_query: raw,
+            authority: None,
+        });
+    }
+    let (scheme, rest) = raw.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    Some(Target {
+        path_and_query: if path.is_empty() { "/" } else { path },
+        authority: Some(authority),
+    })
+}
+
+impl<F> Engine<F> {
+    /// Serves one request; returns whether the connection may carry another.
+    pub(super) async fn exchange(&self, c: &mut Client, req: Request, stopping: bool) -> bool {
+        let start = Instant::now();
+        let info = HeadInfo::gather(req.headers());
+        let request_id = match info.request_id.and_then(|v| std::str::from_utf8(v).ok()) {
+            Some(id) if !id.is_empty() && id.len() <= 200 => id.to_string(),
+            _ => access_log::request_id(),
+        };
+        let refuse = |status: u16, why: &str| {
+            log::debug!("client {:?}: {status}: {why}", c.addr);
+            status
+        };
+        let checked = match (target(req.target()), info.request_length(req.minor)) {
+            // podgate tunnels nothing but upgrades (nginx answers CONNECT 405 too).
+            _ if req.method == Method::CONNECT => Err(refuse(405, "CONNECT")),
+            (_, Err(r)) => Err(refuse(r.status, r.why)),
+            (None, _) => Err(refuse(400, "bad request target")),
+            (_, _) if info.hosts > 1 => Err(refuse(400, "more than one Host")),
+            (Some(t), _) if info.hosts == 0 && req.minor >= 1 && t.authority.is_none() => {
+                Err(refuse(400, "HTTP/1.1 request without Host"))
+            }
+            (Some(t), Ok(len)) => Ok((t, len)),
+        };
+        let (target, length) = match checked {
+            Ok(ok) => ok,
+            Err(status) => {
+                let answer = error_answer(status, None, false, false, &request_id);
+                let _ = c.send(&answer, self.limits.body_timeout).await;
+                self.gateway.unmatched.observe(status, start.elapsed());
+                return false;
+            }
+        };
+        let path_and_query = target.path_and_query;
+        let path = path_and_query.split('?').next().unwrap_or("/");
+        let host_raw: &[u8] = match (target.authority, info.host) {
+            (Some(a), _) => a.as_bytes(),
+            (None, Some(h)) => h,
+            (None, None) => b"",
+        };
+        let host = normalize_host(std::str::from_utf8(host_raw).unwrap_or(""));
+        let mut keep = !stopping
+            && !self.limits.keepalive_timeout.is_zero()
+            && if req.minor >= 1 {
+                !info.close
+            } else {
+                info.keep_alive
+            };
+        let framing = match length {
+            BodyLength::Chunked => Framing::Chunked(Chunked::default()),
+            BodyLength::None | BodyLength::Length(0) => Framing::Empty,
+            BodyLength::Length(n) => Framing::Length(n),
+        };
+
+        let router = self.gateway.router.load();
+        let found = router.find(&host, path, &req.method);
+        let mut outcome = Outcome {
+            route: None,
+            backend: None,
+            status: 0,
+            bytes: 0,
+            first_byte: None,
+            retries: 0,
+        };
+        let head_only = req.method == Method::HEAD;
+        match &found {
+            Match::Found(route) => outcome.route = Some(route),
+            Match::NotFound => outcome.status = 404,
+            Match::MethodNotAllowed(_) => outcome.status = 405,
+        }
+        if outcome.route.is_none() {
+            // An unread body would be taken for the next request.
+            keep &= framing == Framing::Empty;
+            let allow = match &found {
+                Match::MethodNotAllowed(m) => Some(m.as_slice()),
+                _ => None,
+            };
+            let answer = error_answer(outcome.status, allow, keep, head_only, &request_id);
+            keep &= c.send(&answer, self.limits.body_timeout).await.is_ok();
+        } else {
+            let ctx = RequestCtx {
+                req: &req,
+                info: &info,
+                request_id: &request_id,
+                host_raw,
+                path_and_query,
+                head_only,
+                has_length: matches!(length, BodyLength::Length(_)),
+                upgrading: info.upgrading(),
+            };
+            keep = self
+                .proxy(c, &ctx, framing, keep, &mut outcome)
+                .await
+                .unwrap_or(false);
+        }
+
+        let took = start.elapsed();
+        let metrics = outcome
+            .route
+            .map_or(&self.gateway.unmatched, |r| &r.upstream.metrics);
+        metrics.observe(outcome.status, took);
+        if self.gateway.access_log.enabled() {
+            self.gateway.access_log.write(access_line(&LogFields {
+                request_id: &request_id,
+                client: c.addr,
+                method: req.method.as_str(),
+                host: &host,
+                path,
+                route: outcome.route.map(|r| &**r),
+                backend: outcome.backend.as_ref(),
+                status: outcome.status,
+                bytes: outcome.bytes,
+                took,
+                first_byte: outcome.first_byte,
+                retries: outcome.retries,
+            }));
+        }
+        keep
+    }
+
+    /// Sends a routed request to a Pod and relays the answer. `Err` ends the client connection
+    /// without a (further) answer.
+    async fn proxy(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        mut framing: Framing,
+        keep: bool,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<bool, ()> {
+        let route = outcome.route.expect("routed");
+        let upstream = &route.upstream.upstream;
+        let conf = &upstream.conf;
+        let body_timeout = self.limits.body_timeout;
+
+        // Small bodies are read now: a Pod that fails can then be replaced even after the
+        // request went out. Larger ones stream once a Pod is connected.
+        let expects_body = framing != Framing::Empty;
+        if expects_body && ctx.info.expect_continue && ctx.req.minor >= 1 {
+            c.send(b"HTTP/1.1 100 Continue\r\n\r\n", body_timeout)
+                .await
+                .map_err(|_| ())?;
+        }
+        let mut body = Bytes::new();
+        let streaming = match framing {
+            Framing::Length(n) if n <= BUFFERED_BODY => {
+                while (c.buf.len() as u64) < n {
+                    match read_more(&mut c.io, &mut c.buf, body_timeout).await {
+                        Ok(0) | Err(_) => return Err(()),
+                        Ok(_) => {}
+                    }
+                }
+                body = c.buf.split_to(n as usize).freeze();
+                framing = Framing::Empty;
+                false
+            }
+            Framing::Empty => false,
+            _ => true,
+        };
+        let mut head = upstream_head(ctx, route, c, &framing, body.len());
+        head.extend_from_slice(&body);
+        let replayable = !streaming && ctx.req.method.is_idempotent();
+
+        let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
+        let mut last_failure = 503;
+        loop {
+            let Some(backend) = upstream.pick(&tried) else {
+                outcome.status = last_failure;
+                let answer = error_answer(last_failure, None, false, ctx.head_only, ctx.request_id);
+                let _ = c.send(&answer, body_timeout).await;
+                return Ok(false);
+            };
+            tried.push(backend.addr);
+            outcome.retries = tried.len() - 1;
+            let attempt = Instant::now();
+            let result = self
+                .attempt(
+                    c,
+                    ctx,
+                    &backend,
+                    &head,
+                    &mut framing,
+                    streaming,
+                    keep,
+                    outcome,
+                    attempt,
+                )
+                .await;
+            outcome.backend = Some(backend.clone());
+            let failure = match result {
+                Ok(keep) => return Ok(keep),
+                Err(f) => f,
+            };
+            let (status, retry) = match failure {
+                Failure::Connect => (502, true),
+                Failure::AfterSend { timed_out } => (if timed_out { 504 } else { 502 }, replayable),
+                Failure::Client => return Err(()),
+                Failure::BadBody => {
+                    outcome.status = 400;
+                    let answer = error_answer(400, None, false, false, ctx.request_id);
+                    let _ = c.send(&answer, body_timeout).await;
+                    return Ok(false);
+                }
+                Failure::Upstream => (502, false),
+            };
+            upstream.record(&backend, false);
+            last_failure = status;
+            if retry && tried.len() <= conf.retries as usize {
+                upstream.metrics.retries.inc();
+                continue;
+            }
+            outcome.status = status;
+            let answer = error_answer(status, None, false, ctx.head_only, ctx.request_id);
+            let _ = c.send(&answer, body_timeout).await;
+            return Ok(false);
+        }
+    }
+
+    /// One attempt on `backend`. `Ok` once a usable response head came (the answer is then
+    /// relayed, or the connection given up), with whether the client connection may be kept.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        backend: &crate::balance::Backend,
+        head: &[u8],
+        framing: &mut Framing,
+        streaming: bool,
+        keep: bool,
+        outcome: &mut Outcome<'_>,
+        attempt: Instant,
+    ) -> Result<bool, Failure> {
+        let upstream = &outcome.route.expect("routed").upstream.upstream;
+        let conf = &upstream.conf;
+        let body_timeout = self.limits.body_timeout;
+        let (mut up, reused) = match upstream.connector.reuse(backend.addr) {
+            Some(conn) => (conn, true),
+            None => match upstream.connector.connect(backend.addr).await {
+                Ok(conn) => (conn, false),
+                Err(e) => {
+                    log::warn!(
+                        "upstream {}: cannot connect to {}: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Err(Failure::Connect);
+                }
+            },
+        };
+        let sent = async {
+            up.io.write_all(head).await?;
+            up.io.flush().await
+        };
+        let sent = match tokio::time::timeout(conf.read_timeout, sent).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        };
+        if let Err(e) = sent {
+            log::debug!("upstream {}: writing to {}: {e}", conf.name, backend.addr);
+            // A pooled connection the Pod had closed: nothing reached it.
+            return Err(if reused {
+                Failure::Connect
+            } else {
+                Failure::AfterSend { timed_out: false }
+            });
+        }
+        if streaming {
+            match relay(
+                framing,
+                Out::Chunked,
+                &mut c.buf,
+                &mut c.io,
+                &mut up.io,
+                body_timeout,
+            )
+            .await
+            {
+                Ok(_) => {}
+                Err(RelayError::Write(e)) => {
+                    log::warn!(
+                        "upstream {}: sending the body to {}: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Err(Failure::Upstream);
+                }
+                Err(RelayError::Malformed(bad)) => {
+                    log::debug!("client {:?}: request body: {}", c.addr, bad.0);
+                    return Err(Failure::BadBody);
+                }
+                Err(RelayError::Read(_)) => return Err(Failure::Client),
+            }
+            let _ = up.io.flush().await;
+        }
+
+        // The response head; 1xx other than 101 are dropped (100-continue was answered here).
+        let bad_answer = |why: &str| {
+            log::warn!(
+                "upstream {}: {} answered with {why}; not relayed",
+                conf.name,
+                backend.addr
+            );
+            Failure::AfterSend { timed_out: false }
+        };
+        let (resp, length) = loop {
+            let resp = match read_response(&mut up, conf.read_timeout).await {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(bad_answer(&e.to_string()))
+                }
+                Err(e) => {
+                    let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
+                    log::warn!(
+                        "upstream {}: no answer from {}: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Err(Failure::AfterSend { timed_out });
+                }
+            };
+            if (100..200).contains(&resp.status) && resp.status != 101 {
+                continue;
+            }
+            if resp.status == 101 && !ctx.upgrading {
+                return Err(bad_answer("101 to a request that asked for no upgrade"));
+            }
+            match HeadInfo::gather(resp.headers()).response_length(resp.minor) {
+                Ok(length) => break (resp, length),
+                Err(why) => return Err(bad_answer(why)),
+            }
+        };
+        let resp_info = HeadInfo::gather(resp.headers());
+        let switching = resp.status == 101;
+        let AnswerFraming {
+            framing: mut resp_framing,
+            how,
+            declared,
+            ends_with_close,
+        } = answer_framing(resp.status, length, ctx.head_only, ctx.req.minor);
+        let keep = keep && !switching && !ends_with_close;
+        let mut out = response_head(&resp, &resp_info, ctx, keep, switching, declared);
+        let head_len = out.len();
+        let (take, done) = resp_framing
+            .take_into(&up.buf, &mut out, how)
+            .map_err(|bad| bad_answer(bad.0))?;
+        let _ = up.buf.split_to(take);
+
+        let took = attempt.elapsed();
+        outcome.first_byte = Some(took);
+        upstream.metrics.first_byte.observe(took.as_secs_f64());
+        upstream.record(backend, resp.status < 500);
+        outcome.status = resp.status;
+        outcome.bytes = (out.len() - head_len) as u64;
+        if c.send(&out, body_timeout).await.is_err() {
+            return Ok(false);
+        }
+        if switching {
+            tunnel(c, up, body_timeout).await;
+            return Ok(false);
+        }
+        if !done {
+            match relay(
+                &mut resp_framing,
+                how,
+                &mut up.buf,
+                &mut up.io,
+                &mut c.io,
+                conf.read_timeout,
+            )
+            .await
+            {
+                Ok(n) => outcome.bytes += n,
+                Err(e) => {
+                    // Part of the answer went out: the client connection ends here, so the
+                    // client sees a truncated answer rather than a wrong one.
+                    log::debug!(
+                        "upstream {}: relaying the answer of {}: {e:?}",
+                        conf.name,
+                        backend.addr
+                    );
+                    if let RelayError::Malformed(bad) = e {
+                        log::warn!(
+                            "upstream {}: {} sent a malformed chunked body: {}",
+                            conf.name,
+                            backend.addr,
+                            bad.0
+                        );
+                    }
+                    return Ok(false);
+                }
+            }
+            if c.io.flush().await.is_err() {
+                return Ok(false);
+            }
+        }
+        let pod_keeps = if resp.minor >= 1 {
+            !resp_info.close
+        } else {
+            resp_info.keep_alive
+        };
+        if pod_keeps && up.buf.is_empty() && resp_framing != Framing::UntilClose {
+            upstream.connector.put_back(backend.addr, up, upstream);
+        }
+        Ok(keep)
+    }
+}
+
+/// The head sent to the Pod: the client's fields minus hop-by-hop and framing ones, then
+/// `Host`, the forwarding fields, and the body's framing as podgate decided it.
+fn upstream_head(
+    ctx: &RequestCtx,
+    route: &GatewayRoute,
+    c: &Client,
+    framing: &Framing,
+    buffered: usize,
+) -> Vec<u8> {
+    let req = ctx.req;
+    let conf = &route.upstream.upstream.conf;
+    let mut out = Vec::with_capacity(req.raw.len() + 160);
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(route.upstream_path(ctx.path_and_query).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        if !ctx.info.drops(name, ctx.upgrading) {
+            push_header(&mut out, name, value);
+        }
+    }
+    match &conf.host_header {
+        Some(h) => push_header(&mut out, b"host", h.as_bytes()),
+        None if !ctx.host_raw.is_empty() => push_header(&mut out, b"host", ctx.host_raw),
+        None => {}
+    }
+    if let Some(ip) = c.addr.map(|a| a.ip()) {
+        // Appended, as nginx's $proxy_add_x_forwarded_for does, so earlier hops stay visible.
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = ctx.info.forwarded_for.filter(|p| !p.is_empty()) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(ip.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let proto: &[u8] = if c.tls { b"https" } else { b"http" };
+    push_header(&mut out, b"x-forwarded-proto", proto);
+    if !ctx.host_raw.is_empty() {
+        // As the client sent it, port included (nginx's $http_host), in lowercase.
+        push_header(
+            &mut out,
+            b"x-forwarded-host",
+            &ctx.host_raw.to_ascii_lowercase(),
+        );
+    }
+    push_header(&mut out, b"x-request-id", ctx.request_id.as_bytes());
+    match framing {
+        Framing::Chunked(_) => push_header(&mut out, b"transfer-encoding", b"chunked"),
+        Framing::Length(n) => push_header(&mut out, b"content-length", n.to_string().as_bytes()),
+        _ if buffered > 0 || ctx.has_length => {
+            push_header(&mut out, b"content-length", buffered.to_string().as_bytes())
+        }
+        _ => {}
+    }
+    if ctx.upgrading {
+        push_header(&mut out, b"connection", b"upgrade");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads a response head from the Pod, within `timeout` for each read. A head that does not
+/// parse is `InvalidData`.
+async fn read_response(up: &mut pool::Conn, timeout: Duration) -> std::io::Result<Response> {
+    loop {
+        if !up.buf.is_empty() {
+            match parse_response(&mut up.buf) {
+                Ok(Some(resp)) => return Ok(resp),
+                Ok(None) => {}
+                Err(why) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why)),
+            }
+        }
+        if read_more(&mut up.io, &mut up.buf, timeout).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// What the head sent to the client says of the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Declared {
+    Length(u64),
+    Chunked,
+    Nothing,
+}
+
+/// How an answer's body travels to the client.
+struct AnswerFraming {
+    /// How the Pod's body is read.
+    framing: Framing,
+    /// How a chunked body is written on.
+    how: Out,
+    /// What the head sent to the client says of the body.
+    declared: Declared,
+    /// Only the end of the connection ends the body for the client.
+    ends_with_close: bool,
+}
+
+/// Decides the framing of an answer with `status` and the Pod's `length`, to a request that
+/// was `head_only` from a client speaking HTTP/1.`minor`.
+fn answer_framing(status: u16, length: BodyLength, head_only: bool, minor: u8) -> AnswerFraming {
+    let no_body = head_only || status == 101 || status == 204 || status == 304;
+    let framing = match length {
+        _ if no_body => Framing::Empty,
+        BodyLength::Chunked => Framing::Chunked(Chunked::default()),
+        BodyLength::Length(n) => Framing::Length(n),
+        BodyLength::None => Framing::UntilClose,
+    };
+    // An HTTP/1.0 client cannot read chunks: it gets the data, ended by the close.
+    let how = if minor == 0 { Out::Plain } else { Out::Chunked };
+    let chunked = matches!(framing, Framing::Chunked(_));
+    // What podgate says about the body: its own framing, or for HEAD and 304 the length the
+    // Pod gave (metadata; no body follows).
+    let declared = match (&framing, length) {
+        (Framing::Length(n), _) => Declared::Length(*n),
+        (Framing::Chunked(_), _) if how == Out::Chunked => Declared::Chunked,
+        (Framing::Empty, BodyLength::Length(n)) if head_only || status == 304 => {
+            Declared::Length(n)
+        }
+        (Framing::Empty, BodyLength::Chunked) if head_only && how == Out::Chunked => {
+            Declared::Chunked
+        }
+        _ => Declared::Nothing,
+    };
+    AnswerFraming {
+        ends_with_close: framing == Framing::UntilClose || (chunked && how == Out::Plain),
+        framing,
+        how,
+        declared,
+    }
+}
+
+/// The head sent to the client.
+fn response_head(
+    resp: &Response,
+    info: &HeadInfo,
+    ctx: &RequestCtx,
+    keep: bool,
+    switching: bool,
+    declared: Declared,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(resp.raw.len() + 96);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(resp.status).as_slice());
+    out.push(b' ');
+    let reason = resp.reason();
+    if reason.is_empty() {
+        let canonical = http::StatusCode::from_u16(resp.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        out.extend_from_slice(canonical.as_bytes());
+    } else {
+        out.extend_from_slice(reason);
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut has_id = false;
+    for (name, value) in resp.headers() {
+        if name.eq_ignore_ascii_case(b"x-request-id") {
+            has_id = true;
+        } else if info.drops(name, switching) {
+            continue;
+        }
+        push_header(&mut out, name, value);
+    }
+    if !has_id {
+        push_header(&mut out, b"x-request-id", ctx.request_id.as_bytes());
+    }
+    match declared {
+        Declared::Length(n) => push_header(&mut out, b"content-length", n.to_string().as_bytes()),
+        Declared::Chunked => push_header(&mut out, b"transfer-encoding", b"chunked"),
+        Declared::Nothing => {}
+    }
+    if switching {
+        push_header(&mut out, b"connection", b"upgrade");
+    } else if !keep {
+        push_header(&mut out, b"connection", b"close");
+    } else if ctx.req.minor == 0 {
+        push_header(&mut out, b"connection", b"keep-alive");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn itoa3(n: u16) -> [u8; 3] {
+    let n = n.min(999);
+    [
+        b'0' + (n / 100) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
+}
+
+/// After a 101: bytes flow both ways until either side closes.
+async fn tunnel(c: &mut Client, mut up: pool::Conn, timeout: Duration) {
+    if !up.buf.is_empty() && c.send(&up.buf, timeout).await.is_err() {
+        return;
+    }
+    if !c.buf.is_empty() {
+        let early = c.buf.split();
+        if up.io.write_all(&early).await.is_err() {
+            return;
+        }
+    }
+    let _ = tokio::io::copy_bidirectional(&mut c.io, &mut up.io).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::h1::head::parse_request;
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    /// Field lines a Pod might send, framing and hop-by-hop ones included.
+    fn fields() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            Just(&b"Content-Length: 5\r\n"[..]),
+            Just(&b"Content-Length: 5, 5\r\n"[..]),
+            Just(&b"Content-Length: 7\r\n"[..]),
+            Just(&b"Transfer-Encoding: chunked\r\n"[..]),
+            Just(&b"Transfer-Encoding: gzip\r\n"[..]),
+            Just(&b"Connection: content-length, x-a\r\n"[..]),
+            Just(&b"Connection: close\r\n"[..]),
+            Just(&b"X-A: 1\r\n"[..]),
+            Just(&b"Upgrade: x\r\n"[..]),
+            Just(&b"X-Request-Id: pod\r\n"[..]),
+            Just(&b"Keep-Alive: 5\r\n"[..]),
+        ];
+        proptest::collection::vec(line, 0..8).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        /// Whatever head a Pod sends, the head podgate writes for the client parses, carries at
+        /// most one framing field, and that field says what podgate decided.
+        #[test]
+        fn rewritten_answer_heads_carry_exactly_podgates_framing(
+            status in prop_oneof![Just(200u16), Just(204), Just(304), Just(101), 100u16..1000],
+            reason in prop_oneof![Just(&b""[..]), Just(&b" OK"[..]), Just(&b" \xe4"[..])],
+            minor in 0u8..2,
+            client_minor in 0u8..2,
+            head_only in any::<bool>(),
+            keep in any::<bool>(),
+            fields in fields(),
+        ) {
+            let mut wire = format!("HTTP/1.{minor} {status}").into_bytes();
+            wire.extend_from_slice(reason);
+            wire.extend_from_slice(b"\r\n");
+            wire.extend_from_slice(&fields);
+            wire.extend_from_slice(b"\r\n");
+            let mut buf = BytesMut::from(&wire[..]);
+            let resp = parse_response(&mut buf).unwrap().unwrap();
+            let info = HeadInfo::gather(resp.headers());
+            let Ok(length) = info.response_length(resp.minor) else {
+                return Ok(());
+            };
+            let method = if head_only { "HEAD" } else { "GET" };
+            let mut rbuf =
+                BytesMut::from(format!("{method} / HTTP/1.{client_minor}\r\nHost: a\r\n\r\n").as_bytes());
+            let req = parse_request(&mut rbuf).unwrap().unwrap();
+            let rinfo = HeadInfo::gather(req.headers());
+            let ctx = RequestCtx {
+                req: &req,
+                info: &rinfo,
+                request_id: "id",
+                host_raw: b"a",
+                path_and_query: "/",
+                head_only,
+                has_length: false,
+                upgrading: false,
+            };
+            let f = answer_framing(status, length, head_only, client_minor);
+            let out = response_head(&resp, &info, &ctx, keep, status == 101, f.declared);
+
+            let mut slots = [httparse::EMPTY_HEADER; 32];
+            let mut parsed = httparse::Response::new(&mut slots);
+            prop_assert!(matches!(parsed.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
+            let named = |n: &str| parsed.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(n)).count();
+            let (cl, te) = (named("content-length"), named("transfer-encoding"));
+            prop_assert!(cl + te <= 1, "{}", String::from_utf8_lossy(&out));
+            if fields.windows(3).any(|w| w == b"x-a") {
+                prop_assert_eq!(named("x-a"), 0, "a field named in Connection went on");
+            }
+            match f.declared {
+                Declared::Length(n) => {
+                    let v = parsed.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")).unwrap().value;
+                    let want = n.to_string();
+                    prop_assert_eq!(v, want.as_bytes());
+                }
+                Declared::Chunked => prop_assert_eq!(te, 1),
+                Declared::Nothing => prop_assert_eq!(cl + te, 0),
+            }
+            if client_minor == 0 {
+                prop_assert_eq!(te, 0, "chunks to an HTTP/1.0 client");
+            }
+        }
+    }
+}
