@@ -36,8 +36,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SEED: u64 = 0x15ed_9e37_79b9_7f4a;
-const REQUEST_STREAMS: usize = 300;
-const RESPONSE_EXCHANGES: usize = 400;
+const REQUEST_STREAMS: usize = 15000;
+const RESPONSE_EXCHANGES: usize = 15000;
 /// A run stops after this many failures (`DIFF_REPORTED` overrides it): a broken podgate can
 /// make every case wait for a timeout, and the first few failures are what one reads.
 const REPORTED: usize = 8;
@@ -222,7 +222,7 @@ fn ref_framing(
 
 /// A chunked body at the start of `buf`, read strictly: `Ok(None)` while unfinished, `Err` when
 /// broken. The flag says podgate may also refuse it (control bytes in an extension or trailer,
-/// whitespace before an extension).
+/// whitespace before an extension, a trailer line that is not a field).
 fn ref_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize, bool)>, ()> {
     let mut at = 0;
     let mut data = Vec::new();
@@ -276,8 +276,9 @@ fn ref_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize, bool)>, ()> {
                 if t.is_empty() {
                     return Ok(Some((data, at, sure)));
                 }
-                let (_, _, odd) = ref_field(t).ok_or(())?;
-                sure &= !odd;
+                // A CRLF-ended line that is not a field (no colon, obs-fold) leaves the framing
+                // clear: podgate may drop it (as nginx does) or refuse the body.
+                sure &= ref_field(t).is_some_and(|(_, _, odd)| !odd);
             }
         }
         let size = usize::try_from(size).map_err(|_| ())?;
@@ -327,7 +328,8 @@ enum Verdict {
     /// Refuse it with one of these statuses, and close.
     Refuse(&'static [u16]),
     /// A body broken or cut off: never completed at the Pod; a 4xx or nothing, then the end.
-    Abandon(&'static str),
+    /// `clean: false`: the head had something parsers differ on (see `Pass::sure`).
+    Abandon { why: &'static str, clean: bool },
 }
 
 fn ref_request(buf: &[u8]) -> Verdict {
@@ -339,10 +341,18 @@ fn ref_request(buf: &[u8]) -> Verdict {
         sure = false;
     }
     if at == buf.len() {
-        return Verdict::Abandon("only empty lines left");
+        return Verdict::Abandon {
+            why: "only empty lines left",
+            clean: true,
+        };
     }
     let (lines, bare_lf, len) = match head_lines(&buf[at..]) {
-        Lines::Incomplete => return Verdict::Abandon("head cut off"),
+        Lines::Incomplete => {
+            return Verdict::Abandon {
+                why: "head cut off",
+                clean: sure,
+            }
+        }
         Lines::BareCr => return Verdict::Refuse(&[400]),
         Lines::Done(lines, bare_lf, len) => (lines, bare_lf, len),
     };
@@ -404,14 +414,29 @@ fn ref_request(buf: &[u8]) -> Verdict {
     let (body, used) = match framing {
         RefFraming::None => (Vec::new(), head_end),
         RefFraming::Length(n) if rest.len() >= n => (rest[..n].to_vec(), head_end + n),
-        RefFraming::Length(_) => return Verdict::Abandon("Content-Length body cut off"),
+        RefFraming::Length(_) => {
+            return Verdict::Abandon {
+                why: "Content-Length body cut off",
+                clean: sure,
+            }
+        }
         RefFraming::Chunked => match ref_chunked(rest) {
             Ok(Some((data, n, body_sure))) => {
                 sure &= body_sure;
                 (data, head_end + n)
             }
-            Ok(None) => return Verdict::Abandon("chunked body cut off"),
-            Err(()) => return Verdict::Abandon("chunked body broken"),
+            Ok(None) => {
+                return Verdict::Abandon {
+                    why: "chunked body cut off",
+                    clean: sure,
+                }
+            }
+            Err(()) => {
+                return Verdict::Abandon {
+                    why: "chunked body broken",
+                    clean: sure,
+                }
+            }
         },
     };
     Verdict::Pass {
@@ -494,7 +519,17 @@ fn gen_request(rng: &mut Rng) -> GenReq {
         fields.push(("Connection".into(), "keep-alive".into()));
     }
     let has_body = matches!(method, "POST" | "PUT" | "PATCH") || rng.chance(10);
-    let body = if has_body { rng.body(120) } else { Vec::new() };
+    // Now and then a body larger than podgate buffers before choosing a Pod (64 KiB), which
+    // takes the streaming path.
+    let body = match (has_body, rng.chance(3)) {
+        (false, _) => Vec::new(),
+        (true, false) => rng.body(120),
+        (true, true) => {
+            let mut big = rng.body(120);
+            big.resize(65 * 1024 + rng.below(30 * 1024), b'z');
+            big
+        }
+    };
     let framing = if !has_body && rng.chance(70) {
         GenFraming::None
     } else if rng.chance(60) {
@@ -537,8 +572,14 @@ fn encode_chunked(rng: &mut Rng, body: &[u8], ext: bool, trailers: &[(String, St
     let mut out = Vec::new();
     let mut at = 0;
     while at < body.len() {
-        let n = (1 + rng.below(40)).min(body.len() - at);
-        out.extend_from_slice(format!("{n:x}").as_bytes());
+        let most = if rng.chance(10) { 20_000 } else { 40 };
+        let n = (1 + rng.below(most)).min(body.len() - at);
+        let size = match rng.below(8) {
+            0 => format!("{n:X}"),
+            1 => format!("000{n:x}"),
+            _ => format!("{n:x}"),
+        };
+        out.extend_from_slice(size.as_bytes());
         if ext {
             out.extend_from_slice(rng.pick_bytes(&[&b";a=b"[..], b";x", b";q=\"s;t\""]));
         }
@@ -897,6 +938,7 @@ async fn exchange(addr: std::net::SocketAddr, stream: &Stream) -> Result<Vec<u8>
 }
 
 /// The oracle for one stream: `Err` with why podgate's handling differs from the model.
+/// `records` are what the Pod parsed during the stream, the first numbered `window_start`.
 fn judge(
     verdicts: &[Verdict],
     answers: &[Message],
@@ -943,7 +985,7 @@ fn judge(
                     }
                     continue;
                 };
-                let Some(rec) = records.get(n).filter(|_| n >= window_start) else {
+                let Some(rec) = n.checked_sub(window_start).and_then(|i| records.get(i)) else {
                     return Err(format!(
                         "answer {i} carries Pod record {n}, not one of this stream"
                     ));
@@ -988,7 +1030,7 @@ fn judge(
                 }
                 break;
             }
-            Verdict::Abandon(why) => {
+            Verdict::Abandon { why, .. } => {
                 match answer {
                     None => {}
                     Some(a) if echo.is_none() && (400..500).contains(&a.status()) => {
@@ -1017,12 +1059,12 @@ fn judge(
                 .collect::<Vec<_>>()
         ));
     }
-    let window: Vec<usize> = (window_start..records.len()).collect();
+    let window: Vec<usize> = (window_start..window_start + records.len()).collect();
     if window != echoed {
         let extra: Vec<(usize, &Record)> = window
             .iter()
             .filter(|n| !echoed.contains(n))
-            .map(|&n| (n, &records[n]))
+            .map(|&n| (n, &records[n - window_start]))
             .collect();
         return Err(format!(
             "the Pod parsed requests {window:?}, the client got answers for {echoed:?}; not answered: {extra:?}"
@@ -1103,13 +1145,16 @@ async fn request_streams_reach_the_pod_as_podgate_read_them() {
         if !closed {
             problem = Some("podgate did not close the connection after the client's end".into());
         }
-        let records = rig.pod.records.lock().unwrap().clone();
+        let records = rig.pod.records.lock().unwrap()[window_start..].to_vec();
         // hyper refusing what podgate sent is podgate's fault unless the model left podgate a
         // choice in this stream (then hyper may be stricter than podgate's parser).
         let refused: Vec<String> = rig.pod.errors.lock().unwrap()[errors_before..].to_vec();
-        let choice = verdicts
-            .iter()
-            .any(|v| matches!(v, Verdict::Pass { sure: false, .. }));
+        let choice = verdicts.iter().any(|v| {
+            matches!(
+                v,
+                Verdict::Pass { sure: false, .. } | Verdict::Abandon { clean: false, .. }
+            )
+        });
         let verdict = match problem {
             Some(p) => Err(p),
             None => judge(&verdicts, &answers, &records, window_start),
@@ -1195,6 +1240,11 @@ fn ref_answer(bytes: &[u8], head_request: bool) -> AnswerVerdict {
     let mut at = 0;
     let mut sure = true;
     for _ in 0..8 {
+        // Empty lines before a status line: httparse skips them; nothing says podgate must.
+        while bytes[at..].starts_with(b"\r\n") || bytes[at..].starts_with(b"\n") {
+            at += if bytes[at] == b'\r' { 2 } else { 1 };
+            sure = false;
+        }
         let (lines, bare_lf, len) = match head_lines(&bytes[at..]) {
             Lines::Incomplete => return BadGateway("head cut off"),
             Lines::BareCr => return BadGateway("bare CR in the head"),
@@ -1241,18 +1291,35 @@ fn ref_answer(bytes: &[u8], head_request: bool) -> AnswerVerdict {
         }
         let rest = &bytes[at..];
         let no_body = head_request || code == 204 || code == 304;
-        // Identical duplicates of Content-Length count as one (RFC 9110 §8.6).
-        let mut cl = values(&fields, "content-length");
-        cl.dedup();
+        // Identical duplicates of Content-Length count as one (RFC 9110 §8.6); so may a list
+        // of identical values in one field, which podgate may also refuse.
+        let cl = values(&fields, "content-length");
+        let elements: Vec<&[u8]> = cl
+            .iter()
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect();
+        if cl.iter().any(|v| v.contains(&b',')) {
+            sure = false;
+        }
         let mut deduped: Vec<(String, Vec<u8>, bool)> = fields
             .iter()
             .filter(|(n, _, _)| n != "content-length")
             .cloned()
             .collect();
+        let one = !elements.is_empty() && elements.iter().all(|e| *e == elements[0]);
+        let lengths = if one { &elements[..1] } else { &cl[..] };
         deduped.extend(
-            cl.iter()
+            lengths
+                .iter()
                 .map(|v| ("content-length".to_string(), v.to_vec(), false)),
         );
+        // RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing; podgate
+        // may relay it as chunked (nginx does) or refuse it.
+        if status_line.starts_with(b"HTTP/1.0") && !values(&fields, "transfer-encoding").is_empty()
+        {
+            sure = false;
+        }
         let framing = ref_framing(&deduped, false);
         if no_body {
             return match framing {
@@ -1328,6 +1395,9 @@ fn gen_answer(rng: &mut Rng, case: usize, head_request: bool) -> GenAnswer {
     let no_body = status == 204 || status == 304;
     let mut body = format!("case-{case}-{}", rng.word(12)).into_bytes();
     body.extend_from_slice(&rng.body(60));
+    if rng.chance(3) {
+        body.resize(70 * 1024 + rng.below(30 * 1024), b'z');
+    }
     let mut fields: Vec<(String, String)> = vec![("Content-Type".into(), "text/plain".into())];
     for _ in 0..rng.below(3) {
         fields.push((format!("X-{}", rng.word(6)), rng.word(12)));
