@@ -268,7 +268,13 @@ impl Gateway {
         // A port found free can be taken by another test (or an outgoing connection) before
         // podgate binds it; then podgate says so and this tries other ports.
         for attempt in 1..=3 {
-            let (port, admin_port) = (free_port(), free_port());
+            // Two ports released one after the other can be the same one.
+            let (port, admin_port) = loop {
+                let (p, a) = (free_port(), free_port());
+                if p != a {
+                    break (p, a);
+                }
+            };
             let conf_head = format!(
                 "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
                  server:\n  {server}\n{pid_file}"
@@ -573,6 +579,7 @@ pub async fn https_pod(name: &str, pki: &TestPki) -> Pod {
     }
 }
 pub mod fake_kube;
+pub mod wire;
 
 /// Counts of a load run.
 #[derive(Default)]
