@@ -13,6 +13,7 @@ use crate::proxy::Gateway;
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{
     ListenFds, RunArgs, RuntimeOpts, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -263,6 +264,11 @@ fn prebind<S>(svc: S, addresses: &[Address], upgrade: bool) -> Result<Prebound<S
 }
 
 /// Adds `listeners` to `svc`; returns them as [`prebind`] takes them.
+///
+/// The connections get no L4 buffers: Pingora would give each a 64 KiB read and a 1460-byte
+/// write buffer, but podgate's HTTP/1.1 path reads into its own buffer and writes whole heads,
+/// TLS keeps its own record buffers, and h2 frames its own writes. An idle connection holding
+/// 64 KiB is what the issue on idle-connection memory measured.
 fn add_listeners<A>(
     svc: &mut Service<A>,
     listeners: &[(usize, &crate::config::Listener)],
@@ -270,8 +276,9 @@ fn add_listeners<A>(
     let mut bound = Vec::new();
     for (i, l) in listeners {
         let addr = l.address.to_string();
-        match &l.tls {
-            None => svc.add_tcp(&addr),
+        let endpoint = ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered());
+        let endpoint = match &l.tls {
+            None => endpoint,
             Some(tls) => {
                 let mut settings = TlsSettings::intermediate(
                     &tls.cert.to_string_lossy(),
@@ -279,9 +286,10 @@ fn add_listeners<A>(
                 )
                 .map_err(|e| format!("listener {addr}: TLS certificate or key: {e}"))?;
                 settings.enable_h2();
-                svc.add_tls_with_settings(&addr, None, settings);
+                endpoint.tls(settings)
             }
-        }
+        };
+        svc.add_listener(endpoint);
         let scheme = if l.tls.is_some() { "https" } else { "http" };
         bound.push((format!("proxy listener listeners[{i}]"), l.address, scheme));
     }
