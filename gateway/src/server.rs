@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::live::Live;
 use crate::proxy::Gateway;
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerOptions, ServerApp};
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -130,38 +130,15 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// How long idle client connections stay open after the listeners close, at most.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The proxy application, with a pause between "listeners closed" and "idle connections
-/// dropped".
 ///
 /// Pingora drops every connection still waiting for a request the moment a service stops
 /// listening. That includes a connection accepted an instant earlier whose request bytes were
 /// still on the wire: its client sees a reset with no answer, and nothing tells it that resending
 /// is safe. During a binary upgrade both processes accept on the same socket, so that instant
-/// comes under any steady load. Waiting `linger` first lets such a request be read and answered
-/// (with `Connection: close`, as Pingora answers everything once shutdown began); only
-/// connections still idle after it are closed, which HTTP clients handle by retrying.
-struct Lingering<A> {
-    inner: Arc<A>,
-    linger: std::time::Duration,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        session: pingora_core::protocols::Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<pingora_core::protocols::Stream> {
-        self.inner.process_new(session, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        tokio::time::sleep(self.linger).await;
-        self.inner.cleanup().await;
-    }
-}
+/// comes under any steady load. Waiting this long first (in [`crate::h1::Engine`]'s cleanup) lets
+/// such a request be read and answered (with `Connection: close`); only connections still idle
+/// after it are closed, which HTTP clients handle by retrying.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Binds a listening socket for `address` now, so that a busy address stops the start.
 ///
@@ -342,29 +319,22 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         }
         let gateway = || Gateway::new(live.router.clone(), access_log.clone());
         let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
-        // Half the grace period at most: what is read while lingering still needs time to be
-        // answered before the runtimes stop.
-        let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
-        let addresses = if h2c {
-            // Prior-knowledge h2 is told apart from HTTP/1.1 by Pingora's proxy.
+        if h2c {
+            // Pingora's proxy serves the connections that open with the h2 preface (see
+            // `h1/sniff.rs`); podgate's own path serves the HTTP/1.1 ones.
             let mut o = HttpServerOptions::default();
             o.h2c = true;
             proxy.server_options = Some(o);
-            let app = Lingering {
-                inner: Arc::new(proxy),
-                linger,
-            };
-            let mut svc = Service::new("podgate (h2c)".to_string(), app);
-            let addresses = add_listeners(&mut svc, &listeners)?;
-            server.add_service(prebind(svc, &addresses, opts.upgrade)?);
-            addresses
-        } else {
-            let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads);
-            let mut svc = Service::new("podgate".to_string(), app);
-            let addresses = add_listeners(&mut svc, &listeners)?;
-            server.add_service(prebind(svc, &addresses, opts.upgrade)?);
-            addresses
-        };
+        }
+        // Half the grace period at most: what is read while lingering still needs time to be
+        // answered before the runtimes stop.
+        let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
+        let app =
+            crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads).with_h2c(h2c);
+        let name = if h2c { "podgate (h2c)" } else { "podgate" };
+        let mut svc = Service::new(name.to_string(), app);
+        let addresses = add_listeners(&mut svc, &listeners)?;
+        server.add_service(prebind(svc, &addresses, opts.upgrade)?);
         listening.extend(addresses);
     }
 

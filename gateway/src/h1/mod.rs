@@ -16,6 +16,7 @@
 
 pub mod body;
 pub mod pool;
+pub mod sniff;
 pub mod spread;
 
 use crate::access_log;
@@ -52,6 +53,8 @@ pub struct Engine<F> {
     linger: Duration,
     /// Evens out connections over the request threads.
     spread: Arc<spread::Spread>,
+    /// An `h2c: true` listener: plain connections may open with the h2 preface (`sniff.rs`).
+    h2c: bool,
 }
 
 impl<F> Engine<F> {
@@ -62,6 +65,7 @@ impl<F> Engine<F> {
             h2: Arc::new(h2),
             linger,
             spread: spread::Spread::new(threads),
+            h2c: false,
         }
     }
 }
@@ -69,6 +73,16 @@ impl<F> Engine<F> {
 #[async_trait]
 impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        if self.h2c {
+            match sniff::sniff(&io, CLIENT_TIMEOUT).await {
+                sniff::Sniffed::H2 => {
+                    let _open = self.spread.open_here();
+                    return self.h2.process_new(io, shutdown).await;
+                }
+                sniff::Sniffed::Http1 => {}
+                sniff::Sniffed::Gone => return None,
+            }
+        }
         if io.selected_alpn_proto() == Some(ALPN::H2) {
             let _open = self.spread.open_here();
             return self.h2.process_new(io, shutdown).await;
