@@ -1,10 +1,12 @@
-//! Stopping podgate the Kubernetes way: SIGTERM → not ready at once, still accepting during the
-//! drain delay, in-flight requests finish, exit within the grace period.
+//! Starting and stopping podgate: an address in use stops the start with exit 1; SIGTERM → not
+//! ready at once, still accepting during the drain delay, in-flight requests finish, exit within
+//! the grace period; a binary upgrade loses no request.
 
 mod support;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -174,4 +176,118 @@ async fn binary_upgrade_under_load_loses_no_request() {
         old.log_text(),
         std::fs::read_to_string(old.path("upgrade.log")).unwrap_or_default()
     );
+}
+
+/// A socket listening on a fresh loopback port with `SO_REUSEPORT` set, as a second server
+/// started with reuseport holds it (a listener that sets it too would share the port silently).
+fn reuseport_listener() -> std::net::TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor created here; the sockaddr and option value
+    // live on this stack frame for the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let listener = std::net::TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0, "SO_REUSEPORT: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let bound = libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::listen(fd, 16), 0);
+        listener
+    }
+}
+
+/// Runs `podgate -c` with the proxy listener on `proxy` and the admin listener on `admin` until
+/// it exits (killed after `DEADLINE`): its exit code, stderr, and how long it ran.
+fn run_until_exit(proxy: SocketAddr, admin: SocketAddr) -> (Option<i32>, String, Duration) {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("podgate.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listeners:\n  - address: {proxy}\nadmin:\n  address: {admin}\nserver:\n  \
+             pid_file: {}\nupstreams:\n  - {{name: web, nodes: [{{address: \"127.0.0.1:9\"}}]}}\n\
+             routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+            dir.path().join("podgate.pid").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("podgate.log");
+    let start = Instant::now();
+    let mut child = Command::new(podgate_bin())
+        .arg("-c")
+        .arg(&conf)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn podgate");
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = start.elapsed();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !dir.path().join("podgate.pid").exists(),
+        "a failed start must not write the pid file (it names the running podgate)"
+    );
+    (status, stderr, took)
+}
+
+#[test]
+fn an_address_in_use_stops_the_start_with_exit_code_1() {
+    let free = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let reuseport = reuseport_listener();
+    for (holder, kind) in [
+        (&plain, "a plain listener"),
+        (&reuseport, "an SO_REUSEPORT one"),
+    ] {
+        let held = holder.local_addr().unwrap();
+        for (proxy, admin, named) in [
+            (held, free(), "proxy listener listeners[0]"),
+            (free(), held, "admin listener admin.address"),
+        ] {
+            let (code, stderr, took) = run_until_exit(proxy, admin);
+            println!("{named} on {held} held by {kind}: exit {code:?} after {took:?}");
+            assert_eq!(code, Some(1), "{named} held by {kind}:\n{stderr}");
+            assert!(
+                stderr.contains(&format!("{named} {held} is in use")),
+                "the message names the listener and the address:\n{stderr}"
+            );
+            assert!(
+                !stderr.contains("listening on"),
+                "nothing may be reported as listening:\n{stderr}"
+            );
+            assert!(took < Duration::from_secs(5), "exit took {took:?}");
+        }
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Order matters: discovery sources are read first (so the first request already sees the Pods),
 //! then upstreams are built from what they found and subscribed to later changes, then listeners
-//! open. Nothing binds a port before the config and the sources were accepted. SIGHUP re-reads
+//! open. Nothing binds a port before the config and the sources were accepted, and every address
+//! is bound (a busy one stops the start) before any is reported as listening. SIGHUP re-reads
 //! the config ([`Live::reload`]).
 
 use crate::admin::Admin;
@@ -10,12 +11,17 @@ use crate::config::Config;
 use crate::live::Live;
 use crate::proxy::Gateway;
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerOptions, ServerApp};
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora_core::server::{
+    ListenFds, RunArgs, RuntimeOpts, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
+use pingora_core::services::{ServiceReadyNotifier, ServiceWithDependents};
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::Arc;
 
 /// How the process was started, beyond the config file.
@@ -124,47 +130,132 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// How long idle client connections stay open after the listeners close, at most.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The proxy application, with a pause between "listeners closed" and "idle connections
-/// dropped".
 ///
 /// Pingora drops every connection still waiting for a request the moment a service stops
 /// listening. That includes a connection accepted an instant earlier whose request bytes were
 /// still on the wire: its client sees a reset with no answer, and nothing tells it that resending
 /// is safe. During a binary upgrade both processes accept on the same socket, so that instant
-/// comes under any steady load. Waiting `linger` first lets such a request be read and answered
-/// (with `Connection: close`, as Pingora answers everything once shutdown began); only
-/// connections still idle after it are closed, which HTTP clients handle by retrying.
-struct Lingering<A> {
-    inner: Arc<A>,
-    linger: std::time::Duration,
+/// comes under any steady load. Waiting this long first (in [`crate::h1::Engine`]'s cleanup) lets
+/// such a request be read and answered (with `Connection: close`); only connections still idle
+/// after it are closed, which HTTP clients handle by retrying.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Binds a listening socket for `address` now, so that a busy address stops the start.
+///
+/// Pingora binds its listeners itself once the server runs, in the service's runtime: when the
+/// address is in use it logs "is in use, will try again" and retries (30 times a second apart,
+/// then that service's task panics and the process runs on without it). Binding here, before
+/// anything is reported as listening, turns a busy address into exit code 1 with a message naming
+/// it. The socket is made like Pingora's: `SO_REUSEADDR`, so a restart is not refused for the
+/// closing connections of the previous process, and no `SO_REUSEPORT`, so an address another
+/// process listens on fails even if that process set it. [`Prebound`] hands it to Pingora, which
+/// also passes it on in a binary upgrade.
+fn bind(what: &str, address: std::net::SocketAddr) -> Result<OwnedFd, String> {
+    // std sets SO_REUSEADDR (and close-on-exec) on Unix, and never SO_REUSEPORT.
+    let socket = std::net::TcpListener::bind(address).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("{what} {address} is in use by another process (or another listener here)")
+        } else {
+            format!("{what} {address}: cannot listen: {e}")
+        }
+    })?;
+    // Pingora's listener registers the socket with tokio, which needs it non-blocking.
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| format!("{what} {address}: {e}"))?;
+    Ok(socket.into())
+}
+
+/// A Pingora service whose listening sockets podgate bound itself ([`bind`]).
+///
+/// Pingora looks an address up in its table of inherited sockets (the one a binary upgrade
+/// fills) before it binds one: putting the sockets in that table when the service starts makes
+/// Pingora listen on them as if they had been handed over, and hand them on at the next upgrade.
+struct Prebound<S> {
+    inner: S,
+    /// The address as the service's listener names it, and its socket.
+    sockets: Vec<(String, OwnedFd)>,
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        session: pingora_core::protocols::Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<pingora_core::protocols::Stream> {
-        self.inner.process_new(session, shutdown).await
+impl<S: ServiceWithDependents> ServiceWithDependents for Prebound<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready_notifier: ServiceReadyNotifier,
+    ) {
+        if let Some(fds) = &fds {
+            let mut table = fds.lock();
+            for (address, socket) in self.sockets.drain(..) {
+                // Only a socket inherited in an upgrade can be there already; ours then closes.
+                if table.get(&address).is_none() {
+                    table.add(address, socket.into_raw_fd());
+                }
+            }
+        }
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd, ready_notifier)
+            .await
     }
 
-    async fn cleanup(&self) {
-        tokio::time::sleep(self.linger).await;
-        self.inner.cleanup().await;
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn runtime_opts_override(&self, global: &RuntimeOpts) -> Option<RuntimeOpts> {
+        self.inner.runtime_opts_override(global)
+    }
+
+    fn on_startup_delay(&self, time_waited: std::time::Duration) {
+        self.inner.on_startup_delay(time_waited)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        // Pingora closes inherited sockets no service claims; an answer of `None` would turn
+        // that off for every service.
+        self.inner.listen_addresses()
     }
 }
 
+/// A listening address: what it is (for messages), where, and its URL scheme.
+type Address = (String, std::net::SocketAddr, &'static str);
+
+/// Binds `addresses` for `svc`, unless `upgrade` takes the sockets over from the running process.
+fn prebind<S>(svc: S, addresses: &[Address], upgrade: bool) -> Result<Prebound<S>, String> {
+    let mut sockets = Vec::new();
+    if !upgrade {
+        for (what, address, _) in addresses {
+            sockets.push((address.to_string(), bind(what, *address)?));
+        }
+    }
+    Ok(Prebound {
+        inner: svc,
+        sockets,
+    })
+}
+
+/// Adds `listeners` to `svc`; returns them as [`prebind`] takes them.
+///
+/// The connections get no L4 buffers: Pingora would give each a 64 KiB read and a 1460-byte
+/// write buffer, but podgate's HTTP/1.1 path reads into its own buffer and writes whole heads,
+/// TLS keeps its own record buffers, and h2 frames its own writes. An idle connection holding
+/// 64 KiB is what the issue on idle-connection memory measured.
 fn add_listeners<A>(
     svc: &mut Service<A>,
-    listeners: &[&crate::config::Listener],
-) -> Result<(), String> {
-    for l in listeners {
+    listeners: &[(usize, &crate::config::Listener)],
+) -> Result<Vec<Address>, String> {
+    let mut bound = Vec::new();
+    for (i, l) in listeners {
         let addr = l.address.to_string();
-        match &l.tls {
-            None => svc.add_tcp(&addr),
+        let endpoint = ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered());
+        let endpoint = match &l.tls {
+            None => endpoint,
             Some(tls) => {
                 let mut settings = TlsSettings::intermediate(
                     &tls.cert.to_string_lossy(),
@@ -172,15 +263,14 @@ fn add_listeners<A>(
                 )
                 .map_err(|e| format!("listener {addr}: TLS certificate or key: {e}"))?;
                 settings.enable_h2();
-                svc.add_tls_with_settings(&addr, None, settings);
+                endpoint.tls(settings)
             }
-        }
-        log::info!(
-            "listening on {}://{addr}",
-            if l.tls.is_some() { "https" } else { "http" }
-        );
+        };
+        svc.add_listener(endpoint);
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        bound.push((format!("proxy listener listeners[{i}]"), l.address, scheme));
     }
-    Ok(())
+    Ok(bound)
 }
 
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
@@ -220,35 +310,35 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
 
     // One budget of head memory for the whole process, shared by every listener.
     let limits = crate::h1::Limits::new(&config.server);
+    // Every address is bound before any is reported as listening.
+    let mut listening = Vec::new();
     for h2c in [false, true] {
-        let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();
+        let listeners: Vec<_> = (config.listeners.iter().enumerate())
+            .filter(|(_, l)| l.h2c == h2c)
+            .collect();
         if listeners.is_empty() {
             continue;
         }
         let gateway = || Gateway::new(live.router.clone(), access_log.clone());
         let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
-        // Half the grace period at most: what is read while lingering still needs time to be
-        // answered before the runtimes stop.
-        let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
         if h2c {
-            // Prior-knowledge h2 is told apart from HTTP/1.1 by Pingora's proxy.
+            // Pingora's proxy serves the connections that open with the h2 preface (see
+            // `h1/sniff.rs`); podgate's own path serves the HTTP/1.1 ones.
             let mut o = HttpServerOptions::default();
             o.h2c = true;
             proxy.server_options = Some(o);
-            let app = Lingering {
-                inner: Arc::new(proxy),
-                linger,
-            };
-            let mut svc = Service::new("podgate (h2c)".to_string(), app);
-            add_listeners(&mut svc, &listeners)?;
-            server.add_service(svc);
-        } else {
-            let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads)
-                .with_limits(limits.clone());
-            let mut svc = Service::new("podgate".to_string(), app);
-            add_listeners(&mut svc, &listeners)?;
-            server.add_service(svc);
         }
+        // Half the grace period at most: what is read while lingering still needs time to be
+        // answered before the runtimes stop.
+        let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
+        let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads)
+            .with_h2c(h2c)
+            .with_limits(limits.clone());
+        let name = if h2c { "podgate (h2c)" } else { "podgate" };
+        let mut svc = Service::new(name.to_string(), app);
+        let addresses = add_listeners(&mut svc, &listeners)?;
+        server.add_service(prebind(svc, &addresses, opts.upgrade)?);
+        listening.extend(addresses);
     }
 
     let lifecycle = Arc::new(Lifecycle::default());
@@ -278,8 +368,16 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         pingora_core::apps::http_app::HttpServer::new_app(admin),
     );
     admin_svc.add_tcp(&config.admin.address.to_string());
-    log::info!("admin on http://{}", config.admin.address);
-    server.add_service(admin_svc);
+    let admin_address = [(
+        "admin listener admin.address".to_string(),
+        config.admin.address,
+        "http",
+    )];
+    server.add_service(prebind(admin_svc, &admin_address, opts.upgrade)?);
+    listening.extend(admin_address);
+    for (what, address, scheme) in &listening {
+        log::info!("listening on {scheme}://{address} ({what})");
+    }
 
     server.add_service(background_service(
         "config reloader",

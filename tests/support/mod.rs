@@ -293,16 +293,18 @@ impl Gateway {
             let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
             let start = Instant::now();
             let started = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    panic!(
-                        "podgate exited with {status} during start-up:\n{}",
-                        log_text()
-                    );
-                }
+                let exited = child.try_wait().unwrap();
+                // podgate exits 1 when it finds an address in use.
                 if attempt < 3 && log_text().contains("is in use") {
                     let _ = child.kill();
                     let _ = child.wait();
                     break false;
+                }
+                if let Some(status) = exited {
+                    panic!(
+                        "podgate exited with {status} during start-up:\n{}",
+                        log_text()
+                    );
                 }
                 let up = TcpStream::connect(addr).await.is_ok()
                     && matches!(get(admin, "x", "/healthz").await, Ok(r) if r.status == 200);

@@ -26,6 +26,7 @@ pub mod head;
 pub mod pool;
 #[cfg(test)]
 mod props;
+pub mod sniff;
 pub mod spread;
 
 use crate::config::ServerSettings;
@@ -125,6 +126,8 @@ pub struct Engine<F> {
     /// Evens out connections over the request threads.
     spread: Arc<spread::Spread>,
     limits: Limits,
+    /// An `h2c: true` listener: plain connections may open with the h2 preface (`sniff.rs`).
+    h2c: bool,
 }
 
 impl<F> Engine<F> {
@@ -136,6 +139,7 @@ impl<F> Engine<F> {
             linger,
             spread: spread::Spread::new(threads),
             limits: Limits::default(),
+            h2c: false,
         }
     }
 
@@ -149,6 +153,16 @@ impl<F> Engine<F> {
 #[async_trait]
 impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        if self.h2c {
+            match sniff::sniff(&io, self.limits.header_timeout).await {
+                sniff::Sniffed::H2 => {
+                    let _open = self.spread.open_here();
+                    return self.h2.process_new(io, shutdown).await;
+                }
+                sniff::Sniffed::Http1 => {}
+                sniff::Sniffed::Gone => return None,
+            }
+        }
         if io.selected_alpn_proto() == Some(ALPN::H2) {
             let _open = self.spread.open_here();
             return self.h2.process_new(io, shutdown).await;
