@@ -15,6 +15,7 @@
 //! `Expect: 100-continue` is answered here; upgrades (WebSocket) are tunnelled after a 101.
 
 pub mod body;
+pub mod hyper_engine;
 pub mod pool;
 pub mod spread;
 
@@ -52,6 +53,8 @@ pub struct Engine<F> {
     linger: Duration,
     /// Evens out connections over the request threads.
     spread: Arc<spread::Spread>,
+    /// `PODGATE_H1_ENGINE=hyper`: HTTP/1.1 served by `hyper_engine.rs` (parser A/B bench switch).
+    hyper: bool,
 }
 
 impl<F> Engine<F> {
@@ -62,6 +65,7 @@ impl<F> Engine<F> {
             h2: Arc::new(h2),
             linger,
             spread: spread::Spread::new(threads),
+            hyper: std::env::var("PODGATE_H1_ENGINE").is_ok_and(|v| v == "hyper"),
         }
     }
 }
@@ -83,7 +87,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
                     there.spawn(async move {
                         let _open = open;
                         match spread::attach(tcp) {
-                            Ok(io) => engine.serve(io, &shutdown).await,
+                            Ok(io) => engine.serve_h1(io, &shutdown).await,
                             Err(e) => log::warn!("cannot move a client connection: {e}"),
                         }
                     });
@@ -92,7 +96,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
             }
         }
         let _open = self.spread.open_here();
-        self.serve(io, shutdown).await;
+        self.serve_h1(io, shutdown).await;
         None
     }
 
