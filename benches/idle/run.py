@@ -15,7 +15,8 @@ the gateway did not accept.
 
 Environment: N (default 8000), SETTLE seconds (default 2), PODGATE (a podgate binary; default
 $CARGO_TARGET_DIR/release/podgate or target/release/podgate), PHASES (default "idle midhead"),
-GATEWAYS (default "nginx podgate"). The whole run stops itself after LIMIT seconds (default 110).
+GATEWAYS (default "nginx podgate"; "podgate-hyper" is podgate with PODGATE_H1_ENGINE=hyper). PORT_BASE
+(default 18200) moves every port. The whole run stops itself after LIMIT seconds (default 110).
 """
 import math, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
 
@@ -33,9 +34,10 @@ TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
 PODGATE = os.environ.get("PODGATE", os.path.join(TARGET, "release", "podgate"))
 # Ports apart from the load bench's, so both can run on one machine (not at the same time, though:
 # they share the CPUs).
-UPSTREAM = 18201
-PORTS = {"nginx": 18211, "podgate": 18212}
-PODGATE_ADMIN = 18213
+BASE = int(os.environ.get("PORT_BASE", "18200"))
+UPSTREAM = BASE + 1
+PORTS = {"nginx": BASE + 11, "podgate": BASE + 12, "podgate-hyper": BASE + 14}
+PODGATE_ADMIN = BASE + 13
 REQUEST = b"GET / HTTP/1.1\r\nHost: idle.test\r\nUser-Agent: idle-bench\r\nAccept: */*\r\n\r\n"
 HALF_HEAD = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: "
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -100,8 +102,8 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
     return subprocess.Popen(["nginx", "-p", d, "-c", f"{d}/nginx.conf"])
 
 
-def start_podgate(d):
-    port = PORTS["podgate"]
+def start_podgate(d, name):
+    port = PORTS[name]
     load.write(f"{d}/podgate.yaml", f"""listeners:
   - address: 127.0.0.1:{port}
 admin:
@@ -121,9 +123,12 @@ routes:
     path_prefix: /
     upstream: pods
 """)
+    env = dict(os.environ, RUST_LOG="warn")
+    env.pop("PODGATE_H1_ENGINE", None)
+    if name == "podgate-hyper":
+        env["PODGATE_H1_ENGINE"] = "hyper"
     return subprocess.Popen([PODGATE, "-c", f"{d}/podgate.yaml"],
-                            stderr=open(f"{d}/podgate.log", "w"),
-                            env=dict(os.environ, RUST_LOG="warn"))
+                            stderr=open(f"{d}/podgate.log", "w"), env=env)
 
 
 def read_answer(s):
@@ -187,7 +192,7 @@ def warm_up(port):
 
 def measure(gateway, phase, ips):
     with tempfile.TemporaryDirectory() as d:
-        proc = start_nginx(d) if gateway == "nginx" else start_podgate(d)
+        proc = start_nginx(d) if gateway == "nginx" else start_podgate(d, gateway)
         conns = []
         try:
             load.wait_port(PORTS[gateway])
@@ -232,13 +237,15 @@ def on_alarm(_sig, _frame):
 
 
 def main():
-    if "podgate" in GATEWAYS and not os.access(PODGATE, os.X_OK):
+    if any(g.startswith("podgate") for g in GATEWAYS) and not os.access(PODGATE, os.X_OK):
         raise SystemExit(f"no podgate binary at {PODGATE} (build it, or set PODGATE)")
     # The clients' sockets here, and the gateways' (they inherit the limit).
     raise_fd_limit(N + 1024)
     ips = source_ips()
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(LIMIT)
+    load.BASE = BASE
+    load.ensure_free([UPSTREAM, PODGATE_ADMIN] + list(PORTS.values()))
     load_avg = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory() as d:
