@@ -70,6 +70,19 @@ def rss_kib(pids):
     return total
 
 
+def cpu_seconds(pids):
+    """User + system CPU time of the processes so far (all their threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -197,11 +210,12 @@ def wrk(port, seconds, pin):
     if "Requests/sec" not in out or "99%" not in out:
         raise SystemExit(f"wrk against 127.0.0.1:{port} gave no result:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     # The latency distribution lines only: a stdev column such as "88.99%" must not match.
     p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
     p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
-    return rps, p50, p99, (errors.group(0) if errors else "")
+    return rps, p50, p99, (errors.group(0) if errors else ""), total
 
 
 def run(mode):
@@ -222,8 +236,11 @@ def run(mode):
             print(f"\n## {mode}: {threads} worker thread(s) per proxy"
                   + (", proxies on CPU 1, wrk and upstreams on CPU 0" if pin else ", unpinned"))
             print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s, 64-byte bodies, {ROUNDS} rounds\n")
-            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx |")
-            print("|---|---|---|---|---|---|")
+            # CPU µs per request: the proxy's own CPU time over the requests it served. Less
+            # sensitive than req/s to other load on the machine (which takes CPU away from the
+            # proxy but adds little to its cost per request).
+            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req |")
+            print("|---|---|---|---|---|---|---|")
             for r in range(1, ROUNDS + 1):
                 row = {}
                 for n in names:
@@ -231,20 +248,25 @@ def run(mode):
                     if os.environ.get("PROFILE") == n and r == 1:
                         # Samples of the proxy while wrk runs: where its CPU time goes.
                         perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o",
-                                                 f"{ROOT}/target/perf-{n}.data", "-p",
+                                                 f"{TARGET}/perf-{n}.data", "-p",
                                                  str(procs[n].pid), "--", "sleep", str(DURATION)],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    row[n] = wrk(PORTS[n], DURATION, pin)
+                    pids = [procs[n].pid] + children(procs[n].pid)
+                    cpu = cpu_seconds(pids)
+                    rps, p50, p99, err, total = wrk(PORTS[n], DURATION, pin)
+                    cpu = (cpu_seconds(pids) - cpu) * 1e6 / max(1, total)
+                    row[n] = (rps, p50, p99, err, cpu)
                     results[n].append(row[n])
                     if perf:
                         perf.wait()
                 for n in names:
-                    rps, p50, p99, err = row[n]
+                    rps, p50, p99, err, cpu = row[n]
                     ratio = rps / row["nginx"][0]
-                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} |"
+                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} | {cpu:.1f} |"
                           + (f" {err}" if err else ""))
-            print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms | RSS MiB |")
-            print("|---|---|---|---|---|---|")
+            print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms "
+                  "| median CPU µs/req | RSS MiB |")
+            print("|---|---|---|---|---|---|---|")
             for n in names:
                 ratios = [results[n][i][0] / results["nginx"][i][0] for i in range(ROUNDS)]
                 pids = [procs[n].pid] + children(procs[n].pid)
@@ -252,6 +274,7 @@ def run(mode):
                       f"{statistics.median(ratios):.2f} | "
                       f"{statistics.median(x[1] for x in results[n]):.2f} | "
                       f"{statistics.median(x[2] for x in results[n]):.2f} | "
+                      f"{statistics.median(x[4] for x in results[n]):.1f} | "
                       f"{rss_kib(pids) / 1024:.1f} |")
             print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             if "podgate" in results and "podgate-hyper" in results:
@@ -259,9 +282,12 @@ def run(mode):
                       for i in range(ROUNDS)]
                 p99 = [results["podgate"][i][2] / results["podgate-hyper"][i][2]
                        for i in range(ROUNDS)]
+                cpu = [results["podgate-hyper"][i][4] / results["podgate"][i][4]
+                       for i in range(ROUNDS)]
                 print(f"\nown parser / hyper, req/s per round: {', '.join(f'{x:.2f}' for x in ab)}"
                       f" (median {statistics.median(ab):.2f}); p99: median "
-                      f"{statistics.median(p99):.2f}")
+                      f"{statistics.median(p99):.2f}; hyper's CPU per request / own's: "
+                      f"{', '.join(f'{x:.2f}' for x in cpu)} (median {statistics.median(cpu):.2f})")
         finally:
             for p in list(procs.values()) + [up]:
                 p.terminate()
