@@ -10,14 +10,29 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = int(os.environ.get("DURATION", "10"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "64"))
 BODY = "x" * 63 + "\n"  # 64 bytes
-UPSTREAMS = [18101, 18102, 18103]
-PORTS = {"nginx": 18081, "haproxy": 18082, "bare-pingora": 18083, "podgate": 18084}
-PODGATE_ADMIN = 18085
-# A/B of a change in the same run: BASELINE=/path/to/an/older/podgate adds it as a fifth
-# contestant, with the same config.
+# Every port is PORT_BASE + a fixed offset, so that runs can move out of another program's way.
+BASE = int(os.environ.get("PORT_BASE", "18080"))
+UPSTREAMS = [BASE + 21, BASE + 22, BASE + 23]
+# podgate-hyper: the same podgate binary with PODGATE_H1_ENGINE=hyper, i.e. HTTP/1.1 served by
+# hyper (gateway/src/h1/hyper_engine.rs) instead of podgate's own parser: the parser A/B of
+# issue 15, in the same rounds.
+PORTS = {"nginx": BASE + 1, "haproxy": BASE + 2, "bare-pingora": BASE + 3, "podgate": BASE + 4,
+         "podgate-hyper": BASE + 7}
+PODGATE_ADMIN = BASE + 10  # one per podgate contestant, counting up
+# A/B of a change in the same run: BASELINE=/path/to/an/older/podgate adds it as a contestant,
+# with the same config.
 BASELINE = os.environ.get("BASELINE")
 if BASELINE:
-    PORTS["podgate-baseline"] = 18086
+    PORTS["podgate-baseline"] = BASE + 6
+# PROXIES="nginx podgate podgate-hyper" runs only those (nginx always: ratios are to it).
+PROXIES = os.environ.get("PROXIES")
+if PROXIES:
+    PORTS = {n: p for n, p in PORTS.items() if n == "nginx" or n in PROXIES.split()}
+# Binaries: cargo's target directory (CARGO_TARGET_DIR, as run.sh built them), or PODGATE.
+TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
+PODGATE = os.environ.get("PODGATE", os.path.join(TARGET, "release", "podgate"))
+BARE_PINGORA = os.environ.get("BARE_PINGORA",
+                              os.path.join(TARGET, "release", "examples", "bare-pingora"))
 
 
 def wait_port(port, timeout=10.0):
@@ -31,6 +46,17 @@ def wait_port(port, timeout=10.0):
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
+def ensure_free(ports):
+    """A port another program listens on would have its server measured instead of ours."""
+    for port in ports:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+        except OSError:
+            continue
+        raise SystemExit(f"127.0.0.1:{port} is in use by another program: "
+                         f"choose other ports with PORT_BASE (now {BASE})")
+
+
 def rss_kib(pids):
     total = 0
     for pid in pids:
@@ -42,6 +68,19 @@ def rss_kib(pids):
         except FileNotFoundError:
             pass
     return total
+
+
+def cpu_seconds(pids):
+    """User + system CPU time of the processes so far (all their threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid):
@@ -73,9 +112,9 @@ http {{ keepalive_requests 1000000;
     return p
 
 
-def start_proxies(d, threads, pin):
+def start_proxies(d, threads, pin, procs):
+    """Starts the proxies into `procs` (filled as they start, so a failure stops the others)."""
     pre = ["taskset", "-c", "1"] if pin else []
-    procs = {}
     ups = "\n".join(f"    server 127.0.0.1:{p};" for p in UPSTREAMS)
     write(f"{d}/nginx.conf", f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;
 error_log {d}/nginx-error.log; events {{ worker_connections 4096; }}
@@ -107,28 +146,31 @@ defaults
   option http-keep-alive
   http-reuse always
 frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']}
+  bind 127.0.0.1:{PORTS.get('haproxy', 0)}
   default_backend pods
 backend pods
   balance roundrobin
 {servers}
 """)
-    procs["haproxy"] = subprocess.Popen(pre + ["haproxy", "-f", f"{d}/haproxy.cfg"])
+    if "haproxy" in PORTS:
+        procs["haproxy"] = subprocess.Popen(pre + ["haproxy", "-f", f"{d}/haproxy.cfg"])
 
-    procs["bare-pingora"] = subprocess.Popen(
-        pre + [f"{ROOT}/target/release/examples/bare-pingora", f"127.0.0.1:{PORTS['bare-pingora']}",
-               str(threads)] + [f"127.0.0.1:{p}" for p in UPSTREAMS],
-        stderr=subprocess.DEVNULL)
+    if "bare-pingora" in PORTS:
+        procs["bare-pingora"] = subprocess.Popen(
+            pre + [BARE_PINGORA, f"127.0.0.1:{PORTS['bare-pingora']}",
+                   str(threads)] + [f"127.0.0.1:{p}" for p in UPSTREAMS],
+            stderr=subprocess.DEVNULL)
 
     nodes = ", ".join(f'{{address: "127.0.0.1:{p}"}}' for p in UPSTREAMS)
-    builds = {"podgate": f"{ROOT}/target/release/podgate"}
-    if BASELINE:
-        builds["podgate-baseline"] = BASELINE
-    for i, (name, binary) in enumerate(builds.items()):
+    # name: (binary, HTTP/1.1 engine)
+    builds = {"podgate": (PODGATE, "own"), "podgate-hyper": (PODGATE, "hyper"),
+              "podgate-baseline": (BASELINE, "own")}
+    builds = {n: b for n, b in builds.items() if n in PORTS}
+    for i, (name, (binary, engine)) in enumerate(builds.items()):
         write(f"{d}/{name}.yaml", f"""listeners:
   - address: 127.0.0.1:{PORTS[name]}
 admin:
-  address: 127.0.0.1:{PODGATE_ADMIN + 2 * i}
+  address: 127.0.0.1:{PODGATE_ADMIN + i}
 server:
   threads: {threads}
   grace_period: 1s
@@ -144,12 +186,15 @@ routes:
     path_prefix: /
     upstream: pods
 """)
+        env = dict(os.environ, RUST_LOG="warn")
+        env.pop("PODGATE_H1_ENGINE", None)
+        if engine == "hyper":
+            env["PODGATE_H1_ENGINE"] = "hyper"
         procs[name] = subprocess.Popen(
             pre + [binary, "-c", f"{d}/{name}.yaml"],
-            stderr=open(f"{d}/{name}.log", "w"), env=dict(os.environ, RUST_LOG="warn"))
+            stderr=open(f"{d}/{name}.log", "w"), env=env)
     for name, port in PORTS.items():
         wait_port(port)
-    return procs
 
 
 def to_ms(text):
@@ -165,29 +210,37 @@ def wrk(port, seconds, pin):
     if "Requests/sec" not in out or "99%" not in out:
         raise SystemExit(f"wrk against 127.0.0.1:{port} gave no result:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     # The latency distribution lines only: a stdev column such as "88.99%" must not match.
     p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
     p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
-    return rps, p50, p99, (errors.group(0) if errors else "")
+    return rps, p50, p99, (errors.group(0) if errors else ""), total
 
 
 def run(mode):
     pin = mode == "pinned"
     threads = 1 if pin else 2
     names = list(PORTS)
+    ensure_free(UPSTREAMS + list(PORTS.values())
+                + [PODGATE_ADMIN + i for i in range(len(PORTS))])
     with tempfile.TemporaryDirectory() as d:
         up = start_upstreams(d)
-        procs = start_proxies(d, threads, pin)
+        procs = {}
         try:
+            # Inside the try: whatever started is stopped, even when a later start fails.
+            start_proxies(d, threads, pin, procs)
             for n in names:  # warm-up: pools, caches, JIT-free but page-faulty
                 wrk(PORTS[n], 2, pin)
             results = {n: [] for n in names}
             print(f"\n## {mode}: {threads} worker thread(s) per proxy"
                   + (", proxies on CPU 1, wrk and upstreams on CPU 0" if pin else ", unpinned"))
             print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s, 64-byte bodies, {ROUNDS} rounds\n")
-            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx |")
-            print("|---|---|---|---|---|---|")
+            # CPU µs per request: the proxy's own CPU time over the requests it served. Less
+            # sensitive than req/s to other load on the machine (which takes CPU away from the
+            # proxy but adds little to its cost per request).
+            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req |")
+            print("|---|---|---|---|---|---|---|")
             for r in range(1, ROUNDS + 1):
                 row = {}
                 for n in names:
@@ -195,20 +248,25 @@ def run(mode):
                     if os.environ.get("PROFILE") == n and r == 1:
                         # Samples of the proxy while wrk runs: where its CPU time goes.
                         perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o",
-                                                 f"{ROOT}/target/perf-{n}.data", "-p",
+                                                 f"{TARGET}/perf-{n}.data", "-p",
                                                  str(procs[n].pid), "--", "sleep", str(DURATION)],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    row[n] = wrk(PORTS[n], DURATION, pin)
+                    pids = [procs[n].pid] + children(procs[n].pid)
+                    cpu = cpu_seconds(pids)
+                    rps, p50, p99, err, total = wrk(PORTS[n], DURATION, pin)
+                    cpu = (cpu_seconds(pids) - cpu) * 1e6 / max(1, total)
+                    row[n] = (rps, p50, p99, err, cpu)
                     results[n].append(row[n])
                     if perf:
                         perf.wait()
                 for n in names:
-                    rps, p50, p99, err = row[n]
+                    rps, p50, p99, err, cpu = row[n]
                     ratio = rps / row["nginx"][0]
-                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} |"
+                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} | {cpu:.1f} |"
                           + (f" {err}" if err else ""))
-            print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms | RSS MiB |")
-            print("|---|---|---|---|---|---|")
+            print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms "
+                  "| median CPU µs/req | RSS MiB |")
+            print("|---|---|---|---|---|---|---|")
             for n in names:
                 ratios = [results[n][i][0] / results["nginx"][i][0] for i in range(ROUNDS)]
                 pids = [procs[n].pid] + children(procs[n].pid)
@@ -216,7 +274,20 @@ def run(mode):
                       f"{statistics.median(ratios):.2f} | "
                       f"{statistics.median(x[1] for x in results[n]):.2f} | "
                       f"{statistics.median(x[2] for x in results[n]):.2f} | "
+                      f"{statistics.median(x[4] for x in results[n]):.1f} | "
                       f"{rss_kib(pids) / 1024:.1f} |")
+            print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            if "podgate" in results and "podgate-hyper" in results:
+                ab = [results["podgate"][i][0] / results["podgate-hyper"][i][0]
+                      for i in range(ROUNDS)]
+                p99 = [results["podgate"][i][2] / results["podgate-hyper"][i][2]
+                       for i in range(ROUNDS)]
+                cpu = [results["podgate-hyper"][i][4] / results["podgate"][i][4]
+                       for i in range(ROUNDS)]
+                print(f"\nown parser / hyper, req/s per round: {', '.join(f'{x:.2f}' for x in ab)}"
+                      f" (median {statistics.median(ab):.2f}); p99: median "
+                      f"{statistics.median(p99):.2f}; hyper's CPU per request / own's: "
+                      f"{', '.join(f'{x:.2f}' for x in cpu)} (median {statistics.median(cpu):.2f})")
         finally:
             for p in list(procs.values()) + [up]:
                 p.terminate()
@@ -238,5 +309,6 @@ def run(mode):
 
 if __name__ == "__main__":
     modes = sys.argv[1:] or ["pinned", "unpinned"]
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for m in modes:
         run(m)

@@ -23,6 +23,7 @@
 pub mod body;
 mod exchange;
 pub mod head;
+pub mod hyper_engine;
 pub mod pool;
 #[cfg(test)]
 mod props;
@@ -128,6 +129,8 @@ pub struct Engine<F> {
     limits: Limits,
     /// An `h2c: true` listener: plain connections may open with the h2 preface (`sniff.rs`).
     h2c: bool,
+    /// `PODGATE_H1_ENGINE=hyper`: HTTP/1.1 served by `hyper_engine.rs` (parser A/B bench switch).
+    hyper: bool,
 }
 
 impl<F> Engine<F> {
@@ -140,6 +143,7 @@ impl<F> Engine<F> {
             spread: spread::Spread::new(threads),
             limits: Limits::default(),
             h2c: false,
+            hyper: hyper_engine::chosen(),
         }
     }
 
@@ -181,7 +185,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
                     there.spawn(async move {
                         let _open = open;
                         match spread::attach(tcp) {
-                            Ok(io) => engine.serve(io, addr, &shutdown).await,
+                            Ok(io) => engine.serve_h1(io, addr, &shutdown).await,
                             Err(e) => log::warn!("cannot move a client connection: {e}"),
                         }
                     });
@@ -191,7 +195,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
         }
         let _open = self.spread.open_here();
         let addr = peer(&io);
-        self.serve(io, addr, shutdown).await;
+        self.serve_h1(io, addr, shutdown).await;
         None
     }
 
