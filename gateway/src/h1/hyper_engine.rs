@@ -98,7 +98,8 @@ impl<F> Engine<F> {
         shutdown: &ShutdownWatch,
     ) {
         if self.hyper {
-            serve(&self.gateway, io, addr, shutdown, self.linger).await
+            // Boxed, so that the own path's connection tasks do not carry this one's state.
+            Box::pin(serve(&self.gateway, io, addr, shutdown, self.linger)).await
         } else {
             self.serve(io, addr, shutdown).await
         }
