@@ -441,3 +441,42 @@ async fn families_exist_from_start_and_a_reload_drops_removed_series() {
     )
     .is_some());
 }
+
+/// `admin.open_metrics` (deploy/podgate.yaml): Prometheus and the kubelet need no token, while
+/// `/config` and `/upstreams` (every Pod address) still do.
+#[tokio::test]
+async fn open_metrics_leaves_only_config_and_upstreams_behind_the_token() {
+    let pods = pods_same_port(&["om-v1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.token"), "s3cret-token\n").unwrap();
+    let conf = format!(
+        "upstreams:\n  - {{name: web, nodes: [{{address: \"{}\"}}]}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n",
+        pods[0].addr
+    );
+    let gw = Gateway::start_with_admin(dir, "token_file: admin.token\n  open_metrics: true", &conf)
+        .await;
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            get(gw.admin, "a", open).await.unwrap().status,
+            200,
+            "{open}"
+        );
+    }
+    let metrics = get(gw.admin, "a", "/metrics").await.unwrap();
+    assert!(String::from_utf8_lossy(&metrics.body).contains("podgate_requests_total"));
+    for guarded in ["/upstreams", "/config", "/nope"] {
+        let none = get(gw.admin, "a", guarded).await.unwrap();
+        assert_eq!(none.status, 401, "{guarded} without a token");
+    }
+    let config = request(
+        gw.admin,
+        "GET",
+        "a",
+        "/config",
+        &[("authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(config.json()["admin"]["open_metrics"], true);
+}

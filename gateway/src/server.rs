@@ -323,6 +323,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         live: live.clone(),
         lifecycle: lifecycle.clone(),
         token,
+        open_metrics: config.admin.open_metrics,
     };
     let mut admin_svc = Service::new(
         "podgate admin".to_string(),

@@ -55,6 +55,10 @@ pub struct Admin {
     /// When set, every admin path but `/healthz` and `/readyz` needs `Authorization: Bearer` with
     /// the file's content (surrounding whitespace ignored).
     pub token_file: Option<PathBuf>,
+    /// `/metrics` needs no token even with `token_file`: Prometheus scrapes it by Pod annotation
+    /// or ServiceMonitor without credentials, while `/config` and `/upstreams` (every Pod address
+    /// of every cluster) stay behind the token.
+    pub open_metrics: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -485,9 +489,10 @@ fn read_admin(r: &mut Reader, n: Option<&Node>, resolve: &dyn Fn(String) -> Path
     let default = Admin {
         address: DEFAULT_ADMIN.parse().expect("valid default"),
         token_file: None,
+        open_metrics: false,
     };
     let Some(n) = n else { return default };
-    let Some(f) = r.fields(n, "admin", &["address", "token_file"]) else {
+    let Some(f) = r.fields(n, "admin", &["address", "token_file", "open_metrics"]) else {
         return default;
     };
     let address = f
@@ -510,9 +515,11 @@ fn read_admin(r: &mut Reader, n: Option<&Node>, resolve: &dyn Fn(String) -> Path
             ),
         }
     }
+    let open_metrics = r.bool(&f, "open_metrics", false);
     Admin {
         address,
         token_file,
+        open_metrics,
     }
 }
 
