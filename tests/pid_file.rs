@@ -43,7 +43,7 @@ async fn two_podgates_on_one_host_each_have_their_own_pid_file() {
     let pods = pods_same_port(&["a-v1"]).await;
     let dir = || tempfile::tempdir().unwrap();
     let mut a = Gateway::start_full(dir(), "", DEFAULT_PID_FILE, &body(&pods[0])).await;
-    let b = Gateway::start_full(dir(), "", DEFAULT_PID_FILE, &body(&pods[0])).await;
+    let mut b = Gateway::start_full(dir(), "", DEFAULT_PID_FILE, &body(&pods[0])).await;
     let (conf_a, conf_b) = (a.path("podgate.yaml"), b.path("podgate.yaml"));
 
     // Same file name in two folders: two pid files, in /tmp, each holding its own process' pid.
@@ -104,4 +104,10 @@ async fn two_podgates_on_one_host_each_have_their_own_pid_file() {
     assert!(text.contains("not running"), "{text}");
     let (code, text) = podgate(&conf_b, &["-s", "stop"]);
     assert_eq!(code, Some(0), "{text}");
+    wait_for("B to stop", || {
+        let gone = b.exited().is_some();
+        async move { gone }
+    })
+    .await;
+    assert!(!pid_b.exists(), "B left {} behind", pid_b.display());
 }
