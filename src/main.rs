@@ -112,11 +112,13 @@ fn main() -> ExitCode {
 /// Sends `cmd` to the process named in `pid_file`, after making sure that process is a podgate
 /// (a stale file may name a pid that now belongs to something else).
 fn signal_running(pid_file: &std::path::Path, cmd: SignalCmd) -> Result<i32, String> {
-    let text = std::fs::read_to_string(pid_file).map_err(|e| {
-        format!(
-            "cannot read the pid file {} ({e}): is podgate running with this config?",
+    // A podgate removes its pid file when it stops.
+    let text = std::fs::read_to_string(pid_file).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "no pid file {}: podgate is not running with this config",
             pid_file.display()
-        )
+        ),
+        _ => format!("cannot read the pid file {}: {e}", pid_file.display()),
     })?;
     let pid: i32 = text
         .trim()

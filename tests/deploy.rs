@@ -219,9 +219,26 @@ fn every_yaml_under_deploy_parses() {
 #[test]
 fn the_configmap_conf_is_valid_for_podgate() {
     let conf = deploy().join("podgate.yaml");
+    // podgate -t reads admin.token_file, which only the Pod has (the Secret's mount): check a
+    // copy whose token_file names a stand-in, everything else byte for byte.
+    let token_file = str_at(&load(&conf)[0], "admin.token_file").to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("token"), "stand-in\n").unwrap();
+    let text = read(&conf);
+    assert_eq!(
+        text.matches(&token_file).count(),
+        1,
+        "{token_file} once in the conf"
+    );
+    let copy = tmp.path().join("podgate.yaml");
+    std::fs::write(
+        &copy,
+        text.replace(&token_file, &tmp.path().join("token").display().to_string()),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_podgate"))
         .args(["-t", "-c"])
-        .arg(&conf)
+        .arg(&copy)
         .output()
         .expect("run podgate -t");
     assert!(
@@ -242,7 +259,9 @@ fn the_configmap_conf_is_valid_for_podgate() {
 fn the_kustomization_lists_every_manifest() {
     let k = &load(&deploy().join("kustomization.yaml"))[0];
     assert_eq!(str_at(k, "apiVersion"), KUSTOMIZE_API);
-    assert_eq!(str_at(k, "namespace"), "podgate");
+    // A `namespace:` transformer would move deploy/rbac/'s Roles out of the namespaces they
+    // grant access to: every object names its own namespace instead (kustomize_renders_the_base).
+    assert!(opt(k, "namespace").is_none());
     let resources: BTreeSet<&str> = seq_at(k, "resources")
         .iter()
         .map(|r| r.as_str().expect("resource path"))
@@ -572,20 +591,35 @@ fn kustomize_renders_the_base() {
     for kind in [
         "Namespace",
         "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(kind), "{kind} not rendered: {kinds:?}");
     }
+    // Least privilege by default: no cluster-wide grant in the base.
+    assert!(!kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"));
+    // Every namespaced object is in podgate's namespace, except the Roles (and their bindings),
+    // which are in exactly the namespaces the conf watches.
+    let watched = watched_namespaces();
+    let mut role_namespaces = BTreeSet::new();
     for d in &docs {
-        if let Some(meta_ns) = opt(at(d, "metadata"), "namespace") {
-            assert_eq!(meta_ns.as_str(), Some("podgate"));
+        let kind = str_at(d, "kind");
+        if kind == "Namespace" {
+            continue;
+        }
+        let ns = str_at(d, "metadata.namespace").to_string();
+        if matches!(kind, "Role" | "RoleBinding") {
+            role_namespaces.insert(ns);
+        } else {
+            assert_eq!(ns, "podgate", "{kind} {}", str_at(d, "metadata.name"));
         }
     }
+    assert_eq!(role_namespaces, watched);
     // The Deployment mounts the generated ConfigMap under its hashed name, holding the conf.
     let cm = docs
         .iter()
@@ -606,4 +640,300 @@ fn kustomize_renders_the_base() {
     assert!(volumes
         .iter()
         .any(|v| opt(v, "configMap").is_some_and(|c| str_at(c, "name") == cm_name)));
+}
+
+/// The namespaces the ConfigMap's conf reads in the cluster podgate runs in.
+fn watched_namespaces() -> BTreeSet<String> {
+    let conf = &load(&deploy().join("podgate.yaml"))[0];
+    let local: BTreeSet<&str> = seq_at(conf, "clusters")
+        .iter()
+        .filter(|c| opt(c, "in_cluster").and_then(|b| b.as_bool()) == Some(true))
+        .map(|c| str_at(c, "name"))
+        .collect();
+    let mut out = BTreeSet::new();
+    for u in seq_at(conf, "upstreams") {
+        for s in opt(u, "services")
+            .and_then(|s| s.as_sequence())
+            .map_or(&[][..], |v| v.as_slice())
+        {
+            if local.contains(str_at(s, "cluster")) {
+                out.insert(str_at(s, "namespace").to_string());
+            }
+        }
+    }
+    assert!(!out.is_empty());
+    out
+}
+
+/// Every document of every YAML file below `dir`.
+fn docs_below(dir: &Path) -> Vec<YamlOwned> {
+    yaml_files(dir, true)
+        .iter()
+        .flat_map(|f| load(f))
+        .filter(|d| opt(d, "apiVersion").and_then(|a| a.as_str()) != Some(KUSTOMIZE_API))
+        .collect()
+}
+
+fn strings(node: &YamlOwned, path: &str) -> BTreeSet<String> {
+    seq_at(node, path)
+        .iter()
+        .map(|v| v.as_str().expect("a string").to_string())
+        .collect()
+}
+
+/// `100m` → 0.1, `2` → 2 (CPU); `64Mi` → 64·2²⁰ (memory).
+fn quantity(node: &YamlOwned) -> f64 {
+    let text = match node.as_str() {
+        Some(t) => t.to_string(),
+        None => node.as_integer().expect("a quantity").to_string(),
+    };
+    for (suffix, factor) in [
+        ("m", 1e-3),
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+    ] {
+        if let Some(n) = text.strip_suffix(suffix) {
+            return n.parse::<f64>().expect("a number") * factor;
+        }
+    }
+    text.parse()
+        .unwrap_or_else(|_| panic!("`{text}` is not a quantity"))
+}
+
+/// Issue 14: the admin listener's secrets need a token from a Secret, while the kubelet and
+/// Prometheus reach what they need without one.
+#[test]
+fn the_admin_token_comes_from_a_secret_and_metrics_stay_open() {
+    let conf = &load(&deploy().join("podgate.yaml"))[0];
+    let token_file = Path::new(str_at(conf, "admin.token_file"));
+    assert_eq!(at(conf, "admin.open_metrics").as_bool(), Some(true));
+    let d = manifest("Deployment");
+    let c = container(&d);
+    let mount = seq_at(c, "volumeMounts")
+        .iter()
+        .find(|m| Path::new(str_at(m, "mountPath")) == token_file.parent().unwrap())
+        .unwrap_or_else(|| panic!("nothing mounted at {}", token_file.display()));
+    assert_eq!(at(mount, "readOnly").as_bool(), Some(true));
+    let volume = seq_at(&d, "spec.template.spec.volumes")
+        .iter()
+        .find(|v| str_at(v, "name") == str_at(mount, "name"))
+        .unwrap();
+    let secret = at(volume, "secret");
+    // Not optional: without the Secret the Pod waits rather than serve an open admin listener.
+    assert_ne!(
+        opt(secret, "optional").and_then(|o| o.as_bool()),
+        Some(true)
+    );
+    // The documented one command creates that Secret with the key the conf reads.
+    let name = str_at(secret, "secretName");
+    let key = token_file.file_name().unwrap().to_str().unwrap();
+    let kustomization = read(&deploy().join("kustomization.yaml"));
+    assert!(
+        kustomization.contains(&format!("create secret generic {name}"))
+            && kustomization.contains(&format!("--from-literal={key}=")),
+        "kustomization.yaml does not say how to create Secret {name} with key {key}"
+    );
+    assert!(read(&root().join("README.md")).contains(&format!("create secret generic {name}")));
+}
+
+#[test]
+fn the_network_policy_admits_the_proxy_from_anywhere_and_the_admin_port_from_monitoring() {
+    let np = manifest("NetworkPolicy");
+    let d = manifest("Deployment");
+    let c = container(&d);
+    let pod_labels = string_map(&d, "spec.template.metadata.labels");
+    for (k, v) in string_map(&np, "spec.podSelector.matchLabels") {
+        assert_eq!(pod_labels.get(&k), Some(&v), "podSelector {k}={v}");
+    }
+    assert_eq!(
+        strings(&np, "spec.policyTypes"),
+        ["Ingress".to_string()].into()
+    );
+    let rules = seq_at(&np, "spec.ingress");
+    assert_eq!(rules.len(), 2, "one rule per port");
+    let port_of_rule = |r: &YamlOwned| {
+        let ports = seq_at(r, "ports");
+        assert_eq!(ports.len(), 1);
+        container_port(c, at(&ports[0], "port"))
+    };
+    let proxy = rules
+        .iter()
+        .find(|r| port_of_rule(r) == port_named(c, "http"))
+        .expect("a rule for the proxy port");
+    assert!(
+        opt(proxy, "from").is_none(),
+        "the proxy port is open to all"
+    );
+    let admin = rules
+        .iter()
+        .find(|r| port_of_rule(r) == port_named(c, "admin"))
+        .expect("a rule for the admin port");
+    let from = seq_at(admin, "from");
+    assert_eq!(from.len(), 1);
+    assert!(opt(&from[0], "podSelector").is_none() && opt(&from[0], "ipBlock").is_none());
+    assert_eq!(
+        string_map(&from[0], "namespaceSelector.matchLabels"),
+        [(
+            "kubernetes.io/metadata.name".to_string(),
+            "monitoring".to_string()
+        )]
+        .into()
+    );
+}
+
+#[test]
+fn the_pods_have_resources_and_spread_across_zones() {
+    let d = manifest("Deployment");
+    let c = container(&d);
+    for r in ["cpu", "memory"] {
+        let request = quantity(at(c, &format!("resources.requests.{r}")));
+        let limit = quantity(at(c, &format!("resources.limits.{r}")));
+        assert!(
+            request > 0.0 && request <= limit,
+            "{r}: {request} > {limit}"
+        );
+    }
+    let pod_labels = string_map(&d, "spec.template.metadata.labels");
+    let spread = seq_at(&d, "spec.template.spec.topologySpreadConstraints");
+    let keys: BTreeSet<&str> = spread.iter().map(|s| str_at(s, "topologyKey")).collect();
+    assert!(keys.contains("topology.kubernetes.io/zone"), "{keys:?}");
+    assert!(keys.contains("kubernetes.io/hostname"), "{keys:?}");
+    for s in spread {
+        assert_eq!(int_at(s, "maxSkew"), 1);
+        for (k, v) in string_map(s, "labelSelector.matchLabels") {
+            assert_eq!(pod_labels.get(&k), Some(&v));
+        }
+    }
+}
+
+/// RBAC: only the verbs podgate uses (it lists and watches; it never calls `get` and writes
+/// nothing), only the resources it reads, bound to its ServiceAccount.
+#[test]
+fn rbac_grants_list_and_watch_only() {
+    let docs = docs_below(&deploy().join("rbac"));
+    let sa = &load(&deploy().join("rbac/serviceaccount.yaml"))[0];
+    let (sa_name, sa_ns) = (
+        str_at(sa, "metadata.name"),
+        str_at(sa, "metadata.namespace"),
+    );
+    let allowed: BTreeSet<String> = ["endpointslices", "services", "pods"]
+        .map(String::from)
+        .into();
+    let mut roles = BTreeSet::new();
+    for d in &docs {
+        let kind = str_at(d, "kind");
+        match kind {
+            "Role" | "ClusterRole" => {
+                for rule in seq_at(d, "rules") {
+                    assert_eq!(
+                        strings(rule, "verbs"),
+                        ["list".to_string(), "watch".to_string()].into(),
+                        "{kind} {}",
+                        str_at(d, "metadata.name")
+                    );
+                    assert!(strings(rule, "resources").is_subset(&allowed));
+                }
+                let ns = opt(at(d, "metadata"), "namespace").and_then(|n| n.as_str());
+                roles.insert((
+                    kind.to_string(),
+                    ns.map(String::from),
+                    str_at(d, "metadata.name").to_string(),
+                ));
+            }
+            "RoleBinding" | "ClusterRoleBinding" => {
+                let subjects = seq_at(d, "subjects");
+                assert_eq!(subjects.len(), 1);
+                assert_eq!(str_at(&subjects[0], "kind"), "ServiceAccount");
+                assert_eq!(str_at(&subjects[0], "name"), sa_name);
+                assert_eq!(str_at(&subjects[0], "namespace"), sa_ns);
+            }
+            _ => {}
+        }
+    }
+    // Each binding names a role that exists, in its own namespace for a Role.
+    for d in &docs {
+        let kind = str_at(d, "kind");
+        if matches!(kind, "RoleBinding" | "ClusterRoleBinding") {
+            let role_kind = str_at(d, "roleRef.kind");
+            let ns = if role_kind == "Role" {
+                Some(str_at(d, "metadata.namespace").to_string())
+            } else {
+                None
+            };
+            let key = (
+                role_kind.to_string(),
+                ns,
+                str_at(d, "roleRef.name").to_string(),
+            );
+            assert!(roles.contains(&key), "{kind} refers to a missing {key:?}");
+        }
+    }
+    // The docs show `kubectl auth can-i` for exactly those verbs.
+    let guide = read(&deploy().join("rbac/README.md"));
+    assert!(guide.contains("auth can-i list endpointslices"), "{guide}");
+    assert!(guide.contains("auth can-i watch endpointslices"), "{guide}");
+    assert!(
+        guide.contains("auth can-i get"),
+        "the guide shows that `get` is refused"
+    );
+}
+
+/// The optional objects of deploy/extras/ (not in the base: the ServiceMonitor kind needs the
+/// Prometheus Operator, and an HPA owns `replicas`).
+#[test]
+fn the_servicemonitor_and_the_hpa_fit_the_base() {
+    let extras = docs_below(&deploy().join("extras"));
+    let find = |kind: &str| {
+        let found: Vec<&YamlOwned> = extras
+            .iter()
+            .filter(|d| str_at(d, "kind") == kind)
+            .collect();
+        assert_eq!(found.len(), 1, "one {kind} in deploy/extras/");
+        found[0]
+    };
+    let service = manifest("Service");
+    let d = manifest("Deployment");
+
+    let sm = find("ServiceMonitor");
+    assert_eq!(str_at(sm, "apiVersion"), "monitoring.coreos.com/v1");
+    assert_eq!(str_at(sm, "metadata.namespace"), "podgate");
+    let service_labels = string_map(&service, "metadata.labels");
+    for (k, v) in string_map(sm, "spec.selector.matchLabels") {
+        assert_eq!(
+            service_labels.get(&k),
+            Some(&v),
+            "ServiceMonitor selector {k}={v}"
+        );
+    }
+    let endpoint = &seq_at(sm, "spec.endpoints")[0];
+    let port = str_at(endpoint, "port");
+    let svc_port = seq_at(&service, "spec.ports")
+        .iter()
+        .find(|p| str_at(p, "name") == port)
+        .unwrap_or_else(|| panic!("the Service has no port {port}"));
+    assert_eq!(
+        container_port(container(&d), at(svc_port, "targetPort")),
+        port_named(container(&d), "admin")
+    );
+    assert_eq!(str_at(endpoint, "path"), "/metrics");
+
+    let hpa = find("HorizontalPodAutoscaler");
+    assert_eq!(str_at(hpa, "apiVersion"), "autoscaling/v2");
+    assert_eq!(str_at(hpa, "metadata.namespace"), "podgate");
+    assert_eq!(str_at(hpa, "spec.scaleTargetRef.kind"), "Deployment");
+    assert_eq!(
+        str_at(hpa, "spec.scaleTargetRef.name"),
+        str_at(&d, "metadata.name")
+    );
+    let pdb = manifest("PodDisruptionBudget");
+    let (min, max) = (
+        int_at(hpa, "spec.minReplicas"),
+        int_at(hpa, "spec.maxReplicas"),
+    );
+    assert!(min > int_at(&pdb, "spec.minAvailable") && max >= min);
+    assert_eq!(
+        str_at(&seq_at(hpa, "spec.metrics")[0], "resource.name"),
+        "cpu"
+    );
 }

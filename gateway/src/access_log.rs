@@ -38,6 +38,8 @@ pub struct AccessLog {
 impl AccessLog {
     /// Starts the writer thread (none for [`Sink::Off`]).
     pub fn start(sink: &Sink) -> std::io::Result<AccessLog> {
+        // Exists at 0 from start, not only after the first drop.
+        LazyLock::force(&DROPPED);
         let mut out: Box<dyn Write + Send> = match sink {
             Sink::Off => return Ok(AccessLog { tx: None }),
             Sink::Stdout => Box::new(std::io::stdout()),

@@ -18,6 +18,8 @@ pub struct Admin {
     pub lifecycle: Arc<crate::server::Lifecycle>,
     /// The bearer token every path but `/healthz` and `/readyz` needs, when one is configured.
     pub token: Option<String>,
+    /// `/metrics` is open too (`admin.open_metrics`).
+    pub open_metrics: bool,
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.
@@ -38,7 +40,8 @@ fn config_json(c: &crate::config::Config) -> Value {
                                                  "key": "(redacted)"})),
         })).collect::<Vec<_>>(),
         "admin": {"address": c.admin.address.to_string(),
-                  "token_file": c.admin.token_file.as_ref().map(|_| "(redacted)")},
+                  "token_file": c.admin.token_file.as_ref().map(|_| "(redacted)"),
+                  "open_metrics": c.admin.open_metrics},
         "server": {"threads": c.server.threads, "grace_period": dur(c.server.grace_period),
                    "drain_delay": dur(c.server.drain_delay),
                    "ready_timeout": dur(c.server.ready_timeout),
@@ -376,7 +379,8 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path();
         if let Some(token) = &self.token {
-            let open = matches!(path, "/healthz" | "/readyz");
+            let open =
+                matches!(path, "/healthz" | "/readyz") || (self.open_metrics && path == "/metrics");
             let given = session
                 .req_header()
                 .headers

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const MAX_CONCURRENT_PROBES: usize = 64;
 
-static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+pub(crate) static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "podgate_health_checks_total",
         "Active health check probes by upstream and result (success, failure).",

@@ -156,6 +156,42 @@ fn build_router(config: &Config, upstreams: &Upstreams) -> GatewayRouter {
     GatewayRouter::new(routes)
 }
 
+/// What [`crate::metrics::forget_removed`] keeps: the routes, upstreams and clusters of `config`.
+fn known_series(config: &Config) -> crate::metrics::Known {
+    let mut known = crate::metrics::Known::default();
+    for r in &config.routes {
+        known.routes.insert((r.name.clone(), r.upstream.clone()));
+    }
+    for u in &config.upstreams {
+        known.upstreams.insert(u.name.clone());
+        for s in &u.services {
+            known
+                .clusters
+                .insert((u.name.clone(), s.cluster.to_string()));
+        }
+        if !u.nodes.is_empty() {
+            known
+                .clusters
+                .insert((u.name.clone(), "static".to_string()));
+        }
+    }
+    known
+}
+
+/// Creates, at zero, the series that would otherwise appear only with their first observation
+/// (no gaps for dashboards and `absent()` alerts).
+fn init_series(config: &Config) {
+    LazyLock::force(&PROPAGATION);
+    for result in ["success", "failure"] {
+        RELOADS.with_label_values(&[result]);
+    }
+    for u in config.upstreams.iter().filter(|u| u.health_check.is_some()) {
+        for result in ["success", "failure"] {
+            crate::health_check::CHECKS.with_label_values(&[u.name.as_str(), result]);
+        }
+    }
+}
+
 fn warn_insecure(config: &Config) {
     for u in &config.upstreams {
         if u.scheme == config::Scheme::Https && !u.tls.verify {
@@ -183,6 +219,7 @@ impl Live {
         warn_insecure(&config);
         let upstreams = Upstreams::new(&config.upstreams, store.clone())?;
         let router = build_router(&config, &upstreams);
+        init_series(&config);
         let upstreams = Arc::new(ArcSwap::new(upstreams));
         store.subscribe(Arc::new(Forward(upstreams.clone())));
         Ok(Arc::new(Live {
@@ -358,6 +395,8 @@ impl Live {
         // Events that reached the previous upstreams between building and swapping are caught up.
         upstreams.rebuild_all();
         self.router.store(Arc::new(router));
+        crate::metrics::forget_removed(&known_series(&new));
+        init_series(&new);
 
         // Clusters no longer named (or redefined) stop last, and their services leave the store.
         let (added, mut removed) = (started.len(), 0);

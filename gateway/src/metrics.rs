@@ -4,7 +4,14 @@
 //! Label values stay bounded: route and upstream names come from the config, status codes are
 //! folded into classes, clusters are config names. Never a Pod IP or a raw path. The request path
 //! touches only handles resolved when a route is built, so it does no label lookup.
+//!
+//! No gaps (issue 14): families without labels and the fixed label sets exist from start, so
+//! dashboards and `absent()` alerts see zeros rather than nothing; series of routes, upstreams
+//! and clusters a reload removed are deleted ([`forget_removed`]) rather than frozen at their
+//! last value for ever. `process_*` come from the prometheus crate's `process` feature, which
+//! registers its ProcessCollector in the default registry on Linux.
 
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder, Histogram,
     HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
@@ -178,6 +185,67 @@ pub fn init_build_info() {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
+}
+
+/// The route → upstream bindings, upstream names and (upstream, cluster) pairs a config has;
+/// every series outside them belongs to something a reload removed.
+#[derive(Default)]
+pub struct Known {
+    pub routes: std::collections::HashSet<(String, String)>,
+    pub upstreams: std::collections::HashSet<String>,
+    /// Clusters per upstream, `static` for nodes.
+    pub clusters: std::collections::HashSet<(String, String)>,
+}
+
+/// Deletes the series of `vec` for which `keep` (given the values of ALL its labels, in `names`
+/// order, as removal needs them) says no. The vector is read through its own collector: the
+/// prometheus crate keeps no other index of its series.
+fn retain<T: MetricVecBuilder>(vec: &MetricVec<T>, names: &[&str], keep: impl Fn(&[&str]) -> bool) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let pairs = m.get_label();
+            let values: Vec<&str> = names
+                .iter()
+                .map(|n| {
+                    pairs
+                        .iter()
+                        .find(|p| p.name() == *n)
+                        .map_or("", |p| p.value())
+                })
+                .collect();
+            if !keep(&values) {
+                if let Err(e) = vec.remove_label_values(&values) {
+                    log::warn!("metrics: cannot delete the series {values:?}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// After a reload: drops the request, upstream and endpoint series of routes, upstreams and
+/// clusters the new config no longer has (requests that matched no route keep their series).
+/// Handles the old router still holds keep working; their counts just go nowhere.
+pub fn forget_removed(known: &Known) {
+    let route_known = |v: &[&str]| {
+        (v[0] == UNMATCHED && v[1] == UNMATCHED)
+            || known.routes.contains(&(v[0].to_string(), v[1].to_string()))
+    };
+    retain(&REQUESTS, &["route", "upstream", "code"], route_known);
+    retain(&REQUEST_DURATION, &["route", "upstream"], route_known);
+    let upstream_known = |v: &[&str]| known.upstreams.contains(v[0]);
+    retain(&UPSTREAM_DURATION, &["upstream"], upstream_known);
+    retain(&RETRIES, &["upstream"], upstream_known);
+    retain(&EJECTIONS, &["upstream"], upstream_known);
+    retain(
+        &crate::health_check::CHECKS,
+        &["upstream", "result"],
+        upstream_known,
+    );
+    retain(&ENDPOINTS, &["upstream", "cluster", "state"], |v| {
+        known
+            .clusters
+            .contains(&(v[0].to_string(), v[1].to_string()))
+    });
 }
 
 /// The text exposition of the default registry plus `extra` (metrics built at scrape time).

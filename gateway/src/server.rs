@@ -78,6 +78,42 @@ fn write_pid_file(path: &std::path::Path) {
     }
 }
 
+/// The pid in `path` and that process' command line, when it names a live podgate other than
+/// this process. A stale file (no such process, or a pid reused by another program) is not one.
+pub fn live_podgate(path: &std::path::Path) -> Option<(i32, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let pid: i32 = text.trim().parse().ok().filter(|p| *p > 0)?;
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        // A container restarted in the same Pod is pid 1 again, in the same emptyDir /tmp.
+        return None;
+    }
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    let theirs = comm(&pid.to_string())?;
+    if Some(&theirs) != comm("self").as_ref() {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    Some((pid, cmdline))
+}
+
+/// Removes the pid file at exit, unless it names another process by then (after a binary
+/// upgrade it is the new process').
+fn remove_pid_file(path: &std::path::Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Whether the gateway is on its way out; `/readyz` says 503 from the first moment it is.
 #[derive(Default)]
 pub struct Lifecycle {
@@ -275,6 +311,20 @@ fn add_listeners<A>(
 
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
 pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible, String> {
+    // Two podgates on one pid file: the second would overwrite the first's, and `podgate -s`
+    // would then signal the wrong one (and the second's listeners would wait for ever on ports
+    // the first holds). With `-u` the running one is the process being replaced.
+    if !opts.upgrade {
+        if let Some((pid, cmdline)) = live_podgate(&config.server.pid_file) {
+            return Err(format!(
+                "the pid file {} names podgate pid {pid} (`{cmdline}`), which is running; this \
+                 podgate (-c {}) would take its pid file over. Stop that one first, start this \
+                 one with -u to replace it, or give this config its own server.pid_file",
+                config.server.pid_file.display(),
+                config.source.display()
+            ));
+        }
+    }
     let live = Live::start(config.clone())?;
     live.watch();
     crate::metrics::init_build_info();
@@ -297,7 +347,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         // Per-upstream budgets are enforced in the proxy; this is only the ceiling (retries ≤ 10).
         max_retries: 11,
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
-        pid_file: "/tmp/podgate.pid".into(),
+        // Only used by Pingora's daemon mode, which podgate does not use; kept consistent.
+        pid_file: config.server.pid_file.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
     conf.work_stealing = false;
@@ -362,6 +413,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         live: live.clone(),
         lifecycle: lifecycle.clone(),
         token,
+        open_metrics: config.admin.open_metrics,
     };
     let mut admin_svc = Service::new(
         "podgate admin".to_string(),
@@ -395,6 +447,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             drain_delay: config.server.drain_delay,
         }),
     });
+    remove_pid_file(&config.server.pid_file);
     log::info!("stopped");
     std::process::exit(0)
 }

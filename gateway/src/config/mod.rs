@@ -55,6 +55,10 @@ pub struct Admin {
     /// When set, every admin path but `/healthz` and `/readyz` needs `Authorization: Bearer` with
     /// the file's content (surrounding whitespace ignored).
     pub token_file: Option<PathBuf>,
+    /// `/metrics` needs no token even with `token_file`: Prometheus scrapes it by Pod annotation
+    /// or ServiceMonitor without credentials, while `/config` and `/upstreams` (every Pod address
+    /// of every cluster) stay behind the token.
+    pub open_metrics: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -64,9 +68,11 @@ pub struct ServerSettings {
     /// After SIGTERM, how long listeners keep accepting while `/readyz` already says 503, so
     /// that Kubernetes takes the Pod out of its Service before connections are refused.
     pub drain_delay: Duration,
-    /// Unix socket over which a new process (`-u`) receives the listening sockets.
+    /// Unix socket over which a new process (`-u`) receives the listening sockets; by default
+    /// one per config file ([`runtime_path`]).
     pub upgrade_sock: PathBuf,
-    /// Where the running process writes its pid, for `podgate -s reload|stop`.
+    /// Where the running process writes its pid, for `podgate -s reload|stop`; by default one
+    /// per config file ([`runtime_path`]).
     pub pid_file: PathBuf,
     /// `/readyz` waits at most this long after start for every cluster's first sync.
     pub ready_timeout: Duration,
@@ -170,8 +176,44 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
 /// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
-pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/podgate_upgrade.sock";
-pub const DEFAULT_PID_FILE: &str = "/tmp/podgate.pid";
+/// Where the defaults of `server.pid_file` and `server.upgrade_sock` live: `/tmp`, which every
+/// host has and `deploy/` mounts writable (the root filesystem there is read-only).
+pub const RUNTIME_DIR: &str = "/tmp";
+
+/// The default of `server.pid_file` and `server.upgrade_sock` for the config file `file`:
+/// `/tmp/podgate-STEM-HASH.EXT`, with the file's stem (for people listing /tmp) and a hash of its
+/// absolute path. One shared `/tmp/podgate.pid` let a second podgate on a host overwrite the
+/// first one's pid file, and `podgate -s stop` then signalled the wrong process (issue 14); a
+/// shared upgrade socket let one instance's `-u` take another's listening sockets.
+///
+/// The path is made absolute but symlinks are NOT resolved: a Kubernetes ConfigMap volume swaps
+/// its `..data` symlink on every update, and the running process and a later `podgate -s` must
+/// still agree. The hash is FNV-1a (64 bit), written out here because std's `DefaultHasher` may
+/// change between Rust releases, and an upgraded binary must find the old process' pid file.
+pub fn runtime_path(file: &Path, ext: &str) -> PathBuf {
+    let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in absolute.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Unix socket paths are limited to 107 bytes: keep the readable part short.
+    let stem: String = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    PathBuf::from(RUNTIME_DIR).join(format!("podgate-{stem}-{hash:016x}.{ext}"))
+}
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// nginx's defaults for `client_header_timeout`, `client_body_timeout` (60 s each) and
 /// `keepalive_timeout` (75 s; podgate keeps the 60 s it always had).
@@ -447,9 +489,10 @@ fn read_admin(r: &mut Reader, n: Option<&Node>, resolve: &dyn Fn(String) -> Path
     let default = Admin {
         address: DEFAULT_ADMIN.parse().expect("valid default"),
         token_file: None,
+        open_metrics: false,
     };
     let Some(n) = n else { return default };
-    let Some(f) = r.fields(n, "admin", &["address", "token_file"]) else {
+    let Some(f) = r.fields(n, "admin", &["address", "token_file", "open_metrics"]) else {
         return default;
     };
     let address = f
@@ -472,9 +515,11 @@ fn read_admin(r: &mut Reader, n: Option<&Node>, resolve: &dyn Fn(String) -> Path
             ),
         }
     }
+    let open_metrics = r.bool(&f, "open_metrics", false);
     Admin {
         address,
         token_file,
+        open_metrics,
     }
 }
 
@@ -490,8 +535,8 @@ fn read_server(
         threads: threads_default,
         grace_period: DEFAULT_GRACE_PERIOD,
         drain_delay: DEFAULT_DRAIN_DELAY,
-        upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
-        pid_file: PathBuf::from(DEFAULT_PID_FILE),
+        upgrade_sock: runtime_path(Path::new(r.file()), "upgrade.sock"),
+        pid_file: runtime_path(Path::new(r.file()), "pid"),
         ready_timeout: DEFAULT_READY_TIMEOUT,
         client_header_timeout: DEFAULT_CLIENT_HEADER_TIMEOUT,
         client_body_timeout: DEFAULT_CLIENT_BODY_TIMEOUT,

@@ -87,6 +87,13 @@ pub struct Reader {
     pub errors: Vec<ConfigError>,
 }
 
+impl Reader {
+    /// The config file's name as given (what errors are reported against).
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+}
+
 /// The fields of one mapping, after unknown keys were reported.
 pub struct Fields<'n> {
     pub path: String,
