@@ -93,15 +93,17 @@ impl<F> Engine<F> {
     /// Serves one HTTP/1.1 client connection on the engine chosen at start.
     pub(super) async fn serve_h1(
         &self,
-        io: Stream,
+        io: super::ClientIo,
         addr: Option<SocketAddr>,
+        tls: bool,
         shutdown: &ShutdownWatch,
     ) {
         if self.hyper {
             // Boxed, so that the own path's connection tasks do not carry this one's state.
+            let io = io.into_stream();
             Box::pin(serve(&self.gateway, io, addr, shutdown, self.linger)).await
         } else {
-            self.serve(io, addr, shutdown).await
+            self.serve(io, addr, tls, shutdown).await
         }
     }
 }

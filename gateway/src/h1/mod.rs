@@ -21,6 +21,7 @@
 //! `server.header_memory`, beyond which a connection asking for more is answered 503 and closed.
 
 pub mod body;
+mod client_io;
 mod exchange;
 pub mod head;
 pub mod hyper_engine;
@@ -34,17 +35,17 @@ use crate::config::ServerSettings;
 use crate::proxy::{error_json, Gateway};
 use async_trait::async_trait;
 use bytes::BytesMut;
+use client_io::ClientIo;
 use head::{parse_request, Request};
 use http::Method;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Request bodies up to this size are read whole before the Pod is chosen.
 pub const BUFFERED_BODY: u64 = 64 * 1024;
@@ -184,8 +185,11 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
                     let (engine, shutdown) = (self.clone(), shutdown.clone());
                     there.spawn(async move {
                         let _open = open;
-                        match spread::attach(tcp) {
-                            Ok(io) => engine.serve_h1(io, addr, &shutdown).await,
+                        match tokio::net::TcpStream::from_std(tcp) {
+                            Ok(tcp) => {
+                                let io = ClientIo::Tcp(tcp);
+                                engine.serve_h1(io, addr, false, &shutdown).await
+                            }
                             Err(e) => log::warn!("cannot move a client connection: {e}"),
                         }
                     });
@@ -195,7 +199,9 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
         }
         let _open = self.spread.open_here();
         let addr = peer(&io);
-        self.serve_h1(io, addr, shutdown).await;
+        let tls = io.get_ssl_digest().is_some();
+        self.serve_h1(ClientIo::Pingora(io), addr, tls, shutdown)
+            .await;
         None
     }
 
@@ -215,7 +221,7 @@ fn peer(io: &Stream) -> Option<SocketAddr> {
 
 /// A client connection.
 struct Client {
-    io: Stream,
+    io: ClientIo,
     /// Bytes read and not yet used; no allocation while the connection is idle.
     buf: BytesMut,
     addr: Option<SocketAddr>,
@@ -239,17 +245,6 @@ impl Client {
 async fn closing(shutdown: &mut ShutdownWatch, linger: Duration) {
     let _ = shutdown.wait_for(|stopping| *stopping).await;
     tokio::time::sleep(linger).await;
-}
-
-/// Waits until `io` has bytes (or an end) to read, without a buffer: an empty read returns as
-/// soon as the socket is readable and consumes nothing. Streams that answer an empty read at
-/// once (TLS) only make the caller read sooner.
-async fn readable<R: AsyncRead + Unpin + ?Sized>(io: &mut R) -> std::io::Result<()> {
-    std::future::poll_fn(|cx| {
-        let mut none = ReadBuf::new(&mut []);
-        Pin::new(&mut *io).poll_read(cx, &mut none)
-    })
-    .await
 }
 
 /// Why no request head came.
@@ -302,9 +297,14 @@ fn error_answer(
 }
 
 impl<F> Engine<F> {
-    async fn serve(&self, io: Stream, addr: Option<SocketAddr>, shutdown: &ShutdownWatch) {
+    async fn serve(
+        &self,
+        io: ClientIo,
+        addr: Option<SocketAddr>,
+        tls: bool,
+        shutdown: &ShutdownWatch,
+    ) {
         let accepted = Instant::now();
-        let tls = io.get_ssl_digest().is_some();
         let mut client = Client {
             io,
             buf: BytesMut::new(),
@@ -371,7 +371,7 @@ impl<F> Engine<F> {
             };
             let ready = tokio::select! {
                 biased;
-                r = tokio::time::timeout_at((started + wait).into(), readable(&mut c.io)) => r,
+                r = tokio::time::timeout_at((started + wait).into(), c.io.readable()) => r,
                 _ = closing(shutdown, self.linger), if !first => return Err(NoHead::Done),
             };
             match ready {

@@ -6,12 +6,13 @@
 //! time in three, and the busier thread then caps the whole process while the other idles. The
 //! same problem made Envoy add its `exact_balance` listener option.
 //!
-//! So a new plain-TCP connection that lands on a thread holding more open connections than the
-//! least busy one is handed to that thread: the socket is duplicated, re-registered with the
-//! target thread's runtime and served there; Pingora's copy is closed. TLS connections stay where
-//! they are (their session state lives in the stream and cannot follow), but count. The target's
-//! runtime is one of the same listening service's runtimes, so shutdown treats a moved
-//! connection like any other.
+//! So every new plain-TCP connection is served on the thread holding the fewest open
+//! connections (this one on a tie): the socket is duplicated ([`detach`]), registered with that
+//! thread's runtime, and Pingora's copy is closed. Moving every such connection, not only the
+//! ones that land on a busier thread, also frees Pingora's per-connection task (see
+//! `h1/mod.rs`). TLS connections stay where they are (their session state lives in the stream
+//! and cannot follow), but count. The target's runtime is one of the same listening service's
+//! runtimes, so shutdown treats a moved connection like any other.
 
 use crate::metrics;
 use pingora_core::protocols::Stream;
@@ -174,14 +175,4 @@ pub fn movable(io: &Stream) -> bool {
         && io
             .get_socket_digest()
             .is_some_and(|d| d.peer_addr().is_some_and(|a| a.as_inet().is_some()))
-}
-
-/// Pingora's stream over a socket taken over with [`detach`], on the current runtime. It
-/// carries no socket digest (408 bytes an idle connection would hold): the caller keeps the
-/// peer address it read before detaching.
-pub fn attach(tcp: std::net::TcpStream) -> std::io::Result<Stream> {
-    let tcp = tokio::net::TcpStream::from_std(tcp)?;
-    Ok(Box::new(pingora_core::protocols::l4::stream::Stream::from(
-        tcp,
-    )))
 }
