@@ -75,6 +75,17 @@ pub fn inside(base: &[u8], part: &[u8]) -> Option<Range<usize>> {
     (end <= base.len()).then_some(start..end)
 }
 
+/// The name and value ranges of parsed fields within `buf`; `None` if one lies outside it.
+fn field_ranges(
+    buf: &[u8],
+    fields: &[httparse::Header<'_>],
+) -> Option<Vec<(Range<usize>, Range<usize>)>> {
+    fields
+        .iter()
+        .map(|h| Some((inside(buf, h.name.as_bytes())?, inside(buf, h.value)?)))
+        .collect()
+}
+
 /// Why a head was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
@@ -108,13 +119,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<Request>, Refused> {
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| bad)?;
     let target = inside(buf, req.path.unwrap_or("").as_bytes()).ok_or(bad)?;
     let minor = req.version.ok_or(bad)?;
-    let mut headers = Vec::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        headers.push((
-            inside(buf, h.name.as_bytes()).ok_or(bad)?,
-            inside(buf, h.value).ok_or(bad)?,
-        ));
-    }
+    let headers = field_ranges(buf, req.headers).ok_or(bad)?;
     Ok(Some(Request {
         raw: buf.split_to(len).freeze(),
         method,
@@ -149,13 +154,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Response>, &'static s
         .reason
         .filter(|r| !r.is_empty() && r.bytes().all(|b| matches!(b, b'\t' | b' '..=b'~')))
         .and_then(|r| inside(buf, r.as_bytes()));
-    let mut headers = Vec::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        headers.push((
-            inside(buf, h.name.as_bytes()).ok_or(bad)?,
-            inside(buf, h.value).ok_or(bad)?,
-        ));
-    }
+    let headers = field_ranges(buf, resp.headers).ok_or(bad)?;
     Ok(Some(Response {
         raw: buf.split_to(len).freeze(),
         status,
