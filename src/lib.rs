@@ -2,3 +2,4 @@
 //! integration tests run behind it.
 
 pub mod demo;
+pub mod logging;

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     #[cfg(target_os = "linux")]
     no_transparent_huge_pages();
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    podgate::logging::RateLimited::init();
 
     let config = match podgate_gateway::config::load(&cli.conf) {
         Ok(c) => c,

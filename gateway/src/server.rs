@@ -132,6 +132,23 @@ impl Lifecycle {
 struct Signals {
     lifecycle: Arc<Lifecycle>,
     drain_delay: std::time::Duration,
+    grace_period: std::time::Duration,
+}
+
+/// Past its stated time (`grace_period` for SIGTERM and SIGQUIT, at once for SIGINT), how long a
+/// stop may still take before the process exits regardless.
+const WATCHDOG_SLACK: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Ends the process `after` from now, whatever it is still doing: a stop must not hang (issue
+/// 14 saw a SIGINT'd podgate stay up, logging in a loop, for 10 minutes).
+fn exit_after(after: std::time::Duration, signal: &'static str) {
+    let _ = std::thread::Builder::new()
+        .name("stop watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(after);
+            log::error!("{signal}: still running {after:?} after the signal; exiting now");
+            std::process::exit(1);
+        });
 }
 
 #[async_trait]
@@ -149,9 +166,11 @@ impl ShutdownSignalWatch for Signals {
         tokio::select! {
             _ = quit.recv() => {
                 log::info!("SIGQUIT: handing the listening sockets to the new process");
+                exit_after(self.grace_period + WATCHDOG_SLACK, "SIGQUIT");
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
+                exit_after(self.grace_period + WATCHDOG_SLACK, "SIGTERM");
                 self.lifecycle.draining.store(true, std::sync::atomic::Ordering::Relaxed);
                 log::info!(
                     "SIGTERM: /readyz now answers 503; listeners close in {:?}",
@@ -160,7 +179,10 @@ impl ShutdownSignalWatch for Signals {
                 tokio::time::sleep(self.drain_delay).await;
                 ShutdownSignal::GracefulTerminate
             }
-            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = int.recv() => {
+                exit_after(WATCHDOG_SLACK, "SIGINT");
+                ShutdownSignal::FastShutdown
+            }
         }
     }
 }
@@ -445,6 +467,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         shutdown_signal: Box::new(Signals {
             lifecycle,
             drain_delay: config.server.drain_delay,
+            grace_period: config.server.grace_period,
         }),
     });
     remove_pid_file(&config.server.pid_file);
