@@ -135,8 +135,8 @@ struct Signals {
     grace_period: std::time::Duration,
 }
 
-/// Past its stated time (`grace_period` for SIGTERM and SIGQUIT, at once for SIGINT), how long a
-/// stop may still take before the process exits regardless.
+/// Past its stated time (`grace_period` for SIGTERM, 5 s more for SIGQUIT, at once for SIGINT),
+/// how long a stop may still take before the process exits regardless.
 const WATCHDOG_SLACK: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Ends the process `after` from now, whatever it is still doing: a stop must not hang (issue
@@ -166,7 +166,9 @@ impl ShutdownSignalWatch for Signals {
         tokio::select! {
             _ = quit.recv() => {
                 log::info!("SIGQUIT: handing the listening sockets to the new process");
-                exit_after(self.grace_period + WATCHDOG_SLACK, "SIGQUIT");
+                // Pingora waits 5 s for the new process to accept before its grace period.
+                let upgrade_wait = std::time::Duration::from_secs(5);
+                exit_after(self.grace_period + upgrade_wait + WATCHDOG_SLACK, "SIGQUIT");
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
