@@ -398,7 +398,7 @@ impl<F> Engine<F> {
             );
             Failure::AfterSend { timed_out: false }
         };
-        let (resp, length) = loop {
+        let resp = loop {
             let resp = match read_response(&mut up, conf.read_timeout).await {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -420,12 +420,10 @@ impl<F> Engine<F> {
             if resp.status == 101 && !ctx.upgrading {
                 return Err(bad_answer("101 to a request that asked for no upgrade"));
             }
-            match HeadInfo::gather(resp.headers()).response_length(resp.minor) {
-                Ok(length) => break (resp, length),
-                Err(why) => return Err(bad_answer(why)),
-            }
+            break resp;
         };
         let resp_info = HeadInfo::gather(resp.headers());
+        let length = resp_info.response_length(resp.minor).map_err(bad_answer)?;
         let switching = resp.status == 101;
         let AnswerFraming {
             framing: mut resp_framing,
