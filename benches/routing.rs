@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Method;
-use podgate_gateway::routing::{Route, Router};
+use podgate_gateway::proxy::routing::{Route, Router};
 use std::hint::black_box;
 
 fn router(n: usize) -> Router<usize> {

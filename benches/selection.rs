@@ -3,7 +3,7 @@
 //! whole (what services sharing Pods still need) and side by side from segments (the usual path).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use podgate_gateway::balance::{Backend, Balancer, Segment, Selection};
+use podgate_gateway::upstream::balance::{Backend, Balancer, Segment, Selection};
 use std::hint::black_box;
 use std::net::SocketAddr;
 

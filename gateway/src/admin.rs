@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 pub struct Admin {
     pub live: Arc<Live>,
-    pub lifecycle: Arc<crate::server::Lifecycle>,
+    pub lifecycle: Arc<crate::live::Lifecycle>,
     /// The bearer token every path but `/healthz` and `/readyz` needs, when one is configured.
     pub token: Option<String>,
     /// `/metrics` is open too (`admin.open_metrics`).
@@ -154,12 +154,12 @@ struct UpstreamDoc<'a> {
     name: &'a str,
     up: &'a crate::upstream::Upstream,
     views: Vec<crate::upstream::ServiceView>,
-    selection: Arc<crate::balance::Selection>,
+    selection: Arc<crate::upstream::balance::Selection>,
 }
 
 fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::Ok, S::Error> {
     // Ejection is judged against one clock reading for the whole document.
-    let now = crate::outlier::now_ms();
+    let now = crate::upstream::outlier::now_ms();
     ser.collect_seq(ups.iter().map(|u| UpstreamOut {
         name: u.name,
         scheme: match u.up.conf.scheme {
@@ -417,7 +417,7 @@ impl ServeHttp for Admin {
                 respond(
                     200,
                     "text/plain; version=0.0.4",
-                    crate::metrics::render(&self.discovery_registry()),
+                    crate::telemetry::metrics::render(&self.discovery_registry()),
                 )
             }
             _ => json_response(

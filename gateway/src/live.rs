@@ -7,11 +7,14 @@
 //! rotation, the router is swapped atomically, and clusters no longer named are stopped last.
 
 use crate::config::{self, Cluster, ClusterKind, Config};
-use crate::metrics::RouteMetrics;
+use crate::proxy::routing::Route;
 use crate::proxy::{GatewayRoute, GatewayRouter, Target};
-use crate::routing::Route;
+use crate::telemetry::metrics::RouteMetrics;
 use crate::upstream::Upstreams;
 use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
 use podgate_discovery::{
     Access, KubeCluster, KubeGuard, Listener, ManifestsCluster, ServiceKey, Store, WatchGuard,
     WatchSpec,
@@ -19,7 +22,9 @@ use podgate_discovery::{
 use prometheus::{register_int_counter_vec, IntCounterVec};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 use std::time::{Instant, SystemTime};
 
 static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -156,9 +161,9 @@ fn build_router(config: &Config, upstreams: &Upstreams) -> GatewayRouter {
     GatewayRouter::new(routes)
 }
 
-/// What [`crate::metrics::forget_removed`] keeps: the routes, upstreams and clusters of `config`.
-fn known_series(config: &Config) -> crate::metrics::Known {
-    let mut known = crate::metrics::Known::default();
+/// What [`crate::telemetry::metrics::forget_removed`] keeps: the routes, upstreams and clusters of `config`.
+fn known_series(config: &Config) -> crate::telemetry::metrics::Known {
+    let mut known = crate::telemetry::metrics::Known::default();
     for r in &config.routes {
         known.routes.insert((r.name.clone(), r.upstream.clone()));
     }
@@ -187,7 +192,7 @@ fn init_series(config: &Config) {
     }
     for u in config.upstreams.iter().filter(|u| u.health_check.is_some()) {
         for result in ["success", "failure"] {
-            crate::health_check::CHECKS.with_label_values(&[u.name.as_str(), result]);
+            crate::telemetry::metrics::CHECKS.with_label_values(&[u.name.as_str(), result]);
         }
     }
 }
@@ -395,7 +400,7 @@ impl Live {
         // Events that reached the previous upstreams between building and swapping are caught up.
         upstreams.rebuild_all();
         self.router.store(Arc::new(router));
-        crate::metrics::forget_removed(&known_series(&new));
+        crate::telemetry::metrics::forget_removed(&known_series(&new));
         init_series(&new);
 
         // Clusters no longer named (or redefined) stop last, and their services leave the store.
@@ -427,5 +432,53 @@ impl Live {
             cfg.routes.len(),
             cfg.upstreams.len()
         ))
+    }
+}
+
+/// Whether the gateway is on its way out; `/readyz` says 503 from the first moment it is.
+#[derive(Default)]
+pub struct Lifecycle {
+    pub(crate) draining: std::sync::atomic::AtomicBool,
+}
+
+impl Lifecycle {
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Runs the checks of every upstream that has `health_check`, following config reloads.
+pub struct Checker(pub Arc<Live>);
+
+#[async_trait]
+impl BackgroundService for Checker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Upstream name → (when its next round is due, whether a round is still running).
+        let mut due: HashMap<String, (Instant, Arc<AtomicBool>)> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = Instant::now();
+            for up in self.0.upstreams().by_name.values() {
+                let Some(conf) = up.conf.health_check.clone() else {
+                    continue;
+                };
+                let (next, running) = due
+                    .entry(up.conf.name.clone())
+                    .or_insert_with(|| (now, Arc::new(AtomicBool::new(false))));
+                if now < *next || running.swap(true, Ordering::Relaxed) {
+                    continue;
+                }
+                *next = now + conf.interval;
+                let (up, running) = (up.clone(), running.clone());
+                tokio::spawn(async move {
+                    crate::upstream::health_check::round(&up, &conf).await;
+                    running.store(false, Ordering::Relaxed);
+                });
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::live::Live;
+use crate::live::{Lifecycle, Live};
 use crate::proxy::Gateway;
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerOptions;
@@ -114,18 +114,6 @@ fn remove_pid_file(path: &std::path::Path) {
     }
 }
 
-/// Whether the gateway is on its way out; `/readyz` says 503 from the first moment it is.
-#[derive(Default)]
-pub struct Lifecycle {
-    draining: std::sync::atomic::AtomicBool,
-}
-
-impl Lifecycle {
-    pub fn draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
 /// Pingora's signal handling, with a drain step in front of a graceful stop: on SIGTERM podgate
 /// reports not-ready at once but keeps accepting for `drain_delay`, so that Kubernetes stops
 /// sending before connections are refused; only then do listeners close.
@@ -195,7 +183,7 @@ impl ShutdownSignalWatch for Signals {
 /// listening. That includes a connection accepted an instant earlier whose request bytes were
 /// still on the wire: its client sees a reset with no answer, and nothing tells it that resending
 /// is safe. During a binary upgrade both processes accept on the same socket, so that instant
-/// comes under any steady load. Waiting this long first (in [`crate::h1::Engine`]'s cleanup) lets
+/// comes under any steady load. Waiting this long first (in [`crate::proxy::h1::Engine`]'s cleanup) lets
 /// such a request be read and answered (with `Connection: close`); only connections still idle
 /// after it are closed, which HTTP clients handle by retrying.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -351,8 +339,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     }
     let live = Live::start(config.clone())?;
     live.watch();
-    crate::metrics::init_build_info();
-    let access_log = crate::access_log::AccessLog::start(&config.access_log)
+    crate::telemetry::metrics::init_build_info();
+    let access_log = crate::telemetry::access_log::AccessLog::start(&config.access_log)
         .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
 
     // After the drain delay, Pingora closes the listeners, waits its grace period for in-flight
@@ -384,7 +372,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     server.bootstrap();
 
     // One budget of head memory for the whole process, shared by every listener.
-    let limits = crate::h1::Limits::new(&config.server);
+    let limits = crate::proxy::h1::Limits::new(&config.server);
     // Every address is bound before any is reported as listening.
     let mut listening = Vec::new();
     for h2c in [false, true] {
@@ -406,7 +394,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         // Half the grace period at most: what is read while lingering still needs time to be
         // answered before the runtimes stop.
         let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
-        let app = crate::h1::Engine::new(gateway(), proxy, linger, config.server.threads)
+        let app = crate::proxy::h1::Engine::new(gateway(), proxy, linger, config.server.threads)
             .with_h2c(h2c)
             .with_limits(limits.clone());
         let name = if h2c { "podgate (h2c)" } else { "podgate" };
@@ -461,7 +449,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     ));
     server.add_service(background_service(
         "health checks",
-        crate::health_check::Checker(live.clone()),
+        crate::live::Checker(live.clone()),
     ));
 
     write_pid_file(&config.server.pid_file);

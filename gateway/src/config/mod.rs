@@ -32,7 +32,7 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     pub upstreams: Vec<Arc<UpstreamConf>>,
     pub routes: Vec<RouteConf>,
-    pub access_log: crate::access_log::Sink,
+    pub access_log: AccessLogSink,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -127,8 +127,8 @@ pub struct UpstreamConf {
     pub read_timeout: Duration,
     pub services: Vec<ServiceRef>,
     pub nodes: Vec<StaticNode>,
-    pub outlier: crate::outlier::OutlierConf,
-    pub health_check: Option<crate::health_check::HealthCheckConf>,
+    pub outlier: OutlierConf,
+    pub health_check: Option<HealthCheckConf>,
     /// New endpoints ramp their weight up linearly over this long.
     pub slow_start: Option<Duration>,
 }
@@ -172,6 +172,66 @@ pub struct RouteConf {
 }
 
 // Defaults, each chosen to match what users of nginx/Envoy expect, and documented in the README.
+/// Where access log lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogSink {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A GET of `path`; the status must be in `expect`.
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConf {
+    pub kind: CheckKind,
+    pub path: String,
+    /// Inclusive status ranges that count as healthy.
+    pub expect: Vec<(u16, u16)>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy: u32,
+    pub unhealthy: u32,
+}
+
+impl Default for HealthCheckConf {
+    fn default() -> Self {
+        HealthCheckConf {
+            kind: CheckKind::Http,
+            path: "/".into(),
+            expect: vec![(200, 399)],
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy: 2,
+            unhealthy: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierConf {
+    /// 0 turns passive ejection off.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConf {
+    fn default() -> Self {
+        OutlierConf {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
 /// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
@@ -456,8 +516,8 @@ fn read_access_log(
     r: &mut Reader,
     n: Option<&Node>,
     resolve: &dyn Fn(String) -> PathBuf,
-) -> crate::access_log::Sink {
-    use crate::access_log::Sink;
+) -> AccessLogSink {
+    use AccessLogSink as Sink;
     let Some(n) = n else { return Sink::Stdout };
     let Some(f) = r.fields(n, "access_log", &["enabled", "path"]) else {
         return Sink::Stdout;
@@ -927,12 +987,7 @@ fn read_upstream(
     })
 }
 
-fn read_health_check(
-    r: &mut Reader,
-    n: &Node,
-    path: &str,
-) -> Option<crate::health_check::HealthCheckConf> {
-    use crate::health_check::{CheckKind, HealthCheckConf};
+fn read_health_check(r: &mut Reader, n: &Node, path: &str) -> Option<HealthCheckConf> {
     let f = r.fields(
         n,
         path,
@@ -1024,8 +1079,8 @@ fn read_health_check(
     Some(h)
 }
 
-fn read_outlier(r: &mut Reader, n: Option<&Node>, path: &str) -> crate::outlier::OutlierConf {
-    let mut o = crate::outlier::OutlierConf::default();
+fn read_outlier(r: &mut Reader, n: Option<&Node>, path: &str) -> OutlierConf {
+    let mut o = OutlierConf::default();
     let Some(n) = n else { return o };
     let Some(f) = r.fields(
         n,

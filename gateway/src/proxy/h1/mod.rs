@@ -25,7 +25,6 @@ mod client_io;
 mod exchange;
 pub mod head;
 pub mod hyper_engine;
-pub mod pool;
 #[cfg(test)]
 mod props;
 pub mod sniff;
@@ -324,7 +323,7 @@ impl<F> Engine<F> {
                     let id = if status == 503 {
                         String::new()
                     } else {
-                        crate::access_log::request_id()
+                        crate::telemetry::access_log::request_id()
                     };
                     let answer = error_answer(status, None, false, false, &id);
                     let _ = client.send(&answer, self.limits.body_timeout).await;

@@ -4,9 +4,9 @@
 //! behind (a slow disk, a blocked stdout pipe) lines are dropped and counted
 //! (`podgate_access_log_dropped_total`) instead of slowing requests down.
 
+use crate::config::AccessLogSink as Sink;
 use prometheus::{register_int_counter, IntCounter};
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,14 +21,6 @@ static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
-
-/// Where access log lines go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Sink {
-    Stdout,
-    File(PathBuf),
-    Off,
-}
 
 #[derive(Clone)]
 pub struct AccessLog {

@@ -38,12 +38,12 @@ pub fn chosen() -> bool {
     })
 }
 
-use super::pool::IDLE_TIMEOUT;
 use super::{closing, Engine, BUFFERED_BODY};
-use crate::access_log::{self, AccessLog};
-use crate::balance::Backend;
+use crate::proxy::routing::{normalize_host, Match};
 use crate::proxy::{access_line, error_json, Gateway, GatewayRoute, LogFields};
-use crate::routing::{normalize_host, Match};
+use crate::telemetry::access_log::{self, AccessLog};
+use crate::upstream::balance::Backend;
+use crate::upstream::pool::IDLE_TIMEOUT;
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use http::header::{

@@ -41,7 +41,7 @@ pub struct BackendInfo {
     pub cluster: Option<Arc<str>>,
     pub pod: Option<Arc<str>>,
     /// Its failure record, shared by every selection it appears in.
-    pub health: Arc<crate::outlier::Health>,
+    pub health: Arc<crate::upstream::outlier::Health>,
 }
 
 /// The backends of one service (or of an upstream's static nodes), built once and then shared

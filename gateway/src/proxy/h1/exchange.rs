@@ -13,10 +13,11 @@
 
 use super::body::{read_more, relay, Chunked, Framing, Out, RelayError};
 use super::head::{parse_response, BodyLength, HeadInfo, Request, Response};
-use super::{error_answer, pool, Client, Engine, BUFFERED_BODY};
-use crate::access_log;
+use super::{error_answer, Client, Engine, BUFFERED_BODY};
+use crate::proxy::routing::{normalize_host, Match};
 use crate::proxy::{access_line, GatewayRoute, LogFields};
-use crate::routing::{normalize_host, Match};
+use crate::telemetry::access_log;
+use crate::upstream::pool;
 use bytes::Bytes;
 use http::Method;
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 /// How one request went, for metrics and the access log.
 struct Outcome<'r> {
     route: Option<&'r Arc<GatewayRoute>>,
-    backend: Option<crate::balance::Backend>,
+    backend: Option<crate::upstream::balance::Backend>,
     status: u16,
     bytes: u64,
     first_byte: Option<Duration>,
@@ -318,7 +319,7 @@ impl<F> Engine<F> {
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
-        backend: &crate::balance::Backend,
+        backend: &crate::upstream::balance::Backend,
         head: &[u8],
         framing: &mut Framing,
         streaming: bool,
@@ -717,7 +718,7 @@ async fn tunnel(c: &mut Client, mut up: pool::Conn, timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::h1::head::parse_request;
+    use crate::proxy::h1::head::parse_request;
     use bytes::BytesMut;
     use proptest::prelude::*;
 

@@ -10,30 +10,14 @@
 //! The state of each endpoint lives in atomics shared by every selection the endpoint appears
 //! in, so it survives endpoint-set updates, and the request path neither locks nor allocates.
 
+use crate::config::{HealthCheckConf, OutlierConf};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 /// Ejections never last longer than this many base durations.
 pub const MAX_EJECTION_FACTOR: u32 = 10;
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct OutlierConf {
-    /// 0 turns passive ejection off.
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejection_percent: u32,
-}
-
-impl Default for OutlierConf {
-    fn default() -> Self {
-        OutlierConf {
-            consecutive_failures: 5,
-            base_ejection: Duration::from_secs(30),
-            max_ejection_percent: 50,
-        }
-    }
-}
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -46,7 +30,7 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Default)]
 pub struct Health {
     pub passive: Outlier,
-    pub active: crate::health_check::Checked,
+    pub active: Checked,
     /// When the endpoint joined a running upstream (for slow start); `None` for endpoints of the
     /// first build, which carry full weight at once.
     pub joined: Option<Instant>,
@@ -131,6 +115,38 @@ impl Outlier {
 /// May one more of `total` endpoints be ejected while `ejected` already are?
 pub fn may_eject(conf: &OutlierConf, ejected: usize, total: usize) -> bool {
     total > 0 && (ejected + 1) * 100 <= conf.max_ejection_percent as usize * total
+}
+
+/// An endpoint's active-check state.
+#[derive(Debug, Default)]
+pub struct Checked {
+    down: AtomicBool,
+    streak_ok: AtomicU32,
+    streak_fail: AtomicU32,
+}
+
+impl Checked {
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Records one probe; returns the new state (`true`: down) when it flipped.
+    pub fn observe(&self, ok: bool, conf: &HealthCheckConf) -> Option<bool> {
+        if ok {
+            self.streak_fail.store(0, Ordering::Relaxed);
+            let n = self.streak_ok.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= conf.healthy && self.down.swap(false, Ordering::Relaxed) {
+                return Some(false);
+            }
+        } else {
+            self.streak_ok.store(0, Ordering::Relaxed);
+            let n = self.streak_fail.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= conf.unhealthy && !self.down.swap(true, Ordering::Relaxed) {
+                return Some(true);
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]

@@ -3,10 +3,18 @@
 //! Discovery pushes: when the store reports changed services, only the upstreams that name one of
 //! them are rebuilt, and each swaps its new selection in atomically. Nothing here runs on the
 //! request path except [`Upstream::pick`].
+//!
+//! The folder: `balance` (smooth weighted selection), `health_check` (active probes), `outlier`
+//! (passive ejection), `pool` (connections to Pods, shared by requests and probes).
 
-use crate::balance::{Backend, BackendInfo, Balancer, Segment, Selection};
+pub mod balance;
+pub mod health_check;
+pub mod outlier;
+pub mod pool;
+
 use crate::config::{Scheme, UpstreamConf};
-use crate::outlier::{self, Health};
+use crate::upstream::balance::{Backend, BackendInfo, Balancer, Segment, Selection};
+use outlier::Health;
 use podgate_discovery::{Endpoint, ServiceKey, ServiceState, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -209,9 +217,9 @@ pub struct Upstream {
     /// verify flags but not the CA, so without it a connection verified against one upstream's
     /// CA could be reused by an upstream that trusts a different one.
     pub pool_group: u64,
-    pub metrics: crate::metrics::UpstreamMetrics,
+    pub metrics: crate::telemetry::metrics::UpstreamMetrics,
     /// Opens and pools connections to the Pods (podgate's HTTP/1.1 path).
-    pub connector: crate::h1::pool::Connector,
+    pub connector: crate::upstream::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
     /// What the last rebuild built (see `rebuild`).
@@ -239,13 +247,13 @@ impl Upstream {
             h.finish()
         });
         Ok(Upstream {
-            connector: crate::h1::pool::Connector::new(&conf)?,
+            connector: crate::upstream::pool::Connector::new(&conf)?,
             endpoint_gauges: Mutex::new(Vec::new()),
             built_services: Mutex::new(Built::default()),
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
-            metrics: crate::metrics::UpstreamMetrics::new(&conf.name),
+            metrics: crate::telemetry::metrics::UpstreamMetrics::new(&conf.name),
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
             conf,
@@ -740,5 +748,11 @@ impl podgate_discovery::Listener for Upstreams {
                 }
             }
         }
+    }
+}
+
+impl pool::Members for Upstream {
+    fn has(&self, addr: &SocketAddr) -> bool {
+        self.selection().find(addr).is_some()
     }
 }

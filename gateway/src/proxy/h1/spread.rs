@@ -14,7 +14,7 @@
 //! and cannot follow), but count. The target's runtime is one of the same listening service's
 //! runtimes, so shutdown treats a moved connection like any other.
 
-use crate::metrics;
+use crate::telemetry::metrics;
 use pingora_core::protocols::Stream;
 use prometheus::IntGauge;
 use std::cell::RefCell;

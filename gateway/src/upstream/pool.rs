@@ -6,7 +6,6 @@
 //! connections serve that thread's requests.
 
 use crate::config::{Scheme, UpstreamConf};
-use crate::upstream::Upstream;
 use bytes::BytesMut;
 use pingora_core::tls::{
     CertificateDer, ClientConfig, DigitallySignedStruct, HandshakeSignatureValid, RootCertStore,
@@ -117,13 +116,19 @@ impl Connector {
     }
 
     /// Keeps `conn` for a later request to `addr` while `addr` stays in `upstream`'s selection.
-    pub fn put_back(&self, addr: SocketAddr, mut conn: Conn, upstream: &Arc<Upstream>) {
+    pub fn put_back<M: Members + 'static>(
+        &self,
+        addr: SocketAddr,
+        mut conn: Conn,
+        upstream: &Arc<M>,
+    ) {
+        let upstream: Weak<dyn Members> = Arc::downgrade(upstream) as Weak<dyn Members>;
         conn.buf.clear();
         let key = self.key(addr);
         let entry = Idle {
             conn,
             since: Instant::now(),
-            upstream: Arc::downgrade(upstream),
+            upstream,
         };
         POOL.with(|p| {
             let mut p = p.borrow_mut();
@@ -143,6 +148,12 @@ impl Connector {
     }
 }
 
+/// What the pool asks of the upstream that pooled a connection: whether a Pod is still one of its
+/// backends (a Pod that left gets its idle connections closed). `Upstream` implements it.
+pub trait Members: Send + Sync {
+    fn has(&self, addr: &SocketAddr) -> bool;
+}
+
 struct Pool {
     idle: HashMap<(SocketAddr, u64), Vec<Idle>>,
     swept: Instant,
@@ -152,7 +163,7 @@ struct Idle {
     conn: Conn,
     since: Instant,
     /// The upstream whose request left the connection here.
-    upstream: Weak<Upstream>,
+    upstream: Weak<dyn Members>,
 }
 
 impl Idle {
@@ -165,10 +176,7 @@ impl Idle {
     /// Whether the connection is worth keeping: usable, and `addr` still a backend of the
     /// upstream that pooled it (a Pod that left gets its idle connections closed).
     fn wanted(&mut self, addr: &SocketAddr, now: Instant) -> bool {
-        self.upstream
-            .upgrade()
-            .is_some_and(|up| up.selection().find(addr).is_some())
-            && self.usable(now)
+        self.upstream.upgrade().is_some_and(|up| up.has(addr)) && self.usable(now)
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! - An endpoint starts healthy (Kubernetes already said it is ready); `unhealthy` failed probes
 //!   in a row take it out, `healthy` good ones in a row bring it back.
-//! - The result lives in the endpoint's shared [`Health`](crate::outlier::Health) record, so an
+//! - The result lives in the endpoint's shared [`Health`](crate::upstream::outlier::Health) record, so an
 //!   endpoint-set update neither resets a known-bad Pod to healthy nor triggers extra probes.
 //! - Probes of one round are spread over the interval (each address gets a fixed phase from its
 //!   hash), and at most [`MAX_CONCURRENT_PROBES`] run at once per upstream, so thousands of Pods
@@ -10,94 +10,14 @@
 //! - When every endpoint is down, picks still fall back to them: better a likely error than a
 //!   certain 503.
 
-use crate::live::Live;
-use async_trait::async_trait;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
-use prometheus::{register_int_counter_vec, IntCounterVec};
-use std::collections::HashMap;
+use crate::config::{CheckKind, HealthCheckConf};
+use crate::telemetry::metrics::CHECKS;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const MAX_CONCURRENT_PROBES: usize = 64;
-
-pub(crate) static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "podgate_health_checks_total",
-        "Active health check probes by upstream and result (success, failure).",
-        &["upstream", "result"]
-    )
-    .expect("metric registers once")
-});
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckKind {
-    /// A GET of `path`; the status must be in `expect`.
-    Http,
-    /// A TCP connect.
-    Tcp,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct HealthCheckConf {
-    pub kind: CheckKind,
-    pub path: String,
-    /// Inclusive status ranges that count as healthy.
-    pub expect: Vec<(u16, u16)>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy: u32,
-    pub unhealthy: u32,
-}
-
-impl Default for HealthCheckConf {
-    fn default() -> Self {
-        HealthCheckConf {
-            kind: CheckKind::Http,
-            path: "/".into(),
-            expect: vec![(200, 399)],
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(1),
-            healthy: 2,
-            unhealthy: 3,
-        }
-    }
-}
-
-/// An endpoint's active-check state.
-#[derive(Debug, Default)]
-pub struct Checked {
-    down: AtomicBool,
-    streak_ok: AtomicU32,
-    streak_fail: AtomicU32,
-}
-
-impl Checked {
-    pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
-    }
-
-    /// Records one probe; returns the new state (`true`: down) when it flipped.
-    pub fn observe(&self, ok: bool, conf: &HealthCheckConf) -> Option<bool> {
-        if ok {
-            self.streak_fail.store(0, Ordering::Relaxed);
-            let n = self.streak_ok.fetch_add(1, Ordering::Relaxed) + 1;
-            if n >= conf.healthy && self.down.swap(false, Ordering::Relaxed) {
-                return Some(false);
-            }
-        } else {
-            self.streak_ok.store(0, Ordering::Relaxed);
-            let n = self.streak_fail.fetch_add(1, Ordering::Relaxed) + 1;
-            if n >= conf.unhealthy && !self.down.swap(true, Ordering::Relaxed) {
-                return Some(true);
-            }
-        }
-        None
-    }
-}
 
 /// One probe of `addr`. `host` is the Host header for HTTP checks, which go through the
 /// upstream's `connector`: over TLS, verified as requests are, for an https upstream.
@@ -105,7 +25,7 @@ pub async fn probe(
     addr: SocketAddr,
     conf: &HealthCheckConf,
     host: &str,
-    connector: &crate::h1::pool::Connector,
+    connector: &crate::upstream::pool::Connector,
 ) -> Result<(), String> {
     let attempt = async {
         if conf.kind == CheckKind::Tcp {
@@ -170,43 +90,7 @@ fn phase(addr: &SocketAddr, interval: Duration) -> Duration {
     Duration::from_millis(h.finish() % ms)
 }
 
-/// Runs the checks of every upstream that has `health_check`, following config reloads.
-pub struct Checker(pub Arc<Live>);
-
-#[async_trait]
-impl BackgroundService for Checker {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        // Upstream name → (when its next round is due, whether a round is still running).
-        let mut due: HashMap<String, (Instant, Arc<AtomicBool>)> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let now = Instant::now();
-            for up in self.0.upstreams().by_name.values() {
-                let Some(conf) = up.conf.health_check.clone() else {
-                    continue;
-                };
-                let (next, running) = due
-                    .entry(up.conf.name.clone())
-                    .or_insert_with(|| (now, Arc::new(AtomicBool::new(false))));
-                if now < *next || running.swap(true, Ordering::Relaxed) {
-                    continue;
-                }
-                *next = now + conf.interval;
-                let (up, running) = (up.clone(), running.clone());
-                tokio::spawn(async move {
-                    round(&up, &conf).await;
-                    running.store(false, Ordering::Relaxed);
-                });
-            }
-        }
-    }
-}
-
-async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) {
+pub async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES));
     let selection = up.selection();
     let host = up.conf.host_header.clone();
@@ -247,6 +131,7 @@ async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::outlier::Checked;
 
     #[test]
     fn thresholds_are_consecutive() {

@@ -236,11 +236,7 @@ pub fn forget_removed(known: &Known) {
     retain(&UPSTREAM_DURATION, &["upstream"], upstream_known);
     retain(&RETRIES, &["upstream"], upstream_known);
     retain(&EJECTIONS, &["upstream"], upstream_known);
-    retain(
-        &crate::health_check::CHECKS,
-        &["upstream", "result"],
-        upstream_known,
-    );
+    retain(&CHECKS, &["upstream", "result"], upstream_known);
     retain(&ENDPOINTS, &["upstream", "cluster", "state"], |v| {
         known
             .clusters
@@ -258,3 +254,13 @@ pub fn render(extra: &Registry) -> Vec<u8> {
     }
     out
 }
+
+/// Active health check probes (written by `upstream::health_check`).
+pub static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_health_checks_total",
+        "Active health check probes by upstream and result (success, failure).",
+        &["upstream", "result"]
+    )
+    .expect("metric registers once")
+});

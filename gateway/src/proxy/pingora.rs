@@ -3,13 +3,12 @@
 //! Error answers are small JSON bodies with a fixed text per status; nothing about Pods, addresses
 //! or internal errors reaches the client (they go to the log).
 
-use crate::access_log::{self, AccessLog};
-use crate::balance::Backend;
+use super::routing::{normalize_host, Match};
+use super::{access_line, error_json, Gateway, GatewayRoute, LogFields};
 use crate::config::Scheme;
-use crate::metrics::{self, RouteMetrics};
-use crate::routing::{normalize_host, Match, Route, Router};
+use crate::telemetry::access_log;
+use crate::upstream::balance::Backend;
 use crate::upstream::Upstream;
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
@@ -20,94 +19,6 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Where a route sends requests, with its metric handles resolved once.
-pub struct Target {
-    pub upstream: Arc<Upstream>,
-    pub metrics: RouteMetrics,
-}
-
-pub type GatewayRoute = Route<Target>;
-pub type GatewayRouter = Router<Target>;
-
-/// The proxy; the router is swapped as a whole when the config changes.
-pub struct Gateway {
-    pub router: Arc<ArcSwap<GatewayRouter>>,
-    /// Metrics of requests that matched no route.
-    pub unmatched: RouteMetrics,
-    pub access_log: AccessLog,
-}
-
-impl Gateway {
-    pub fn new(router: Arc<ArcSwap<GatewayRouter>>, access_log: AccessLog) -> Self {
-        Gateway {
-            router,
-            unmatched: RouteMetrics::new(metrics::UNMATCHED, metrics::UNMATCHED),
-            access_log,
-        }
-    }
-
-    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16) -> Vec<u8> {
-        let req = session.req_header();
-        access_line(&LogFields {
-            request_id: &ctx.request_id,
-            client: session
-                .as_downstream()
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .copied(),
-            method: req.method.as_str(),
-            host: &ctx.host,
-            path: req.uri.path(),
-            route: ctx.route.as_deref(),
-            backend: ctx.current.as_ref(),
-            status,
-            bytes: session.as_downstream().body_bytes_sent() as u64,
-            took: ctx.start.elapsed(),
-            first_byte: ctx.first_byte,
-            retries: ctx.tried.len().saturating_sub(1),
-        })
-    }
-}
-
-/// What one access log line tells about a request.
-pub struct LogFields<'a> {
-    pub request_id: &'a str,
-    pub client: Option<SocketAddr>,
-    pub method: &'a str,
-    pub host: &'a str,
-    pub path: &'a str,
-    pub route: Option<&'a GatewayRoute>,
-    pub backend: Option<&'a Backend>,
-    pub status: u16,
-    pub bytes: u64,
-    pub took: std::time::Duration,
-    pub first_byte: Option<std::time::Duration>,
-    pub retries: usize,
-}
-
-/// One access log line, JSON.
-pub fn access_line(f: &LogFields) -> Vec<u8> {
-    let line = serde_json::json!({
-        "time": access_log::rfc3339(std::time::SystemTime::now()),
-        "request_id": f.request_id,
-        "client": f.client.map(|a| a.to_string()),
-        "method": f.method,
-        "host": f.host,
-        "path": f.path,
-        "route": f.route.map(|r| r.name.as_str()),
-        "upstream": f.route.map(|r| r.upstream.upstream.conf.name.as_str()),
-        "cluster": f.backend.and_then(|b| b.info.cluster.as_deref()),
-        "pod": f.backend.and_then(|b| b.info.pod.as_deref()),
-        "pod_address": f.backend.map(|b| b.addr.to_string()),
-        "status": f.status,
-        "bytes": f.bytes,
-        "duration_ms": f.took.as_secs_f64() * 1000.0,
-        "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-        "retries": f.retries,
-    });
-    serde_json::to_vec(&line).unwrap_or_default()
-}
 
 /// How long an idle pooled connection to a Pod is kept.
 pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -156,40 +67,6 @@ impl Ctx {
     }
 }
 
-/// The JSON body of an error answer.
-pub fn error_json(status: u16) -> String {
-    let (code, message) = error_body(status);
-    format!("{{\"error\":\"{code}\",\"status\":{status},\"message\":\"{message}\"}}\n")
-}
-
-/// The answer for a failure of kind `status`: a fixed text, never the internal error.
-fn error_body(status: u16) -> (&'static str, &'static str) {
-    match status {
-        404 => ("not_found", "no route matches this host and path"),
-        405 => (
-            "method_not_allowed",
-            "the route does not accept this method",
-        ),
-        502 => ("bad_gateway", "the upstream could not be reached"),
-        503 => ("no_endpoint", "the upstream has no ready endpoint"),
-        504 => ("gateway_timeout", "the upstream did not answer in time"),
-        400 => ("bad_request", "the request could not be processed"),
-        408 => ("request_timeout", "the request head did not arrive in time"),
-        431 => (
-            "request_header_fields_too_large",
-            "the request head is too large",
-        ),
-        501 => (
-            "not_implemented",
-            "the request's transfer encoding is not supported",
-        ),
-        _ => (
-            "internal_error",
-            "the gateway failed to process the request",
-        ),
-    }
-}
-
 async fn send_json_error(
     session: &mut Session,
     status: u16,
@@ -232,6 +109,30 @@ fn is_tls(session: &Session) -> bool {
         .as_downstream()
         .digest()
         .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+impl Gateway {
+    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16) -> Vec<u8> {
+        let req = session.req_header();
+        access_line(&LogFields {
+            request_id: &ctx.request_id,
+            client: session
+                .as_downstream()
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .copied(),
+            method: req.method.as_str(),
+            host: &ctx.host,
+            path: req.uri.path(),
+            route: ctx.route.as_deref(),
+            backend: ctx.current.as_ref(),
+            status,
+            bytes: session.as_downstream().body_bytes_sent() as u64,
+            took: ctx.start.elapsed(),
+            first_byte: ctx.first_byte,
+            retries: ctx.tried.len().saturating_sub(1),
+        })
+    }
 }
 
 #[async_trait]

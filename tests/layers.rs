@@ -1,0 +1,228 @@
+//! The gateway crate's layers, checked from its own source: every module reference (`crate::…`,
+//! `super::…`, `self::…`, or a child module's name) points to the same or a lower layer, and the
+//! modules form no import cycle. The order is the one `gateway/src/lib.rs` documents:
+//! config → telemetry → upstream → proxy → live → admin → server.
+//!
+//! A file that refers to its own parent (`super::Engine` in `proxy/h1/sniff.rs`) extends the
+//! parent's type across files; that edge is not counted as a cycle, every other one is.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+const LAYERS: &[&str] = &[
+    "config",
+    "telemetry",
+    "upstream",
+    "proxy",
+    "live",
+    "admin",
+    "server",
+];
+
+type Module = Vec<String>;
+
+/// Every `.rs` file under `dir` as its module path (`upstream/pool.rs` → `upstream::pool`).
+fn modules(root: &Path, dir: &Path, out: &mut BTreeMap<Module, String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            modules(root, &path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let rel = path.strip_prefix(root).unwrap().with_extension("");
+            let mut parts: Module = rel.iter().map(|p| p.to_string_lossy().into()).collect();
+            if matches!(parts.last().map(String::as_str), Some("mod" | "lib")) {
+                parts.pop();
+            }
+            out.insert(parts, std::fs::read_to_string(&path).unwrap());
+        }
+    }
+}
+
+/// The source without comments and without its trailing `#[cfg(test)] mod tests`.
+fn code(text: &str) -> String {
+    let text = text
+        .find("#[cfg(test)]\nmod tests")
+        .map_or(text, |i| &text[..i]);
+    text.lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn ident(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+}
+
+/// The modules `text` (the file of module `me`) refers to.
+fn references(me: &Module, text: &str, all: &BTreeMap<Module, String>) -> BTreeSet<Module> {
+    let code = code(text);
+    let children: BTreeSet<String> = code
+        .lines()
+        .filter_map(|l| {
+            let l = l
+                .trim()
+                .trim_start_matches("pub(crate) ")
+                .trim_start_matches("pub ");
+            let name = l.strip_prefix("mod ")?.strip_suffix(';')?;
+            Some(name.to_string())
+        })
+        .collect();
+    let mut out = BTreeSet::new();
+    let bytes: Vec<char> = code.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        // A path starts at an identifier not preceded by an identifier char or `::`.
+        let starts = ident(bytes[i])
+            && (i == 0 || (!ident(bytes[i - 1]) && bytes[i - 1] != ':'))
+            && !bytes[i].is_ascii_digit();
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let mut segs: Vec<String> = Vec::new();
+        let mut j = i;
+        loop {
+            let s = j;
+            while j < bytes.len() && ident(bytes[j]) {
+                j += 1;
+            }
+            segs.push(bytes[s..j].iter().collect());
+            if j + 2 < bytes.len() && bytes[j] == ':' && bytes[j + 1] == ':' && ident(bytes[j + 2])
+            {
+                j += 2;
+            } else {
+                break;
+            }
+        }
+        let followed_by_path = j + 1 < bytes.len() && bytes[j] == ':' && bytes[j + 1] == ':';
+        i = j.max(i + 1);
+        if segs.len() < 2 && !followed_by_path {
+            continue;
+        }
+        let (base, rest): (Module, &[String]) = match segs[0].as_str() {
+            "crate" => (Vec::new(), &segs[1..]),
+            "super" => (me[..me.len().saturating_sub(1)].to_vec(), &segs[1..]),
+            "self" => (me.clone(), &segs[1..]),
+            name if children.contains(name) => {
+                let mut m = me.clone();
+                m.push(name.to_string());
+                (m, &segs[1..])
+            }
+            _ => continue,
+        };
+        let mut path: Module = base.into_iter().chain(rest.iter().cloned()).collect();
+        while !path.is_empty() && !all.contains_key(&path) {
+            path.pop();
+        }
+        if !path.is_empty() && &path != me {
+            out.insert(path);
+        }
+    }
+    out
+}
+
+fn layer(m: &Module) -> usize {
+    LAYERS
+        .iter()
+        .position(|l| m.first().map(String::as_str) == Some(l))
+        .unwrap_or_else(|| panic!("module {} is in no layer of LAYERS", m.join("::")))
+}
+
+fn graph() -> BTreeMap<Module, BTreeSet<Module>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway/src");
+    let mut all = BTreeMap::new();
+    modules(&root, &root, &mut all);
+    all.iter()
+        .filter(|(m, _)| !m.is_empty())
+        .map(|(m, text)| (m.clone(), references(m, text, &all)))
+        .collect()
+}
+
+#[test]
+fn no_module_imports_from_a_layer_above() {
+    let graph = graph();
+    assert!(graph.len() > 20, "walked the gateway's sources");
+    let mut wrong = Vec::new();
+    for (from, tos) in &graph {
+        for to in tos {
+            if layer(to) > layer(from) {
+                wrong.push(format!("{} -> {}", from.join("::"), to.join("::")));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "imports pointing up a layer: {wrong:#?}");
+}
+
+#[test]
+fn modules_form_no_cycle() {
+    let graph = graph();
+    // Drop each child's edge to its own parent: the child extends the parent's type.
+    let edges: BTreeMap<&Module, Vec<&Module>> = graph
+        .iter()
+        .map(|(from, tos)| {
+            let parent = &from[..from.len() - 1];
+            (
+                from,
+                tos.iter().filter(|t| t.as_slice() != parent).collect(),
+            )
+        })
+        .collect();
+    // Depth-first search for a back edge; report the cycle it closes.
+    fn visit<'a>(
+        m: &'a Module,
+        edges: &BTreeMap<&'a Module, Vec<&'a Module>>,
+        state: &mut BTreeMap<&'a Module, u8>,
+        stack: &mut Vec<&'a Module>,
+    ) -> Option<Vec<String>> {
+        state.insert(m, 1);
+        stack.push(m);
+        for &n in edges.get(m).into_iter().flatten() {
+            match state.get(n) {
+                Some(1) => {
+                    let at = stack.iter().position(|s| *s == n).unwrap();
+                    let mut cycle: Vec<String> = stack[at..].iter().map(|s| s.join("::")).collect();
+                    cycle.push(n.join("::"));
+                    return Some(cycle);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = visit(n, edges, state, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(m, 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for m in edges.keys() {
+        if !state.contains_key(m) {
+            if let Some(cycle) = visit(m, &edges, &mut state, &mut Vec::new()) {
+                panic!("import cycle: {}", cycle.join(" -> "));
+            }
+        }
+    }
+}
+
+/// The checker itself sees references: a known upward import in a sample is reported.
+#[test]
+fn the_checker_sees_crate_super_and_child_paths() {
+    let mut all = BTreeMap::new();
+    for m in ["config", "upstream", "upstream::pool", "proxy", "proxy::h1"] {
+        all.insert(m.split("::").map(String::from).collect(), String::new());
+    }
+    let me: Module = vec!["upstream".into()];
+    let refs = references(
+        &me,
+        "mod pool;\nuse crate::proxy::h1::Engine;\nuse pool::Conn;\nfn f() { crate::config::X; }",
+        &all,
+    );
+    let names: Vec<String> = refs.iter().map(|m| m.join("::")).collect();
+    assert_eq!(names, ["config", "proxy::h1", "upstream::pool"]);
+    let me: Module = vec!["proxy".into(), "h1".into()];
+    let refs = references(&me, "use super::{Gateway, error_json};", &all);
+    assert_eq!(refs.len(), 1);
+    assert!(refs.contains(&vec!["proxy".to_string()]));
+}
