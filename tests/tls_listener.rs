@@ -1,5 +1,5 @@
 //! An HTTPS listener: TLS 1.2/1.3 with h2 and HTTP/1.1 offered by ALPN; and an h2c listener,
-//! which tells prior-knowledge h2 from HTTP/1.x by the first bytes (`gateway/src/h1/sniff.rs`).
+//! which tells prior-knowledge h2 from HTTP/1.x by the first bytes (`gateway/src/proxy/h1/sniff.rs`).
 
 mod support;
 

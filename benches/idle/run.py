@@ -15,7 +15,7 @@ the gateway did not accept.
 
 Environment: N (default 8000), SETTLE seconds (default 2), PODGATE (a podgate binary; default
 $CARGO_TARGET_DIR/release/podgate or target/release/podgate), PHASES (default "idle midhead"),
-GATEWAYS (default "nginx podgate"; "podgate-hyper" is podgate with PODGATE_H1_ENGINE=hyper). PORT_BASE
+GATEWAYS (default "nginx podgate"). PORT_BASE
 (default 18200) moves every port. The whole run stops itself after LIMIT seconds (default 110).
 """
 import math, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -36,7 +36,7 @@ PODGATE = os.environ.get("PODGATE", os.path.join(TARGET, "release", "podgate"))
 # they share the CPUs).
 BASE = int(os.environ.get("PORT_BASE", "18200"))
 UPSTREAM = BASE + 1
-PORTS = {"nginx": BASE + 11, "podgate": BASE + 12, "podgate-hyper": BASE + 14}
+PORTS = {"nginx": BASE + 11, "podgate": BASE + 12}
 PODGATE_ADMIN = BASE + 13
 REQUEST = b"GET / HTTP/1.1\r\nHost: idle.test\r\nUser-Agent: idle-bench\r\nAccept: */*\r\n\r\n"
 HALF_HEAD = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: "
@@ -124,9 +124,6 @@ routes:
     upstream: pods
 """)
     env = dict(os.environ, RUST_LOG="warn")
-    env.pop("PODGATE_H1_ENGINE", None)
-    if name == "podgate-hyper":
-        env["PODGATE_H1_ENGINE"] = "hyper"
     return subprocess.Popen([PODGATE, "-c", f"{d}/podgate.yaml"],
                             stderr=open(f"{d}/podgate.log", "w"), env=env)
 

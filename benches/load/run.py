@@ -13,18 +13,14 @@ BODY = "x" * 63 + "\n"  # 64 bytes
 # Every port is PORT_BASE + a fixed offset, so that runs can move out of another program's way.
 BASE = int(os.environ.get("PORT_BASE", "18080"))
 UPSTREAMS = [BASE + 21, BASE + 22, BASE + 23]
-# podgate-hyper: the same podgate binary with PODGATE_H1_ENGINE=hyper, i.e. HTTP/1.1 served by
-# hyper (gateway/src/h1/hyper_engine.rs) instead of podgate's own parser: the parser A/B of
-# issue 15, in the same rounds.
-PORTS = {"nginx": BASE + 1, "haproxy": BASE + 2, "bare-pingora": BASE + 3, "podgate": BASE + 4,
-         "podgate-hyper": BASE + 7}
+PORTS = {"nginx": BASE + 1, "haproxy": BASE + 2, "bare-pingora": BASE + 3, "podgate": BASE + 4}
 PODGATE_ADMIN = BASE + 10  # one per podgate contestant, counting up
 # A/B of a change in the same run: BASELINE=/path/to/an/older/podgate adds it as a contestant,
 # with the same config.
 BASELINE = os.environ.get("BASELINE")
 if BASELINE:
     PORTS["podgate-baseline"] = BASE + 6
-# PROXIES="nginx podgate podgate-hyper" runs only those (nginx always: ratios are to it).
+# PROXIES="nginx podgate" runs only those (nginx always: ratios are to it).
 PROXIES = os.environ.get("PROXIES")
 if PROXIES:
     PORTS = {n: p for n, p in PORTS.items() if n == "nginx" or n in PROXIES.split()}
@@ -162,11 +158,9 @@ backend pods
             stderr=subprocess.DEVNULL)
 
     nodes = ", ".join(f'{{address: "127.0.0.1:{p}"}}' for p in UPSTREAMS)
-    # name: (binary, HTTP/1.1 engine)
-    builds = {"podgate": (PODGATE, "own"), "podgate-hyper": (PODGATE, "hyper"),
-              "podgate-baseline": (BASELINE, "own")}
+    builds = {"podgate": PODGATE, "podgate-baseline": BASELINE}
     builds = {n: b for n, b in builds.items() if n in PORTS}
-    for i, (name, (binary, engine)) in enumerate(builds.items()):
+    for i, (name, binary) in enumerate(builds.items()):
         write(f"{d}/{name}.yaml", f"""listeners:
   - address: 127.0.0.1:{PORTS[name]}
 admin:
@@ -187,9 +181,6 @@ routes:
     upstream: pods
 """)
         env = dict(os.environ, RUST_LOG="warn")
-        env.pop("PODGATE_H1_ENGINE", None)
-        if engine == "hyper":
-            env["PODGATE_H1_ENGINE"] = "hyper"
         procs[name] = subprocess.Popen(
             pre + [binary, "-c", f"{d}/{name}.yaml"],
             stderr=open(f"{d}/{name}.log", "w"), env=env)
@@ -277,17 +268,6 @@ def run(mode):
                       f"{statistics.median(x[4] for x in results[n]):.1f} | "
                       f"{rss_kib(pids) / 1024:.1f} |")
             print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-            if "podgate" in results and "podgate-hyper" in results:
-                ab = [results["podgate"][i][0] / results["podgate-hyper"][i][0]
-                      for i in range(ROUNDS)]
-                p99 = [results["podgate"][i][2] / results["podgate-hyper"][i][2]
-                       for i in range(ROUNDS)]
-                cpu = [results["podgate-hyper"][i][4] / results["podgate"][i][4]
-                       for i in range(ROUNDS)]
-                print(f"\nown parser / hyper, req/s per round: {', '.join(f'{x:.2f}' for x in ab)}"
-                      f" (median {statistics.median(ab):.2f}); p99: median "
-                      f"{statistics.median(p99):.2f}; hyper's CPU per request / own's: "
-                      f"{', '.join(f'{x:.2f}' for x in cpu)} (median {statistics.median(cpu):.2f})")
         finally:
             for p in list(procs.values()) + [up]:
                 p.terminate()

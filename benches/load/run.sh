@@ -3,7 +3,6 @@
 # front of the same three upstream servers, on loopback only.
 #   benches/load/run.sh                  # pinned (1 worker on CPU 1) and unpinned (2 workers)
 #   ROUNDS=5 DURATION=15 benches/load/run.sh pinned
-#   PROXIES="nginx podgate podgate-hyper" ROUNDS=3 benches/load/run.sh pinned   # parser A/B only
 #   PORT_BASE=28080 ...      # other ports (default 18080) when something else listens there
 #   PODGATE=/path/to/podgate ...   # that binary (run.sh still builds; run.py alone does not)
 # Needs (Debian): wrk nginx-light haproxy. Results are printed; see benches/RESULTS.md.

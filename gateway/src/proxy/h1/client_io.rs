@@ -33,14 +33,6 @@ impl ClientIo {
             }
         }
     }
-
-    /// Pingora's stream over this transport (for the hyper engine of the parser A/B).
-    pub fn into_stream(self) -> Stream {
-        match self {
-            ClientIo::Tcp(t) => Box::new(pingora_core::protocols::l4::stream::Stream::from(t)),
-            ClientIo::Pingora(s) => s,
-        }
-    }
 }
 
 impl AsyncRead for ClientIo {

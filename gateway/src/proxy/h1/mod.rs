@@ -24,7 +24,6 @@ pub mod body;
 mod client_io;
 mod exchange;
 pub mod head;
-pub mod hyper_engine;
 #[cfg(test)]
 mod props;
 pub mod sniff;
@@ -129,8 +128,6 @@ pub struct Engine<F> {
     limits: Limits,
     /// An `h2c: true` listener: plain connections may open with the h2 preface (`sniff.rs`).
     h2c: bool,
-    /// `PODGATE_H1_ENGINE=hyper`: HTTP/1.1 served by `hyper_engine.rs` (parser A/B bench switch).
-    hyper: bool,
 }
 
 impl<F> Engine<F> {
@@ -143,7 +140,6 @@ impl<F> Engine<F> {
             spread: spread::Spread::new(threads),
             limits: Limits::default(),
             h2c: false,
-            hyper: hyper_engine::chosen(),
         }
     }
 
@@ -187,7 +183,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
                         match tokio::net::TcpStream::from_std(tcp) {
                             Ok(tcp) => {
                                 let io = ClientIo::Tcp(tcp);
-                                engine.serve_h1(io, addr, false, &shutdown).await
+                                engine.serve(io, addr, false, &shutdown).await
                             }
                             Err(e) => log::warn!("cannot move a client connection: {e}"),
                         }
@@ -199,8 +195,7 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
         let _open = self.spread.open_here();
         let addr = peer(&io);
         let tls = io.get_ssl_digest().is_some();
-        self.serve_h1(ClientIo::Pingora(io), addr, tls, shutdown)
-            .await;
+        self.serve(ClientIo::Pingora(io), addr, tls, shutdown).await;
         None
     }
 
