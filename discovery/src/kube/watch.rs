@@ -24,21 +24,22 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
-use std::hash::{BuildHasher, Hasher, RandomState};
+
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ::kube::api::{Api, ListParams, WatchEvent, WatchParams};
-use ::kube::core::{PartialObjectMeta, Status};
+use ::kube::core::PartialObjectMeta;
 use ::kube::{Client, Resource, ResourceExt};
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 
+use super::failure::{spread, Failure, Retry};
 use super::{KubeOptions, Shared};
 use crate::model::{has_labels, selector, ServiceKey, ServiceState};
 
@@ -56,151 +57,6 @@ const IDLE_MARGIN: Duration = Duration::from_secs(30);
 /// error (but not counted as one): a server or proxy that ends every watch at once would
 /// otherwise make the loop spin.
 const SHORT_WATCH: Duration = Duration::from_secs(1);
-
-/// Why a request failed, as counted in `errors_by_reason` and logged.
-pub(crate) struct Failure {
-    pub(crate) reason: &'static str,
-    pub(crate) message: String,
-}
-
-impl Failure {
-    fn new(reason: &'static str, message: String) -> Failure {
-        Failure { reason, message }
-    }
-
-    fn is_gone(&self) -> bool {
-        self.reason == "gone"
-    }
-
-    /// A `Status` from an HTTP error answer or a watch ERROR event.
-    fn from_status(status: &Status) -> Failure {
-        let code = status.code;
-        let (reason, what) = match code {
-            401 => (
-                "unauthorized",
-                "the API server rejected the credentials (401 Unauthorized)".to_owned(),
-            ),
-            403 => (
-                "forbidden",
-                "access denied (403 Forbidden): podgate needs get, list and watch on services, \
-                 on discovery.k8s.io endpointslices and (for label subsets) on pods in this \
-                 namespace"
-                    .to_owned(),
-            ),
-            404 => ("not_found", "not found (404)".to_owned()),
-            410 => ("gone", "resourceVersion too old (410 Gone)".to_owned()),
-            429 => ("throttled", "throttled by the API server (429)".to_owned()),
-            500..=599 => ("server_error", format!("API server error ({code})")),
-            _ => ("rejected", format!("request rejected ({code})")),
-        };
-        let message = if status.message.is_empty() {
-            what
-        } else {
-            format!("{what}: {}", status.message)
-        };
-        Failure::new(reason, message)
-    }
-
-    fn from_client(error: &::kube::Error) -> Failure {
-        use ::kube::Error as E;
-        match error {
-            E::Api(status) => Failure::from_status(status),
-            E::HyperError(_) | E::Service(_) | E::ReadEvents(_) => {
-                if has_timeout(error) {
-                    Failure::new(
-                        "timeout",
-                        format!("the API server did not answer in time: {}", chain(error)),
-                    )
-                } else {
-                    Failure::new(
-                        "connect",
-                        format!("cannot reach the API server: {}", chain(error)),
-                    )
-                }
-            }
-            E::SerdeError(_) | E::FromUtf8(_) | E::LinesCodecMaxLineLengthExceeded => Failure::new(
-                "decode",
-                format!("cannot decode the API server's answer: {}", chain(error)),
-            ),
-            E::Auth(_) => Failure::new(
-                "credentials",
-                format!("cannot load the credentials: {}", chain(error)),
-            ),
-            _ => Failure::new("other", chain(error)),
-        }
-    }
-}
-
-/// `error` and its sources, each once (kube's messages often repeat their source's).
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
-}
-
-fn has_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        current = e.source();
-    }
-    false
-}
-
-/// Exponential backoff with jitter, reset by progress.
-struct Retry {
-    builder: ExponentialBuilder,
-    current: ExponentialBackoff,
-    max: Duration,
-}
-
-impl Retry {
-    fn new(options: &KubeOptions) -> Retry {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(options.retry_min)
-            .with_max_delay(options.retry_max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times();
-        Retry {
-            builder,
-            current: builder.build(),
-            max: options.retry_max,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        self.current.next().unwrap_or(self.max)
-    }
-
-    fn reset(&mut self) {
-        self.current = self.builder.build();
-    }
-}
-
-/// A number in [0, 1) that differs between calls; only used to spread watch timeouts.
-fn spread() -> f64 {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
 
 /// What a list+watch loop tells its owner.
 enum Change<K> {
