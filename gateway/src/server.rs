@@ -386,7 +386,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
         if h2c {
             // Pingora's proxy serves the connections that open with the h2 preface (see
-            // `h1/sniff.rs`); podgate's own path serves the HTTP/1.1 ones.
+            // `proxy/h1/sniff.rs`); podgate's own path serves the HTTP/1.1 ones.
             let mut o = HttpServerOptions::default();
             o.h2c = true;
             proxy.server_options = Some(o);

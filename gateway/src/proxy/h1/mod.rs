@@ -26,6 +26,7 @@ mod exchange;
 pub mod head;
 #[cfg(test)]
 mod props;
+mod rewrite;
 pub mod sniff;
 pub mod spread;
 

@@ -10,7 +10,7 @@
 //! connections (this one on a tie): the socket is duplicated ([`detach`]), registered with that
 //! thread's runtime, and Pingora's copy is closed. Moving every such connection, not only the
 //! ones that land on a busier thread, also frees Pingora's per-connection task (see
-//! `h1/mod.rs`). TLS connections stay where they are (their session state lives in the stream
+//! `proxy/h1/mod.rs`). TLS connections stay where they are (their session state lives in the stream
 //! and cannot follow), but count. The target's runtime is one of the same listening service's
 //! runtimes, so shutdown treats a moved connection like any other.
 
