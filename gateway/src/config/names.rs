@@ -209,5 +209,4 @@ mod tests {
             assert!(label_value(bad).is_err(), "{bad}");
         }
     }
-
 }

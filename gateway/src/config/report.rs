@@ -107,13 +107,20 @@ impl Report {
     /// something else than a mapping at `path`.
     pub fn sect<'a, T>(&mut self, s: &'a Sect<T>, path: &str) -> Option<&'a T> {
         for p in &s.problems {
-            let at = p.key.as_deref().map_or_else(|| path.to_string(), |k| child(path, k));
+            let at = p
+                .key
+                .as_deref()
+                .map_or_else(|| path.to_string(), |k| child(path, k));
             self.error(Some(p.line), &at, p.message.clone());
         }
         match &s.value {
             Ok(v) => Some(v),
             Err(kind) => {
-                self.error(Some(s.line), path, format!("expected a mapping, found {kind}"));
+                self.error(
+                    Some(s.line),
+                    path,
+                    format!("expected a mapping, found {kind}"),
+                );
                 None
             }
         }
@@ -171,7 +178,11 @@ impl Report {
         let entries = match &p.entries {
             Ok(entries) => entries,
             Err(kind) => {
-                self.error(Some(p.line), path, format!("expected a mapping, found {kind}"));
+                self.error(
+                    Some(p.line),
+                    path,
+                    format!("expected a mapping, found {kind}"),
+                );
                 return Vec::new();
             }
         };

@@ -7,8 +7,8 @@ use super::names::{check_name, dns1035_label, dns1123_label, label_key, label_va
 use super::report::{child, line, Report};
 use super::schema;
 use super::units::Int;
-use super::yaml::{Sect, Val};
 use super::validate::Resolve;
+use super::yaml::{Sect, Val};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -72,14 +72,25 @@ pub fn upstream(
         );
     }
     let tags = match &u.tags {
-        Some(t) => r.pairs(t, &at("tags")).into_iter().map(|(_, k, v)| (k, v)).collect(),
+        Some(t) => r
+            .pairs(t, &at("tags"))
+            .into_iter()
+            .map(|(_, k, v)| (k, v))
+            .collect(),
         None => BTreeMap::new(),
     };
-    let retries = r.opt(&u.retries, &at("retries")).map_or(DEFAULT_RETRIES, |v| v.get());
+    let retries = r
+        .opt(&u.retries, &at("retries"))
+        .map_or(DEFAULT_RETRIES, |v| v.get());
     let duration = |r: &mut Report, v: &Option<Val<Duration>>, key: &str, default| {
         r.opt(v, &child(path, key)).copied().unwrap_or(default)
     };
-    let connect_timeout = duration(r, &u.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    let connect_timeout = duration(
+        r,
+        &u.connect_timeout,
+        "connect_timeout",
+        DEFAULT_CONNECT_TIMEOUT,
+    );
     let read_timeout = duration(r, &u.read_timeout, "read_timeout", DEFAULT_READ_TIMEOUT);
     for (key, v, d) in [
         ("connect_timeout", &u.connect_timeout, connect_timeout),
@@ -136,7 +147,11 @@ pub fn upstream(
             let weight = weight(r, &n.weight, &p);
             if let Some(&address) = address {
                 if nodes.iter().any(|x| x.address == address) {
-                    r.error(Some(item.line), &p, format!("node {address} is listed twice"));
+                    r.error(
+                        Some(item.line),
+                        &p,
+                        format!("node {address} is listed twice"),
+                    );
                 }
                 nodes.push(StaticNode { address, weight });
             }
@@ -194,8 +209,14 @@ fn health_check(
             h.expect = ranges;
         }
     }
-    h.interval = r.opt(&f.interval, &at("interval")).copied().unwrap_or(h.interval);
-    h.timeout = r.opt(&f.timeout, &at("timeout")).copied().unwrap_or(h.timeout);
+    h.interval = r
+        .opt(&f.interval, &at("interval"))
+        .copied()
+        .unwrap_or(h.interval);
+    h.timeout = r
+        .opt(&f.timeout, &at("timeout"))
+        .copied()
+        .unwrap_or(h.timeout);
     if h.timeout.is_zero() || h.timeout > h.interval {
         r.error(
             line(&f.timeout).or(Some(s.line)),
@@ -242,7 +263,8 @@ fn outlier(r: &mut Report, s: Option<&Sect<schema::Outlier>>, path: &str) -> Out
 }
 
 fn weight(r: &mut Report, v: &Option<Val<Int<1, 100>>>, path: &str) -> u32 {
-    r.opt(v, &child(path, "weight")).map_or(DEFAULT_WEIGHT, |w| w.get())
+    r.opt(v, &child(path, "weight"))
+        .map_or(DEFAULT_WEIGHT, |w| w.get())
 }
 
 fn service_ref(
@@ -253,8 +275,9 @@ fn service_ref(
 ) -> Option<ServiceRef> {
     let f = r.sect(s, path)?;
     let at = |key| child(path, key);
-    let cluster = r.required(&f.cluster, s.line, &at("cluster")).and_then(|c| {
-        match clusters.iter().find(|x| *x.name == **c) {
+    let cluster = r
+        .required(&f.cluster, s.line, &at("cluster"))
+        .and_then(|c| match clusters.iter().find(|x| *x.name == **c) {
             Some(x) => Some(x.name.clone()),
             None => {
                 let known: Vec<&str> = clusters.iter().map(|c| &*c.name).collect();
@@ -266,8 +289,7 @@ fn service_ref(
                 r.error(line(&f.cluster), &at("cluster"), message);
                 None
             }
-        }
-    });
+        });
     let namespace = r
         .opt(&f.namespace, &at("namespace"))
         .cloned()

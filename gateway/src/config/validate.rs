@@ -7,8 +7,8 @@ use super::model::*;
 use super::names::{check_host, check_name};
 use super::report::{child, line, Report};
 use super::schema;
-use super::yaml::{Sect, Val};
 use super::upstreams;
+use super::yaml::{Sect, Val};
 use podgate_discovery::Access;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -45,14 +45,22 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
     for l in &listeners {
         if !seen.insert(l.address) {
             let at = file.listeners.as_ref().map(|l| l.line);
-            r.error(at, "listeners", format!("address {} is used twice", l.address));
+            r.error(
+                at,
+                "listeners",
+                format!("address {} is used twice", l.address),
+            );
         }
     }
 
     let admin = admin(r, file.admin.as_ref(), resolve);
     if listeners.iter().any(|l| l.address == admin.address) {
         let at = file.admin.as_ref().map(|a| a.line);
-        r.error(at, "admin.address", "must differ from every listener address");
+        r.error(
+            at,
+            "admin.address",
+            "must differ from every listener address",
+        );
     }
     let server = server(r, file.server.as_ref(), resolve);
 
@@ -199,7 +207,9 @@ fn admin(r: &mut Report, s: Option<&Sect<schema::Admin>>, resolve: Resolve) -> A
     let Some(a) = s.and_then(|s| r.sect(s, "admin")) else {
         return default;
     };
-    let address = *r.opt(&a.address, "admin.address").unwrap_or(&default.address);
+    let address = *r
+        .opt(&a.address, "admin.address")
+        .unwrap_or(&default.address);
     let token_file = r.opt(&a.token_file, "admin.token_file").map(|p| resolve(p));
     if let Some(t) = &token_file {
         let at = line(&a.token_file);
@@ -215,7 +225,9 @@ fn admin(r: &mut Report, s: Option<&Sect<schema::Admin>>, resolve: Resolve) -> A
             ),
         }
     }
-    let open_metrics = *r.opt(&a.open_metrics, "admin.open_metrics").unwrap_or(&false);
+    let open_metrics = *r
+        .opt(&a.open_metrics, "admin.open_metrics")
+        .unwrap_or(&false);
     Admin {
         address,
         token_file,
@@ -223,11 +235,7 @@ fn admin(r: &mut Report, s: Option<&Sect<schema::Admin>>, resolve: Resolve) -> A
     }
 }
 
-fn server(
-    r: &mut Report,
-    sect: Option<&Sect<schema::Server>>,
-    resolve: Resolve,
-) -> ServerSettings {
+fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve) -> ServerSettings {
     let threads_default = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -247,7 +255,9 @@ fn server(
         return s;
     };
     let duration = |r: &mut Report, v: &Option<Val<Duration>>, key: &str, default| {
-        r.opt(v, &format!("server.{key}")).copied().unwrap_or(default)
+        r.opt(v, &format!("server.{key}"))
+            .copied()
+            .unwrap_or(default)
     };
     s.ready_timeout = duration(r, &f.ready_timeout, "ready_timeout", DEFAULT_READY_TIMEOUT);
     for (v, key, value, default) in [
@@ -344,7 +354,9 @@ fn cluster(
         r.error(
             Some(s.line),
             path,
-            format!("give exactly one of manifests, kubeconfig, in_cluster or server (found {found})"),
+            format!(
+                "give exactly one of manifests, kubeconfig, in_cluster or server (found {found})"
+            ),
         );
         return None;
     }
@@ -396,7 +408,10 @@ fn cluster(
             })
         }
         _ => {
-            if !*r.opt(&c.in_cluster, &child(path, "in_cluster")).unwrap_or(&false) {
+            if !*r
+                .opt(&c.in_cluster, &child(path, "in_cluster"))
+                .unwrap_or(&false)
+            {
                 r.error(
                     line(&c.in_cluster),
                     &child(path, "in_cluster"),

@@ -16,6 +16,7 @@ use serde::de::{
 use serde::Deserialize;
 use serde_saphyr::{MessageFormatter, Spanned};
 use std::fmt;
+use std::marker::PhantomData;
 
 /// Parses `text`, a single YAML document, into `T`. The error is a syntax error (or more than
 /// one document): its message and, when known, its 1-based line.
@@ -85,32 +86,68 @@ impl Scalar {
     }
 }
 
-/// The visitor methods every wrapper shares for the scalars it does not expect: each turns the
-/// scalar into `$wrong(kind)`.
-macro_rules! scalars_are {
-    ($wrong:expr) => {
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($wrong("a boolean"))
+/// What a wrapper makes of a mapping or a list. A wrapper expects one of the two; the other,
+/// and any scalar, is skipped and kept as the kind found (`Err("a list")`).
+trait Shape<'de>: Sized {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Result<Self, &'static str>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Err("a mapping"))
+    }
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Result<Self, &'static str>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Err("a list"))
+    }
+}
+
+/// Reads any node as `T`'s shape, with the node's 1-based line. Never fails on well-formed YAML.
+fn shaped<'de, T: Shape<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<(usize, Result<T, &'static str>), D::Error> {
+    struct Shaped<T>(Result<T, &'static str>);
+    struct V<T>(PhantomData<T>);
+    impl<'de, T: Shape<'de>> Visitor<'de> for V<T> {
+        type Value = Shaped<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML value")
         }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($wrong("a number"))
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a boolean")))
         }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($wrong("a number"))
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a number")))
         }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($wrong("a number"))
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a number")))
         }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok($wrong("a string"))
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a number")))
         }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($wrong("null"))
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a string")))
         }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($wrong("null"))
+        fn visit_unit<E: de::Error>(self) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("null")))
         }
-    };
+        fn visit_none<E: de::Error>(self) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("null")))
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Shaped<T>, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Shaped<T>, A::Error> {
+            T::seq(seq).map(Shaped)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shaped<T>, A::Error> {
+            T::map(map).map(Shaped)
+        }
+    }
+    impl<'de, T: Shape<'de>> Deserialize<'de> for Shaped<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(V(PhantomData))
+        }
+    }
+    let s = Spanned::<Shaped<T>>::deserialize(d)?;
+    Ok((s.defined.line() as usize, s.value.0))
 }
 
 impl<'de> Deserialize<'de> for Scalar {
@@ -203,42 +240,31 @@ pub struct Sect<T> {
     pub problems: Vec<Problem>,
 }
 
+/// A mapping as a derived struct, and the keys set aside on the way.
+struct Body<T>(T, Vec<Problem>);
+
+impl<'de, T: Deserialize<'de>> Shape<'de> for Body<T> {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Result<Self, &'static str>, A::Error> {
+        let mut problems = Vec::new();
+        let fields = Fields {
+            map: &mut map,
+            problems: &mut problems,
+        };
+        Ok(Ok(Body(T::deserialize(fields)?, problems)))
+    }
+}
+
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sect<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Body<T>(Result<T, &'static str>, Vec<Problem>);
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = Body<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a mapping")
-            }
-            scalars_are!(|kind| Body(Err(kind), Vec::new()));
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Body<T>, D::Error> {
-                d.deserialize_any(self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Body<T>, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Body(Err("a list"), Vec::new()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body<T>, A::Error> {
-                let mut problems = Vec::new();
-                let value = T::deserialize(Fields {
-                    map: &mut map,
-                    problems: &mut problems,
-                })?;
-                Ok(Body(Ok(value), problems))
-            }
-        }
-        impl<'de, T: Deserialize<'de>> Deserialize<'de> for Body<T> {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                d.deserialize_any(V(std::marker::PhantomData))
-            }
-        }
-        let s = Spanned::<Body<T>>::deserialize(d)?;
+        let (line, body) = shaped::<Body<T>, D>(d)?;
+        let (value, problems) = match body {
+            Ok(Body(value, problems)) => (Ok(value), problems),
+            Err(kind) => (Err(kind), Vec::new()),
+        };
         Ok(Sect {
-            line: s.defined.line() as usize,
-            value: s.value.0,
-            problems: s.value.1,
+            line,
+            value,
+            problems,
         })
     }
 }
@@ -308,7 +334,10 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for KnownKeys<'_, A> {
                     self.seen.push(k.clone());
                     return seed.deserialize(k.into_deserializer()).map(Some);
                 }
-                other => (None, format!("keys must be strings, found {}", other.kind())),
+                other => (
+                    None,
+                    format!("keys must be strings, found {}", other.kind()),
+                ),
             };
             self.problems.push(Problem { line, key, message });
             self.map.next_value::<IgnoredAny>()?;
@@ -328,41 +357,20 @@ pub struct List<T> {
     pub items: Result<Vec<T>, &'static str>,
 }
 
+impl<'de, T: Deserialize<'de>> Shape<'de> for Vec<T> {
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Result<Self, &'static str>, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Ok(items))
+    }
+}
+
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Items<T>(Result<Vec<T>, &'static str>);
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = Items<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list")
-            }
-            scalars_are!(|kind| Items(Err(kind)));
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Items<T>, D::Error> {
-                d.deserialize_any(self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items<T>, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Items(Ok(items)))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items<T>, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Items(Err("a mapping")))
-            }
-        }
-        impl<'de, T: Deserialize<'de>> Deserialize<'de> for Items<T> {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                d.deserialize_any(V(std::marker::PhantomData))
-            }
-        }
-        let s = Spanned::<Items<T>>::deserialize(d)?;
-        Ok(List {
-            line: s.defined.line() as usize,
-            items: s.value.0,
-        })
+        let (line, items) = shaped(d)?;
+        Ok(List { line, items })
     }
 }
 
@@ -373,47 +381,30 @@ pub struct Pairs {
     pub entries: Result<Vec<(usize, Scalar, Scalar)>, &'static str>,
 }
 
+/// The entries of a free-form mapping.
+struct Entries(Vec<(usize, Scalar, Scalar)>);
+
+impl<'de> Shape<'de> for Entries {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Result<Self, &'static str>, A::Error> {
+        let mut entries: Vec<(usize, Scalar, Scalar)> = Vec::new();
+        while let Some(key) = map.next_key::<Spanned<Scalar>>()? {
+            let value: Scalar = map.next_value()?;
+            // A repeated key's last value counts, as in any YAML map podgate reads.
+            match entries.iter_mut().find(|e| e.1 == key.value) {
+                Some(entry) => entry.2 = value,
+                None => entries.push((key.defined.line() as usize, key.value, value)),
+            }
+        }
+        Ok(Ok(Entries(entries)))
+    }
+}
+
 impl<'de> Deserialize<'de> for Pairs {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        type Entry = (usize, Scalar, Scalar);
-        type Entries = Result<Vec<Entry>, &'static str>;
-        struct Body(Entries);
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Body;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a mapping")
-            }
-            scalars_are!(|kind| Body(Err(kind)));
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Body, D::Error> {
-                d.deserialize_any(self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Body, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Body(Err("a list")))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(key) = map.next_key::<Spanned<Scalar>>()? {
-                    let value: Scalar = map.next_value()?;
-                    // A repeated key's last value counts, as in any YAML map podgate reads.
-                    match entries.iter_mut().find(|e: &&mut Entry| e.1 == key.value) {
-                        Some(entry) => entry.2 = value,
-                        None => entries.push((key.defined.line() as usize, key.value, value)),
-                    }
-                }
-                Ok(Body(Ok(entries)))
-            }
-        }
-        impl<'de> Deserialize<'de> for Body {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                d.deserialize_any(V)
-            }
-        }
-        let s = Spanned::<Body>::deserialize(d)?;
+        let (line, entries) = shaped::<Entries, D>(d)?;
         Ok(Pairs {
-            line: s.defined.line() as usize,
-            entries: s.value.0,
+            line,
+            entries: entries.map(|e| e.0),
         })
     }
 }
@@ -464,18 +455,31 @@ mod tests {
         assert_eq!(doc.problems[0].key.as_deref(), Some("zz"));
         assert!(doc.problems[0].message.contains("expected one of: a, b, l"));
         let doc = doc.value.unwrap();
-        assert_eq!(doc.a.unwrap().value, Err("expected a number, found a string".into()));
+        assert_eq!(
+            doc.a.unwrap().value,
+            Err("expected a number, found a string".into())
+        );
         assert_eq!(doc.b.unwrap().value.unwrap_err(), "a list");
         let l = doc.l.unwrap();
         assert_eq!(l.line, 5);
         let items = l.items.unwrap();
         let first = &items[0];
-        assert_eq!(first.value.as_ref().unwrap().c.as_ref().unwrap().value, Ok(1));
-        let messages: Vec<_> = first.problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+        assert_eq!(
+            first.value.as_ref().unwrap().c.as_ref().unwrap().value,
+            Ok(1)
+        );
+        let messages: Vec<_> = first
+            .problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0].0, 6);
         assert_eq!(messages[1], (7, "key given twice"));
-        assert_eq!((items[1].line, items[1].value.as_ref().unwrap_err()), (8, &"a number"));
+        assert_eq!(
+            (items[1].line, items[1].value.as_ref().unwrap_err()),
+            (8, &"a number")
+        );
         let third = items[2].value.as_ref().unwrap().c.as_ref().unwrap();
         assert_eq!((third.line, third.value.is_err()), (9, true));
     }
