@@ -7,9 +7,9 @@ use super::names::{check_name, dns1035_label, dns1123_label, label_key, label_va
 use super::report::{child, line, Report};
 use super::schema;
 use super::units::Int;
-use super::validate::Resolve;
 use super::yaml::{Sect, Val};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub fn upstream(
@@ -17,7 +17,7 @@ pub fn upstream(
     s: &Sect<schema::Upstream>,
     path: &str,
     clusters: &[Cluster],
-    resolve: Resolve,
+    resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Option<UpstreamConf> {
     let u = r.sect(s, path)?;
     let at = |key| child(path, key);
