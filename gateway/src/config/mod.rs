@@ -75,6 +75,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_empty_file_and_a_repeated_key_are_reported() {
+        let dir = std::env::temp_dir();
+        let errors = parse("t.yaml", "# nothing yet\n", &dir).unwrap_err();
+        assert_eq!(errors.to_string(), "t.yaml: the file is empty");
+        let text = "listeners: [{address: \"127.0.0.1:8080\"}]\nadmin:\n  open_metrics: true\n  open_metrics: false\n";
+        let errors = parse("t.yaml", text, &dir).unwrap_err();
+        assert_eq!(
+            errors.to_string(),
+            "t.yaml:4: admin.open_metrics: key given twice"
+        );
+    }
+
+    #[test]
     fn label_subsets_are_read_and_two_subsets_of_one_service_are_not_duplicates() {
         let dir = std::env::temp_dir();
         let text = "listeners: [{address: \"127.0.0.1:8080\"}]\n\

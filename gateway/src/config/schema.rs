@@ -10,9 +10,9 @@
 //! for `T` if it is a new kind of value), carry it over in `validate.rs` or `upstream.rs` (with
 //! its default and any check that needs other fields), and add it to the README's table.
 
+use super::model::{CheckKind, Scheme};
 use super::units::{Int, Size, Status};
 use super::yaml::{List, Pairs, Sect, Val};
-use super::{CheckKind, Scheme};
 use podgate_discovery::PortRef;
 use std::net::SocketAddr;
 use std::time::Duration;

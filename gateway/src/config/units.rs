@@ -3,8 +3,8 @@
 //! HTTP methods and statuses. Each is a [`Leaf`]: it takes one YAML scalar and says in words what
 //! is wrong with it; the field path and line are added by the validation pass.
 
+use super::model::{CheckKind, Scheme};
 use super::yaml::{Leaf, Scalar};
-use super::{CheckKind, Scheme};
 use std::net::SocketAddr;
 use std::time::Duration;
 
