@@ -1,544 +1,494 @@
-//! A reader over a YAML tree that keeps going after a mistake.
+//! How the config file is read: serde-saphyr into the derived types of [`super::schema`], through
+//! wrappers that keep reading after a mistake.
 //!
-//! serde stops at the first error; operators want every mistake of a file in one go, each with the
-//! field path (`upstreams[0].services[3].port`) and the line. So the public config format is read
-//! by walking saphyr's marked tree by hand, and every check records an error and returns `None`
-//! instead of bailing out.
+//! serde stops at the first error, but operators want every mistake of a file in one go. So no
+//! value of the schema can make deserialization fail: a scalar is a [`Val`] holding its parsed
+//! value or what is wrong with it, a mapping is a [`Sect`] that sets unknown and repeated keys
+//! aside (with their lines) before the derived code sees them, a list is a [`List`], a free-form
+//! mapping (labels, tags) is a [`Pairs`]. Each remembers its line. The validation pass then walks
+//! the typed result, reports what these wrappers kept, and checks what only the whole file can
+//! tell. Only a YAML syntax error stops the reading.
 
-use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
+use serde::de::{
+    self, DeserializeSeed, Deserializer, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess,
+    Visitor,
+};
+use serde::Deserialize;
+use serde_saphyr::{MessageFormatter, Spanned};
 use std::fmt;
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::marker::PhantomData;
 
-pub type Node = MarkedYamlOwned;
+/// Parses `text`, a single YAML document, into `T`. The error is a syntax error (or more than
+/// one document): its message and, when known, its 1-based line.
+pub fn from_str<T: de::DeserializeOwned>(text: &str) -> Result<T, (Option<usize>, String)> {
+    let options = serde_saphyr::options! {
+        // YAML 1.2 booleans only: `yes`, `on` or `y` stay strings, as the YAML 1.2 core schema
+        // (and every earlier podgate) reads them.
+        strict_booleans: true,
+        // A repeated key reaches [`Sect`] (which reports it) or [`Pairs`] (where the last value
+        // counts). As with the saphyr tree podgate read before, a `<<` key is an ordinary (so
+        // unknown) key, and a tag podgate does not know is a mistake.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        merge_keys: serde_saphyr::MergeKeyPolicy::AsOrdinary,
+        reject_unsupported_tags: true,
+        with_snippet: false,
+    };
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let e = e.without_snippet();
+        let message = match e {
+            serde_saphyr::Error::MultipleDocuments { .. } => {
+                "expected one YAML document, found several".to_string()
+            }
+            _ => format!(
+                "YAML syntax error: {}",
+                serde_saphyr::DefaultMessageFormatter.format_message(e)
+            ),
+        };
+        (e.location().map(|l| l.line() as usize), message)
+    })
+}
 
-/// One mistake in a config file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file as the user named it.
-    pub file: String,
-    /// 1-based line, when the mistake sits at a place in the file.
-    pub line: Option<usize>,
-    /// Field path such as `upstreams[0].services[3].port`; empty for the whole file.
-    pub path: String,
+/// One YAML scalar as the file spells it, before a field gives it a meaning. A list or mapping
+/// found where a scalar belongs is skipped and remembered by its kind only.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scalar {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    List,
+    Map,
+}
+
+impl Scalar {
+    /// What the user wrote, in words, for messages like "expected a string, found a number".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Bool(_) => "a boolean",
+            Scalar::Int(_) | Scalar::Float(_) => "a number",
+            Scalar::Str(_) => "a string",
+            Scalar::List => "a list",
+            Scalar::Map => "a mapping",
+        }
+    }
+
+    /// Any scalar but null as text: label values like `v1` and `2` are both meant as strings.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Scalar::Bool(b) => Some(b.to_string()),
+            Scalar::Int(i) => Some(i.to_string()),
+            Scalar::Float(f) => Some(f.to_string()),
+            Scalar::Str(s) => Some(s.clone()),
+            Scalar::Null | Scalar::List | Scalar::Map => None,
+        }
+    }
+}
+
+/// What a wrapper makes of a mapping or a list. A wrapper expects one of the two; the other,
+/// and any scalar, is skipped and kept as the kind found (`Err("a list")`).
+trait Shape<'de>: Sized {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Result<Self, &'static str>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Err("a mapping"))
+    }
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Result<Self, &'static str>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Err("a list"))
+    }
+}
+
+/// Reads any node as `T`'s shape, with the node's 1-based line. Never fails on well-formed YAML.
+fn shaped<'de, T: Shape<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<(usize, Result<T, &'static str>), D::Error> {
+    struct Shaped<T>(Result<T, &'static str>);
+    struct V<T>(PhantomData<T>);
+    impl<'de, T: Shape<'de>> Visitor<'de> for V<T> {
+        type Value = Shaped<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML value")
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a boolean")))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a number")))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a number")))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a number")))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("a string")))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("null")))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Shaped<T>, E> {
+            Ok(Shaped(Err("null")))
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Shaped<T>, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Shaped<T>, A::Error> {
+            T::seq(seq).map(Shaped)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shaped<T>, A::Error> {
+            T::map(map).map(Shaped)
+        }
+    }
+    impl<'de, T: Shape<'de>> Deserialize<'de> for Shaped<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(V(PhantomData))
+        }
+    }
+    let s = Spanned::<Shaped<T>>::deserialize(d)?;
+    Ok((s.defined.line() as usize, s.value.0))
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Bool(b))
+            }
+            fn visit_i64<E: de::Error>(self, i: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(i))
+            }
+            fn visit_u64<E: de::Error>(self, u: u64) -> Result<Scalar, E> {
+                Ok(i64::try_from(u).map_or(Scalar::Float(u as f64), Scalar::Int))
+            }
+            fn visit_f64<E: de::Error>(self, f: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Float(f))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Scalar, D::Error> {
+                Scalar::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::List)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Map)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A type written as one scalar: its rules, and what to tell the user when the scalar breaks
+/// them (the field path and line are added by the caller).
+pub trait Leaf: Sized {
+    fn from_scalar(s: Scalar) -> Result<Self, String>;
+}
+
+/// A scalar field: its line, and its value or what is wrong with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Val<T> {
+    pub line: usize,
+    pub value: Result<T, String>,
+}
+
+impl<'de, T: Leaf> Deserialize<'de> for Val<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Spanned::<Scalar>::deserialize(d)?;
+        Ok(Val {
+            line: s.defined.line() as usize,
+            value: T::from_scalar(s.value),
+        })
+    }
+}
+
+/// A mistake inside a mapping that its derived type never saw: an unknown or repeated key, a
+/// key that is not a string. `key` extends the mapping's field path when there is one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub line: usize,
+    pub key: Option<String>,
     pub message: String,
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if self.path.is_empty() {
-            write!(f, ": {}", self.message)
-        } else {
-            write!(f, ": {}: {}", self.path, self.message)
-        }
-    }
+/// A mapping read into the derived struct `T`: its line (that of its first key), `T` unless the
+/// file had something else than a mapping here, and the keys that were set aside.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sect<T> {
+    pub line: usize,
+    /// `Err(kind)` when the file holds a scalar or list here.
+    pub value: Result<T, &'static str>,
+    pub problems: Vec<Problem>,
 }
 
-/// Every mistake found in a config file, in file order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+/// A mapping as a derived struct, and the keys set aside on the way.
+struct Body<T>(T, Vec<Problem>);
 
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-/// Parses `text` into a single YAML document, or the syntax error with its line.
-pub fn parse_document(file: &str, text: &str) -> Result<Node, ConfigError> {
-    let mut docs = Node::load_from_str(text).map_err(|e| ConfigError {
-        file: file.to_string(),
-        line: Some(e.marker().line()),
-        path: String::new(),
-        message: format!("YAML syntax error: {}", e.info()),
-    })?;
-    match docs.len() {
-        0 => Err(ConfigError {
-            file: file.to_string(),
-            line: None,
-            path: String::new(),
-            message: "the file is empty".into(),
-        }),
-        1 => Ok(docs.remove(0)),
-        _ => Err(ConfigError {
-            file: file.to_string(),
-            line: Some(line(&docs[1])),
-            path: String::new(),
-            message: "expected one YAML document, found several".into(),
-        }),
-    }
-}
-
-/// Collects errors while typed values are read out of the tree.
-pub struct Reader {
-    file: String,
-    pub errors: Vec<ConfigError>,
-}
-
-impl Reader {
-    /// The config file's name as given (what errors are reported against).
-    pub fn file(&self) -> &str {
-        &self.file
-    }
-}
-
-/// The fields of one mapping, after unknown keys were reported.
-pub struct Fields<'n> {
-    pub path: String,
-    pub node: &'n Node,
-    entries: Vec<(&'n str, &'n Node)>,
-}
-
-impl<'n> Fields<'n> {
-    pub fn get(&self, key: &str) -> Option<&'n Node> {
-        self.entries
-            .iter()
-            .find(|(k, v)| *k == key && !is_null(v))
-            .map(|(_, v)| *v)
-    }
-
-    pub fn child(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-}
-
-/// 1-based line of `node`. saphyr leaves collections without a span (line 0), so a mapping or
-/// list takes the line of its first entry.
-pub fn line(node: &Node) -> usize {
-    let own = node.span.start.line();
-    if own > 0 {
-        return own;
-    }
-    let first = match &node.data {
-        YamlDataOwned::Mapping(map) => map.keys().next(),
-        YamlDataOwned::Sequence(items) => items.first(),
-        _ => None,
-    };
-    first.map_or(own, line)
-}
-
-fn is_null(node: &Node) -> bool {
-    matches!(node.data, YamlDataOwned::Value(ScalarOwned::Null))
-}
-
-fn kind(node: &Node) -> &'static str {
-    match &node.data {
-        YamlDataOwned::Value(ScalarOwned::Null) => "null",
-        YamlDataOwned::Value(ScalarOwned::Boolean(_)) => "a boolean",
-        YamlDataOwned::Value(ScalarOwned::Integer(_)) => "a number",
-        YamlDataOwned::Value(ScalarOwned::FloatingPoint(_)) => "a number",
-        YamlDataOwned::Value(ScalarOwned::String(_)) | YamlDataOwned::Representation(..) => {
-            "a string"
-        }
-        YamlDataOwned::Sequence(_) => "a list",
-        YamlDataOwned::Mapping(_) => "a mapping",
-        YamlDataOwned::Tagged(..) => "a tagged value",
-        YamlDataOwned::Alias(_) => "an alias",
-        YamlDataOwned::BadValue => "an invalid value",
-    }
-}
-
-impl Reader {
-    pub fn new(file: &str) -> Self {
-        Reader {
-            file: file.to_string(),
-            errors: Vec::new(),
-        }
-    }
-
-    /// Records a mistake at `node` (or at no particular line).
-    pub fn error(&mut self, node: Option<&Node>, path: &str, message: impl Into<String>) {
-        self.errors.push(ConfigError {
-            file: self.file.clone(),
-            line: node.map(line),
-            path: path.to_string(),
-            message: message.into(),
-        });
-    }
-
-    /// Reads a mapping, reporting keys not in `allowed` and keys given twice.
-    pub fn fields<'n>(
-        &mut self,
-        node: &'n Node,
-        path: &str,
-        allowed: &[&str],
-    ) -> Option<Fields<'n>> {
-        let YamlDataOwned::Mapping(map) = &node.data else {
-            self.error(
-                Some(node),
-                path,
-                format!("expected a mapping, found {}", kind(node)),
-            );
-            return None;
+impl<'de, T: Deserialize<'de>> Shape<'de> for Body<T> {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Result<Self, &'static str>, A::Error> {
+        let mut problems = Vec::new();
+        let fields = Fields {
+            map: &mut map,
+            problems: &mut problems,
         };
-        let mut entries: Vec<(&'n str, &'n Node)> = Vec::with_capacity(map.len());
-        for (k, v) in map.iter() {
-            let Some(key) = scalar_str(k) else {
-                self.error(
-                    Some(k),
-                    path,
-                    format!("keys must be strings, found {}", kind(k)),
-                );
-                continue;
-            };
-            let at = if path.is_empty() {
-                key.to_string()
-            } else {
-                format!("{path}.{key}")
-            };
-            if !allowed.contains(&key) {
-                self.error(
-                    Some(k),
-                    &at,
-                    format!("unknown key (expected one of: {})", allowed.join(", ")),
-                );
-                continue;
-            }
-            if entries.iter().any(|(seen, _)| *seen == key) {
-                self.error(Some(k), &at, "key given twice");
-                continue;
-            }
-            entries.push((key, v));
-        }
-        Some(Fields {
-            path: path.to_string(),
-            node,
-            entries,
+        Ok(Ok(Body(T::deserialize(fields)?, problems)))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sect<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (line, body) = shaped::<Body<T>, D>(d)?;
+        let (value, problems) = match body {
+            Ok(Body(value, problems)) => (Ok(value), problems),
+            Err(kind) => (Err(kind), Vec::new()),
+        };
+        Ok(Sect {
+            line,
+            value,
+            problems,
+        })
+    }
+}
+
+/// Hands a mapping to a derived struct, minus the keys the struct does not have. The field
+/// names come from serde derive itself (the `fields` of `deserialize_struct`), so the struct
+/// declaration is the single list of allowed keys; `deny_unknown_fields` on it stays a backstop.
+struct Fields<'a, A> {
+    map: &'a mut A,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl<'de, A: MapAccess<'de>> Deserializer<'de> for Fields<'_, A> {
+    type Error = A::Error;
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, A::Error> {
+        visitor.visit_map(KnownKeys {
+            map: self.map,
+            fields,
+            seen: Vec::new(),
+            problems: self.problems,
         })
     }
 
-    /// Reads a list; each element comes with its path `path[i]`.
-    pub fn list<'n>(&mut self, node: &'n Node, path: &str) -> Vec<(String, &'n Node)> {
-        match &node.data {
-            YamlDataOwned::Sequence(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (format!("{path}[{i}]"), n))
-                .collect(),
-            _ => {
-                self.error(
-                    Some(node),
-                    path,
-                    format!("expected a list, found {}", kind(node)),
-                );
-                Vec::new()
-            }
-        }
+    /// Only structs go through here; anything else sees a mapping with no allowed key.
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, A::Error> {
+        self.deserialize_struct("", &[], visitor)
     }
 
-    pub fn string(&mut self, node: &Node, path: &str) -> Option<String> {
-        match scalar_str(node) {
-            Some(s) => Some(s.to_string()),
-            None => {
-                self.error(
-                    Some(node),
-                    path,
-                    format!("expected a string, found {}", kind(node)),
-                );
-                None
-            }
-        }
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
     }
+}
 
-    /// A required string field.
-    pub fn required_string(&mut self, f: &Fields<'_>, key: &str) -> Option<String> {
-        match f.get(key) {
-            Some(n) => self.string(n, &f.child(key)),
-            None => {
-                self.error(Some(f.node), &f.child(key), "is required");
-                None
-            }
-        }
-    }
+struct KnownKeys<'a, A> {
+    map: &'a mut A,
+    fields: &'static [&'static str],
+    seen: Vec<String>,
+    problems: &'a mut Vec<Problem>,
+}
 
-    pub fn optional_string(&mut self, f: &Fields<'_>, key: &str) -> Option<String> {
-        f.get(key).and_then(|n| self.string(n, &f.child(key)))
-    }
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for KnownKeys<'_, A> {
+    type Error = A::Error;
 
-    pub fn bool(&mut self, f: &Fields<'_>, key: &str, default: bool) -> bool {
-        match f.get(key) {
-            None => default,
-            Some(n) => match &n.data {
-                YamlDataOwned::Value(ScalarOwned::Boolean(b)) => *b,
-                _ => {
-                    self.error(
-                        Some(n),
-                        &f.child(key),
-                        format!("expected true or false, found {}", kind(n)),
-                    );
-                    default
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        while let Some(key) = self.map.next_key::<Spanned<Scalar>>()? {
+            let line = key.defined.line() as usize;
+            let (key, message) = match key.value {
+                Scalar::Str(k) if !self.fields.contains(&k.as_str()) => {
+                    let known = self.fields.join(", ");
+                    (Some(k), format!("unknown key (expected one of: {known})"))
                 }
-            },
-        }
-    }
-
-    /// An integer within `min..=max`.
-    pub fn int(&mut self, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> {
-        match &node.data {
-            YamlDataOwned::Value(ScalarOwned::Integer(i)) if (min..=max).contains(i) => Some(*i),
-            YamlDataOwned::Value(ScalarOwned::Integer(i)) => {
-                self.error(Some(node), path, format!("{i} is outside {min}..{max}"));
-                None
-            }
-            _ => {
-                self.error(
-                    Some(node),
-                    path,
-                    format!(
-                        "expected a whole number in {min}..{max}, found {}",
-                        kind(node)
-                    ),
-                );
-                None
-            }
-        }
-    }
-
-    pub fn optional_int(&mut self, f: &Fields<'_>, key: &str, min: i64, max: i64) -> Option<i64> {
-        f.get(key)
-            .and_then(|n| self.int(n, &f.child(key), min, max))
-    }
-
-    /// A humane duration (`250ms`, `1s`, `1.5m`, `2h`), or `default` when absent.
-    pub fn duration(&mut self, f: &Fields<'_>, key: &str, default: Duration) -> Duration {
-        let Some(n) = f.get(key) else {
-            return default;
-        };
-        let path = f.child(key);
-        let parsed = match scalar(n) {
-            Scalar::Str(s) => parse_duration(s),
-            // A bare number is the most common slip; say which fix is meant.
-            Scalar::Int(i) => Err(format!(
-                "`{i}` is not a duration: add a unit, e.g. {i}s or {i}ms"
-            )),
-            Scalar::Other(kind) => Err(format!(
-                "expected a duration such as 250ms, 1s or 2m, found {kind}"
-            )),
-        };
-        match parsed {
-            Ok(d) => d,
-            Err(msg) => {
-                self.error(Some(n), &path, msg);
-                default
-            }
-        }
-    }
-
-    /// A size in bytes: a whole number, or a string with a unit (`512KiB`, `64MiB`, `1GiB`; nginx's
-    /// `k`, `m`, `g` mean the same). At least `min`; `default` when absent.
-    pub fn size(&mut self, f: &Fields<'_>, key: &str, default: usize, min: usize) -> usize {
-        let Some(n) = f.get(key) else {
-            return default;
-        };
-        let parsed = match scalar(n) {
-            Scalar::Str(s) => parse_size(s),
-            Scalar::Int(i) => usize::try_from(i).map_err(|_| format!("`{i}` is not a size")),
-            Scalar::Other(kind) => Err(format!(
-                "expected a size such as 64KiB or 128MiB, found {kind}"
-            )),
-        };
-        match parsed {
-            Ok(v) if v >= min => v,
-            Ok(v) => {
-                self.error(
-                    Some(n),
-                    &f.child(key),
-                    format!("{v} bytes is less than the smallest allowed, {min}"),
-                );
-                default
-            }
-            Err(msg) => {
-                self.error(Some(n), &f.child(key), msg);
-                default
-            }
-        }
-    }
-
-    /// A `host:port` socket address with a port in 1..65535.
-    pub fn address(&mut self, node: &Node, path: &str) -> Option<SocketAddr> {
-        let s = self.string(node, path)?;
-        match parse_address(&s) {
-            Ok(a) => Some(a),
-            Err(msg) => {
-                self.error(Some(node), path, msg);
-                None
-            }
-        }
-    }
-
-    /// A mapping of string keys to string values (labels, tags).
-    pub fn string_map(&mut self, node: &Node, path: &str) -> Vec<(String, String)> {
-        let YamlDataOwned::Mapping(map) = &node.data else {
-            self.error(
-                Some(node),
-                path,
-                format!("expected a mapping, found {}", kind(node)),
-            );
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (k, v) in map.iter() {
-            let (Some(key), Some(value)) = (scalar_str(k), scalar_text(v)) else {
-                self.error(Some(k), path, "keys and values must be strings");
-                continue;
+                // serde-saphyr passes a repeated key through (the derived code would stop at
+                // it): it is reported and its later value set aside.
+                Scalar::Str(k) if self.seen.contains(&k) => (Some(k), "key given twice".into()),
+                Scalar::Str(k) => {
+                    self.seen.push(k.clone());
+                    return seed.deserialize(k.into_deserializer()).map(Some);
+                }
+                other => (
+                    None,
+                    format!("keys must be strings, found {}", other.kind()),
+                ),
             };
-            out.push((key.to_string(), value));
+            self.problems.push(Problem { line, key, message });
+            self.map.next_value::<IgnoredAny>()?;
         }
-        out
+        Ok(None)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
     }
 }
 
-/// A scalar that may be a number or a string (such as a Service port).
-pub enum Scalar<'n> {
-    Int(i64),
-    Str(&'n str),
-    Other(&'static str),
+/// A list of `T` (itself a wrapper, so no item can fail), or the kind found instead.
+#[derive(Clone, Debug, PartialEq)]
+pub struct List<T> {
+    pub line: usize,
+    pub items: Result<Vec<T>, &'static str>,
 }
 
-pub fn scalar(node: &Node) -> Scalar<'_> {
-    match (&node.data, scalar_str(node)) {
-        (YamlDataOwned::Value(ScalarOwned::Integer(i)), _) => Scalar::Int(*i),
-        (_, Some(s)) => Scalar::Str(s),
-        _ => Scalar::Other(kind(node)),
+impl<'de, T: Deserialize<'de>> Shape<'de> for Vec<T> {
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Result<Self, &'static str>, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Ok(items))
     }
 }
 
-/// The text of a string scalar.
-fn scalar_str(node: &Node) -> Option<&str> {
-    match &node.data {
-        YamlDataOwned::Value(ScalarOwned::String(s)) => Some(s.as_str()),
-        YamlDataOwned::Representation(s, ..) => Some(s.as_str()),
-        _ => None,
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (line, items) = shaped(d)?;
+        Ok(List { line, items })
     }
 }
 
-/// Any scalar as text: label values like `v1` or `2` are both meant as strings.
-fn scalar_text(node: &Node) -> Option<String> {
-    match &node.data {
-        YamlDataOwned::Value(ScalarOwned::Integer(i)) => Some(i.to_string()),
-        YamlDataOwned::Value(ScalarOwned::Boolean(b)) => Some(b.to_string()),
-        YamlDataOwned::Value(ScalarOwned::FloatingPoint(f)) => Some(f.to_string()),
-        _ => scalar_str(node).map(str::to_string),
+/// A free-form mapping (labels, tags): every entry as written, with the line of its key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pairs {
+    pub line: usize,
+    pub entries: Result<Vec<(usize, Scalar, Scalar)>, &'static str>,
+}
+
+/// The entries of a free-form mapping.
+struct Entries(Vec<(usize, Scalar, Scalar)>);
+
+impl<'de> Shape<'de> for Entries {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Result<Self, &'static str>, A::Error> {
+        let mut entries: Vec<(usize, Scalar, Scalar)> = Vec::new();
+        while let Some(key) = map.next_key::<Spanned<Scalar>>()? {
+            let value: Scalar = map.next_value()?;
+            // A repeated key's last value counts, as in any YAML map podgate reads.
+            match entries.iter_mut().find(|e| e.1 == key.value) {
+                Some(entry) => entry.2 = value,
+                None => entries.push((key.defined.line() as usize, key.value, value)),
+            }
+        }
+        Ok(Ok(Entries(entries)))
     }
 }
 
-/// Parses `250ms`, `1s`, `1.5s`, `2m`, `1h`. A bare number is refused: its unit would be a guess.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let bad = || format!("`{s}` is not a duration (write e.g. 250ms, 1s, 2m, 1h)");
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
-        return Err(bad());
+impl<'de> Deserialize<'de> for Pairs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (line, entries) = shaped::<Entries, D>(d)?;
+        Ok(Pairs {
+            line,
+            entries: entries.map(|e| e.0),
+        })
     }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Parses a size: digits and an optional unit (`B`, `KiB`/`k`, `MiB`/`m`, `GiB`/`g`).
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let bad = || format!("`{s}` is not a size (write e.g. 512KiB, 64MiB, 1GiB)");
-    let value: usize = num.parse().map_err(|_| bad())?;
-    let scale: usize = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "k" | "K" => 1 << 10,
-        "MiB" | "m" | "M" => 1 << 20,
-        "GiB" | "g" | "G" => 1 << 30,
-        _ => return Err(bad()),
-    };
-    value.checked_mul(scale).ok_or_else(bad)
-}
-
-/// Parses `host:port` where host is an IP address (`[::1]:80` for IPv6); the port must be 1..65535.
-pub fn parse_address(s: &str) -> Result<SocketAddr, String> {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return Err(format!(
-            "`{s}` is not an address: write ip:port, e.g. 0.0.0.0:8080"
-        ));
-    };
-    let port: u32 = port
-        .parse()
-        .map_err(|_| format!("`{s}`: the port `{port}` is not a number"))?;
-    if !(1..=65535).contains(&port) {
-        return Err(format!("`{s}`: port {port} is outside 1..65535"));
-    }
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let ip: std::net::IpAddr = host.parse().map_err(|_| {
-        format!("`{s}`: `{host}` is not an IP address (host names are not resolved here)")
-    })?;
-    Ok(SocketAddr::new(ip, port as u16))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        c: Option<Val<i64>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        a: Option<Val<i64>>,
+        b: Option<Sect<Inner>>,
+        l: Option<List<Sect<Inner>>>,
+    }
+
+    impl Leaf for i64 {
+        fn from_scalar(s: Scalar) -> Result<Self, String> {
+            match s {
+                Scalar::Int(i) => Ok(i),
+                other => Err(format!("expected a number, found {}", other.kind())),
+            }
+        }
     }
 
     #[test]
-    fn addresses() {
-        assert_eq!(
-            parse_address("127.0.0.1:80"),
-            Ok("127.0.0.1:80".parse().unwrap())
-        );
-        assert_eq!(parse_address("[::1]:443"), Ok("[::1]:443".parse().unwrap()));
-        assert!(parse_address("127.0.0.1:0")
-            .unwrap_err()
-            .contains("outside"));
-        assert!(parse_address("127.0.0.1:70000")
-            .unwrap_err()
-            .contains("outside"));
-        assert!(parse_address("localhost:80").is_err());
-        assert!(parse_address("8080").is_err());
+    fn lines_are_one_based_and_a_mapping_starts_at_its_first_key() {
+        let doc: Sect<Doc> = from_str("a: 1\nb:\n  c: 2\n").unwrap();
+        let doc = doc.value.unwrap();
+        assert_eq!(doc.a.unwrap().line, 1);
+        let b = doc.b.unwrap();
+        assert_eq!(b.line, 3, "a nested mapping starts at its first key");
+        assert_eq!(b.value.unwrap().c.unwrap().value, Ok(2));
     }
 
     #[test]
-    fn lines_are_one_based() {
-        let doc = parse_document("t.yaml", "a: 1\nb:\n  c: 2\n").unwrap();
-        let mut r = Reader::new("t.yaml");
-        let f = r.fields(&doc, "", &["a", "b"]).unwrap();
+    fn reading_goes_on_after_every_kind_of_mistake() {
+        let text = "a: x\nzz: 1\nb: [1]\nl:\n  - c: 1\n    d: 2\n    c: 3\n  - 7\n  - {c: no}\n";
+        let doc: Sect<Doc> = from_str(text).unwrap();
+        assert_eq!(doc.problems.len(), 1);
+        assert_eq!(doc.problems[0].line, 2);
+        assert_eq!(doc.problems[0].key.as_deref(), Some("zz"));
+        assert!(doc.problems[0].message.contains("expected one of: a, b, l"));
+        let doc = doc.value.unwrap();
         assert_eq!(
-            line(f.get("b").unwrap()),
-            3,
-            "a nested mapping starts at its first key"
+            doc.a.unwrap().value,
+            Err("expected a number, found a string".into())
         );
-        assert_eq!(line(f.get("a").unwrap()), 1);
+        assert_eq!(doc.b.unwrap().value.unwrap_err(), "a list");
+        let l = doc.l.unwrap();
+        assert_eq!(l.line, 5);
+        let items = l.items.unwrap();
+        let first = &items[0];
+        assert_eq!(
+            first.value.as_ref().unwrap().c.as_ref().unwrap().value,
+            Ok(1)
+        );
+        let messages: Vec<_> = first
+            .problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].0, 6);
+        assert_eq!(messages[1], (7, "key given twice"));
+        assert_eq!(
+            (items[1].line, items[1].value.as_ref().unwrap_err()),
+            (8, &"a number")
+        );
+        let third = items[2].value.as_ref().unwrap().c.as_ref().unwrap();
+        assert_eq!((third.line, third.value.is_err()), (9, true));
+    }
+
+    #[test]
+    fn syntax_errors_carry_their_line() {
+        let (line, message) = from_str::<Sect<Doc>>("a: 1\nb: [\n  {c: 1\n").unwrap_err();
+        assert!(line.is_some_and(|l| l >= 2), "{line:?} {message}");
+        let (line, message) = from_str::<Sect<Doc>>("a: 1\n---\na: 2\n").unwrap_err();
+        assert_eq!(line, Some(3), "{message}");
     }
 }

@@ -1,0 +1,279 @@
+//! The validated config the gateway runs on, and its defaults. Only a file that passed every
+//! check becomes a [`Config`], so everything downstream can trust the values (ports in range,
+//! names unique, references resolved). The file's own format is in `schema.rs`.
+
+use podgate_discovery::PortRef;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most services one upstream may list (the product's contract).
+pub const MAX_SERVICES_PER_UPSTREAM: usize = 20;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The file this came from, as given on the command line.
+    pub source: PathBuf,
+    pub listeners: Vec<Listener>,
+    pub admin: Admin,
+    pub server: ServerSettings,
+    pub clusters: Vec<Cluster>,
+    pub upstreams: Vec<Arc<UpstreamConf>>,
+    pub routes: Vec<RouteConf>,
+    pub access_log: AccessLogSink,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: Option<ListenerTls>,
+    /// Accept HTTP/2 without TLS (prior knowledge). Off by default: plain listeners speak HTTP/1.1.
+    pub h2c: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admin {
+    pub address: SocketAddr,
+    /// When set, every admin path but `/healthz` and `/readyz` needs `Authorization: Bearer` with
+    /// the file's content (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
+    /// `/metrics` needs no token even with `token_file`: Prometheus scrapes it by Pod annotation
+    /// or ServiceMonitor without credentials, while `/config` and `/upstreams` (every Pod address
+    /// of every cluster) stay behind the token.
+    pub open_metrics: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+    /// After SIGTERM, how long listeners keep accepting while `/readyz` already says 503, so
+    /// that Kubernetes takes the Pod out of its Service before connections are refused.
+    pub drain_delay: Duration,
+    /// Unix socket over which a new process (`-u`) receives the listening sockets; by default
+    /// one per config file ([`runtime_path`]).
+    pub upgrade_sock: PathBuf,
+    /// Where the running process writes its pid, for `podgate -s reload|stop`; by default one
+    /// per config file ([`runtime_path`]).
+    pub pid_file: PathBuf,
+    /// `/readyz` waits at most this long after start for every cluster's first sync.
+    pub ready_timeout: Duration,
+    /// A client must send a whole request head within this (nginx `client_header_timeout`).
+    pub client_header_timeout: Duration,
+    /// Longest wait for the next bytes of a request body, and for a client to take an answer.
+    pub client_body_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this; zero turns keep-alive off.
+    pub keepalive_timeout: Duration,
+    /// Bytes that all connections still sending a request head may hold together.
+    pub header_memory: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub kind: ClusterKind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClusterKind {
+    /// A folder of Service and EndpointSlice manifests standing in for a cluster.
+    Manifests(PathBuf),
+    /// A Kubernetes API server: kubeconfig, in-cluster, or URL with token and CA files.
+    Kube(podgate_discovery::Access),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamTls {
+    /// Name sent in SNI and checked against the Pod's certificate.
+    pub sni: Option<String>,
+    pub verify: bool,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamConf {
+    pub name: String,
+    pub scheme: Scheme,
+    pub host_header: Option<String>,
+    pub tls: UpstreamTls,
+    pub tags: BTreeMap<String, String>,
+    /// Extra attempts after the first one, each on a different endpoint.
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub services: Vec<ServiceRef>,
+    pub nodes: Vec<StaticNode>,
+    pub outlier: OutlierConf,
+    pub health_check: Option<HealthCheckConf>,
+    /// New endpoints ramp their weight up linearly over this long.
+    pub slow_start: Option<Duration>,
+}
+
+impl UpstreamConf {
+    /// The name to send in SNI and verify against: `tls.sni`, else `host_header`.
+    pub fn sni(&self) -> Option<&str> {
+        self.tls.sni.as_deref().or(self.host_header.as_deref())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceRef {
+    pub cluster: Arc<str>,
+    pub namespace: String,
+    pub service: String,
+    pub port: PortRef,
+    /// Weight of each Pod of this service.
+    pub weight: u32,
+    /// Pod-label subset: only the endpoints whose Pod has all these labels (empty: every
+    /// endpoint). Keys and values are valid Kubernetes labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StaticNode {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteConf {
+    pub name: String,
+    /// Empty means any host.
+    pub hosts: Vec<String>,
+    pub path_prefix: String,
+    /// Empty means any method.
+    pub methods: Vec<http::Method>,
+    pub strip_prefix: bool,
+    pub upstream: String,
+}
+
+// Defaults, each chosen to match what users of nginx/Envoy expect, and documented in the README.
+/// Where access log lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogSink {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A GET of `path`; the status must be in `expect`.
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConf {
+    pub kind: CheckKind,
+    pub path: String,
+    /// Inclusive status ranges that count as healthy.
+    pub expect: Vec<(u16, u16)>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy: u32,
+    pub unhealthy: u32,
+}
+
+impl Default for HealthCheckConf {
+    fn default() -> Self {
+        HealthCheckConf {
+            kind: CheckKind::Http,
+            path: "/".into(),
+            expect: vec![(200, 399)],
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy: 2,
+            unhealthy: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierConf {
+    /// 0 turns passive ejection off.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConf {
+    fn default() -> Self {
+        OutlierConf {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(20);
+/// Endpoint removal usually reaches kube-proxies and load balancers within a few seconds.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Where the defaults of `server.pid_file` and `server.upgrade_sock` live: `/tmp`, which every
+/// host has and `deploy/` mounts writable (the root filesystem there is read-only).
+pub const RUNTIME_DIR: &str = "/tmp";
+
+/// The default of `server.pid_file` and `server.upgrade_sock` for the config file `file`:
+/// `/tmp/podgate-STEM-HASH.EXT`, with the file's stem (for people listing /tmp) and a hash of its
+/// absolute path. One shared `/tmp/podgate.pid` let a second podgate on a host overwrite the
+/// first one's pid file, and `podgate -s stop` then signalled the wrong process (issue 14); a
+/// shared upgrade socket let one instance's `-u` take another's listening sockets.
+///
+/// The path is made absolute but symlinks are NOT resolved: a Kubernetes ConfigMap volume swaps
+/// its `..data` symlink on every update, and the running process and a later `podgate -s` must
+/// still agree. The hash is FNV-1a (64 bit), written out here because std's `DefaultHasher` may
+/// change between Rust releases, and an upgraded binary must find the old process' pid file.
+pub fn runtime_path(file: &Path, ext: &str) -> PathBuf {
+    let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in absolute.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Unix socket paths are limited to 107 bytes: keep the readable part short.
+    let stem: String = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    PathBuf::from(RUNTIME_DIR).join(format!("podgate-{stem}-{hash:016x}.{ext}"))
+}
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// nginx's defaults for `client_header_timeout`, `client_body_timeout` (60 s each) and
+/// `keepalive_timeout` (75 s; podgate keeps the 60 s it always had).
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// 2,000 connections with a full 64 KiB head each, or 128k with a 1 KiB one.
+pub const DEFAULT_HEADER_MEMORY: usize = 128 << 20;
+pub const DEFAULT_RETRIES: u32 = 1;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// nginx's `proxy_read_timeout`.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WEIGHT: u32 = 1;

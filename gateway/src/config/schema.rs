@@ -1,0 +1,165 @@
+//! The config file's format as serde types: one struct per YAML mapping, one field per key.
+//!
+//! This is what the user writes, not yet checked: every field is optional here (a missing
+//! required key is reported by the validation pass, with the mapping's line) and wrapped (see
+//! [`super::yaml`]) so that one mistake never hides the next. A struct's field names are the only
+//! list of its allowed keys; the order they are declared in is the order the "unknown key
+//! (expected one of: …)" message lists them.
+//!
+//! Adding a key: add the field here (`Option<Val<T>>` for a scalar, with a [`super::yaml::Leaf`]
+//! for `T` if it is a new kind of value), carry it over in `validate.rs` or `upstream.rs` (with
+//! its default and any check that needs other fields), and add it to the README's table.
+
+use super::model::{CheckKind, Scheme};
+use super::units::{Int, Size, Status};
+use super::yaml::{List, Pairs, Sect, Val};
+use podgate_discovery::PortRef;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The whole file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub listeners: Option<List<Sect<Listener>>>,
+    pub access_log: Option<Sect<AccessLog>>,
+    pub admin: Option<Sect<Admin>>,
+    pub server: Option<Sect<Server>>,
+    pub clusters: Option<List<Sect<Cluster>>>,
+    pub upstreams: Option<List<Sect<Upstream>>>,
+    pub routes: Option<List<Sect<Route>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: Option<Val<SocketAddr>>,
+    pub tls: Option<Sect<ListenerTls>>,
+    pub h2c: Option<Val<bool>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub cert: Option<Val<String>>,
+    pub key: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    pub enabled: Option<Val<bool>>,
+    pub path: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: Option<Val<SocketAddr>>,
+    pub token_file: Option<Val<String>>,
+    pub open_metrics: Option<Val<bool>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub threads: Option<Val<Int<1, 1024>>>,
+    pub grace_period: Option<Val<Duration>>,
+    pub drain_delay: Option<Val<Duration>>,
+    pub upgrade_sock: Option<Val<String>>,
+    pub pid_file: Option<Val<String>>,
+    pub ready_timeout: Option<Val<Duration>>,
+    pub client_header_timeout: Option<Val<Duration>>,
+    pub client_body_timeout: Option<Val<Duration>>,
+    pub keepalive_timeout: Option<Val<Duration>>,
+    pub header_memory: Option<Val<Size>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: Option<Val<String>>,
+    pub manifests: Option<Val<String>>,
+    pub kubeconfig: Option<Val<String>>,
+    pub context: Option<Val<String>>,
+    pub in_cluster: Option<Val<bool>>,
+    pub server: Option<Val<String>>,
+    pub token_file: Option<Val<String>>,
+    pub ca_file: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: Option<Val<String>>,
+    pub scheme: Option<Val<Scheme>>,
+    pub host_header: Option<Val<String>>,
+    pub tls: Option<Sect<UpstreamTls>>,
+    pub tags: Option<Pairs>,
+    pub retries: Option<Val<Int<0, 10>>>,
+    pub connect_timeout: Option<Val<Duration>>,
+    pub read_timeout: Option<Val<Duration>>,
+    pub health_check: Option<Sect<HealthCheck>>,
+    pub outlier: Option<Sect<Outlier>>,
+    pub slow_start: Option<Val<Duration>>,
+    pub services: Option<List<Sect<Service>>>,
+    pub nodes: Option<List<Sect<Node>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    pub sni: Option<Val<String>>,
+    pub verify: Option<Val<bool>>,
+    pub ca_file: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub kind: Option<Val<CheckKind>>,
+    pub path: Option<Val<String>>,
+    pub expect: Option<List<Val<Status>>>,
+    pub interval: Option<Val<Duration>>,
+    pub timeout: Option<Val<Duration>>,
+    pub healthy: Option<Val<Int<1, 100>>>,
+    pub unhealthy: Option<Val<Int<1, 100>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outlier {
+    pub consecutive_failures: Option<Val<Int<0, 1000>>>,
+    pub base_ejection: Option<Val<Duration>>,
+    pub max_ejection_percent: Option<Val<Int<0, 100>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub cluster: Option<Val<String>>,
+    pub namespace: Option<Val<String>>,
+    pub service: Option<Val<String>>,
+    pub port: Option<Val<PortRef>>,
+    pub weight: Option<Val<Int<1, 100>>>,
+    pub labels: Option<Pairs>,
+}
+
+/// A static backend.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub address: Option<Val<SocketAddr>>,
+    pub weight: Option<Val<Int<1, 100>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Option<Val<String>>,
+    pub hosts: Option<List<Val<String>>>,
+    pub path_prefix: Option<Val<String>>,
+    pub methods: Option<List<Val<http::Method>>>,
+    pub strip_prefix: Option<Val<bool>>,
+    pub upstream: Option<Val<String>>,
+}
