@@ -106,6 +106,25 @@ pub enum Scheme {
     Https,
 }
 
+/// The HTTP version podgate speaks to an upstream's Pods (`protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 (the default), over TLS or not as `scheme` says.
+    Http1,
+    /// HTTP/2 over TLS, negotiated by ALPN (`scheme: https`).
+    H2,
+    /// HTTP/2 over plain TCP with prior knowledge (`scheme: http`); what gRPC servers in a
+    /// cluster usually speak.
+    H2c,
+}
+
+impl Protocol {
+    /// HTTP/2 in either form.
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamTls {
     /// Name sent in SNI and checked against the Pod's certificate.
@@ -118,6 +137,7 @@ pub struct UpstreamTls {
 pub struct UpstreamConf {
     pub name: String,
     pub scheme: Scheme,
+    pub protocol: Protocol,
     pub host_header: Option<String>,
     pub tls: UpstreamTls,
     pub tags: BTreeMap<String, String>,
@@ -186,6 +206,9 @@ pub enum CheckKind {
     Http,
     /// A TCP connect.
     Tcp,
+    /// `grpc.health.v1.Health/Check` for the whole server (empty service name); SERVING is
+    /// healthy. Needs `protocol: h2` or `h2c`.
+    Grpc,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -795,6 +818,7 @@ fn read_cluster(
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
     "scheme",
+    "protocol",
     "host_header",
     "tls",
     "tags",
@@ -832,6 +856,34 @@ fn read_upstream(
             Scheme::Http
         }
     };
+    let protocol = match r.optional_string(&f, "protocol").as_deref() {
+        None | Some("http1") => Protocol::Http1,
+        Some("h2") => Protocol::H2,
+        Some("h2c") => Protocol::H2c,
+        Some(other) => {
+            r.error(
+                f.get("protocol"),
+                &f.child("protocol"),
+                format!("`{other}` is not a protocol: use http1, h2 or h2c"),
+            );
+            Protocol::Http1
+        }
+    };
+    // h2 is told apart from HTTP/1.1 by ALPN in the TLS handshake, h2c by prior knowledge: each
+    // needs its own scheme, and a mismatch is a mistake better named now than a 502 later.
+    match (protocol, scheme) {
+        (Protocol::H2, Scheme::Http) => r.error(
+            f.get("protocol"),
+            &f.child("protocol"),
+            "h2 runs over TLS: use scheme: https, or protocol: h2c for HTTP/2 without TLS",
+        ),
+        (Protocol::H2c, Scheme::Https) => r.error(
+            f.get("protocol"),
+            &f.child("protocol"),
+            "h2c is HTTP/2 without TLS: use scheme: http, or protocol: h2 for HTTP/2 over TLS",
+        ),
+        _ => {}
+    }
     let host_header = r.optional_string(&f, "host_header");
     if let Some(h) = &host_header {
         if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(' ') {
@@ -905,7 +957,7 @@ fn read_upstream(
     }
     let health_check = f
         .get("health_check")
-        .and_then(|h| read_health_check(r, h, &f.child("health_check")));
+        .and_then(|h| read_health_check(r, h, &f.child("health_check"), protocol));
 
     let outlier = read_outlier(r, f.get("outlier"), &f.child("outlier"));
     let slow_start = f
@@ -973,6 +1025,7 @@ fn read_upstream(
     Some(UpstreamConf {
         name: name?,
         scheme,
+        protocol,
         host_header,
         tls,
         tags,
@@ -987,7 +1040,12 @@ fn read_upstream(
     })
 }
 
-fn read_health_check(r: &mut Reader, n: &Node, path: &str) -> Option<HealthCheckConf> {
+fn read_health_check(
+    r: &mut Reader,
+    n: &Node,
+    path: &str,
+    protocol: Protocol,
+) -> Option<HealthCheckConf> {
     let f = r.fields(
         n,
         path,
@@ -1004,11 +1062,21 @@ fn read_health_check(r: &mut Reader, n: &Node, path: &str) -> Option<HealthCheck
     let kind = match r.optional_string(&f, "kind").as_deref() {
         None | Some("http") => CheckKind::Http,
         Some("tcp") => CheckKind::Tcp,
+        Some("grpc") => {
+            if !protocol.is_h2() {
+                r.error(
+                    f.get("kind"),
+                    &f.child("kind"),
+                    "kind grpc needs protocol: h2 or h2c on this upstream (gRPC is HTTP/2 only)",
+                );
+            }
+            CheckKind::Grpc
+        }
         Some(other) => {
             r.error(
                 f.get("kind"),
                 &f.child("kind"),
-                format!("`{other}` is not a check kind: use http or tcp"),
+                format!("`{other}` is not a check kind: use http, tcp or grpc"),
             );
             CheckKind::Http
         }
