@@ -164,7 +164,19 @@ impl<F> Engine<F> {
             Match::NotFound => outcome.status = 404,
             Match::MethodNotAllowed(_) => outcome.status = 405,
         }
-        if outcome.route.is_none() {
+        // This path speaks only HTTP/1.1 to Pods: an h2/h2c upstream (gRPC) is for h2 clients,
+        // which Pingora's path serves. Answered like an unreachable upstream, and logged.
+        let h2_only = outcome
+            .route
+            .is_some_and(|r| r.upstream.upstream.conf.protocol.is_h2());
+        if h2_only {
+            outcome.status = 502;
+            log::debug!(
+                "client {:?}: HTTP/1.1 request for an upstream with protocol h2/h2c: 502",
+                c.addr
+            );
+        }
+        if outcome.route.is_none() || h2_only {
             // An unread body would be taken for the next request.
             keep &= framing == Framing::Empty;
             let allow = match &found {
@@ -209,6 +221,7 @@ impl<F> Engine<F> {
                 took,
                 first_byte: outcome.first_byte,
                 retries: outcome.retries,
+                grpc_status: None,
             }));
         }
         keep

@@ -212,6 +212,7 @@ impl Conn<'_> {
                 took,
                 first_byte: None,
                 retries: 0,
+                grpc_status: None,
             }));
         }
         // A 400 may leave unread bytes of a broken message: close.
@@ -614,6 +615,7 @@ impl Drop for Record {
                 took,
                 first_byte: self.first_byte,
                 retries: self.retries,
+                grpc_status: None,
             }));
         }
     }
