@@ -2,7 +2,7 @@
 //!
 //! Error answers are small JSON bodies with a fixed text per status; nothing about Pods, addresses
 //! or internal errors reaches the client (they go to the log). gRPC calls get theirs the gRPC way
-//! instead (`h2/grpc.rs`): HTTP 200, `grpc-status` and `grpc-message` in a Trailers-Only answer.
+//! instead (`h2/grpc.rs`): HTTP 200, then `grpc-status` and `grpc-message` in trailers.
 //!
 //! Toward Pods this path speaks what the upstream's `protocol` says: HTTP/1.1, or h2 (ALPN over
 //! TLS) / h2c (prior knowledge) with up to [`H2_STREAMS_PER_CONNECTION`] calls multiplexed on one
@@ -85,18 +85,31 @@ impl Ctx {
     }
 }
 
-/// Answers a gRPC call that podgate fails itself: HTTP 200 and the gRPC status that `status`
-/// maps to, in one HEADERS frame that ends the stream (gRPC's "Trailers-Only" answer).
+/// Answers a gRPC call that podgate fails itself: HTTP 200, then the gRPC status that `status`
+/// maps to in trailers, which end the stream.
+///
+/// Not "Trailers-Only" (one HEADERS frame with the status and END_STREAM): Pingora's session
+/// does not end an h2 stream on a head, and a stream left open is reset with CANCEL when
+/// dropped, which gRPC's C core reports as CANCELLED instead of the status (grpcio 1.85).
 async fn send_grpc_error(session: &mut Session, ctx: &mut Ctx, status: u16) -> Result<()> {
     let (code, message) = grpc::status_for(status);
-    let mut resp = ResponseHeader::build(200, Some(4))?;
+    let mut resp = ResponseHeader::build(200, Some(2))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-    resp.insert_header("grpc-status", code.to_string())?;
-    resp.insert_header("grpc-message", message)?;
     resp.insert_header("x-request-id", ctx.request_id.as_str())?;
     ctx.grpc_status = Some(code as usize);
-    session.write_response_header(Box::new(resp), true).await
+    session.write_response_header(Box::new(resp), false).await?;
+    let mut trailers = http::HeaderMap::with_capacity(2);
+    trailers.insert("grpc-status", http::HeaderValue::from(code));
+    trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+    session.as_mut().write_response_trailers(trailers).await?;
+    // Read what is left of the request, for a while, so that the stream closes both ways
+    // rather than being reset.
+    let _ = tokio::time::timeout(GRPC_DRAIN, session.as_mut().drain_request_body()).await;
+    Ok(())
 }
+
+/// How long a gRPC error answer waits for the rest of the request before the stream ends.
+const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn send_json_error(
     session: &mut Session,

@@ -6,7 +6,7 @@
 //! upstream's `protocol` says, multiplexing streams over pooled connections.
 //!
 //! `grpc.rs` holds the gRPC rules that path applies: telling gRPC requests apart, reading
-//! `grpc-timeout`, and answering gateway-made failures the gRPC way (HTTP 200 with
-//! `grpc-status` and `grpc-message`, "Trailers-Only") rather than with a JSON body.
+//! `grpc-timeout`, and answering gateway-made failures the gRPC way (HTTP 200, then
+//! `grpc-status` and `grpc-message` in trailers) rather than with a JSON body.
 
 pub mod grpc;
