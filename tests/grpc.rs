@@ -728,3 +728,124 @@ async fn grpc_health_checks_take_a_not_serving_pod_out() {
     );
     let _ = unary(&mut c, "x").await;
 }
+
+/// A gRPC "Pod" over TLS that offers only h2 by ALPN and answers every call with one message,
+/// `tls-pod:<the request message>`, and `grpc-status: 0`; records the ALPN protocol of each
+/// connection.
+async fn tls_h2_pod(pki: &TestPki) -> (SocketAddr, Arc<Mutex<Vec<Option<Vec<u8>>>>>) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_pem)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&pki.key_pem).unwrap();
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let alpn = Arc::new(Mutex::new(Vec::new()));
+    let seen = alpn.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                seen.lock()
+                    .unwrap()
+                    .push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut msg = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            msg.extend_from_slice(&chunk);
+                        }
+                        let text = format!(
+                            "tls-pod:{}",
+                            String::from_utf8_lossy(msg.get(5..).unwrap_or(&[]))
+                        );
+                        let mut frame = vec![0];
+                        frame.extend_from_slice(&(text.len() as u32).to_be_bytes());
+                        frame.extend_from_slice(text.as_bytes());
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from(frame), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        let _ = send.send_trailers(trailers);
+                    });
+                }
+            });
+        }
+    });
+    (addr, alpn)
+}
+
+#[tokio::test]
+async fn h2_over_tls_upstream_negotiates_h2_and_verifies_the_pod() {
+    let k = FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "grpc", &["grpc.internal"]);
+    let (addr, alpn) = tls_h2_pod(&pki).await;
+    let other = make_pki(dir.path(), "other", &["grpc.internal"]);
+    let gw = gateway_on(
+        &k,
+        &format!(
+            "upstreams:\n\
+             \x20 - {{name: tls, scheme: https, protocol: h2, nodes: [{{address: \"{addr}\"}}],\n\
+             \x20    tls: {{sni: grpc.internal, ca_file: {}}}}}\n\
+             \x20 - {{name: untrusted, scheme: https, protocol: h2, retries: 0, nodes: [{{address: \"{addr}\"}}],\n\
+             \x20    tls: {{sni: grpc.internal, ca_file: {}}}}}\n\
+             routes:\n\
+             \x20 - {{name: tls, path_prefix: /test.Echo/, upstream: tls}}\n\
+             \x20 - {{name: untrusted, path_prefix: /untrusted.Echo/, upstream: untrusted}}\n",
+            pki.ca_pem.display(),
+            other.ca_pem.display()
+        ),
+    )
+    .await;
+    let mut c = client(&gw).await;
+    assert_eq!(unary(&mut c, "hello").await.unwrap(), "tls-pod:hello");
+    assert!(
+        alpn.lock()
+            .unwrap()
+            .iter()
+            .all(|p| p.as_deref() == Some(&b"h2"[..])),
+        "{:?}",
+        alpn.lock().unwrap()
+    );
+    // A Pod whose certificate the upstream's CA did not sign is not called.
+    c.ready().await.unwrap();
+    let err = c
+        .unary::<Bytes, Bytes, Raw>(
+            Request::new(Bytes::from_static(b"x")),
+            PathAndQuery::from_static("/untrusted.Echo/Unary"),
+            Raw,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
