@@ -224,3 +224,34 @@ async fn continuation_flood_is_cut_off_with_bounded_memory() {
     );
     assert!(h2_get_ok(&gw).await, "podgate still answers h2 clients");
 }
+
+#[tokio::test]
+async fn h2_clients_are_told_the_stream_and_header_limits() {
+    let (gw, _pods) = flood_gateway().await;
+    let mut io = TcpStream::connect(gw.addr).await.unwrap();
+    io.write_all(PREFACE).await.unwrap();
+    io.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    // The server's first frame is its SETTINGS.
+    let mut head = [0u8; 9];
+    tokio::time::timeout(DEADLINE, io.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[3], SETTINGS, "{head:?}");
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await.unwrap();
+    let settings: std::collections::HashMap<u16, u32> = payload
+        .chunks_exact(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS and SETTINGS_MAX_HEADER_LIST_SIZE, as nginx's defaults
+    // (128 streams; its header buffers are 32 KiB) are of the same order.
+    assert_eq!(settings.get(&3), Some(&100), "{settings:?}");
+    assert_eq!(settings.get(&6), Some(&65536), "{settings:?}");
+}

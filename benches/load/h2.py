@@ -12,6 +12,7 @@ Modes (arguments; all by default):
 
 The proxies run one worker pinned to CPU 1; h2load and the upstreams share CPU 0. Each round
 runs nginx, then podgate; ratios are taken within a round, and the median across rounds reported.
+PROFILE=podgate (or nginx) records `perf` samples of that proxy in round 1 into target/.
 """
 import os, re, statistics, subprocess, sys, tempfile, time
 
@@ -173,8 +174,18 @@ def bench(mode):
                 row = {}
                 for n, p in ports.items():
                     pids = [procs[n].pid] + run.children(procs[n].pid)
+                    perf = None
+                    if os.environ.get("PROFILE") == n and r == 1:
+                        # Where the proxy's CPU time goes while h2load runs (perf report -i).
+                        perf = subprocess.Popen(
+                            ["perf", "record", "-F", "499", "-g", "-o",
+                             f"{run.TARGET}/perf-h2-{mode}-{n}.data", "-p", str(procs[n].pid),
+                             "--", "sleep", str(DURATION)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     cpu = run.cpu_seconds(pids)
                     rps, bad, done = h2load(p, tls, grpc, DURATION, d)
+                    if perf:
+                        perf.wait()
                     # h2load's warm-up second is in the CPU time too: a small overestimate,
                     # alike for both proxies.
                     cpu = (run.cpu_seconds(pids) - cpu) * 1e6 / max(1, done)
