@@ -12,6 +12,8 @@ Modes (arguments; all by default):
 
 The proxies run one worker pinned to CPU 1; h2load and the upstreams share CPU 0. Each round
 runs nginx, then podgate; ratios are taken within a round, and the median across rounds reported.
+nginx keeps 512 idle connections to each upstream group (more than the 320 requests in flight,
+so that it never closes one it will need again; podgate's pool keeps 1024 per thread).
 PROFILE=podgate (or nginx) records `perf` samples of that proxy in round 1 into target/.
 """
 import os, re, statistics, subprocess, sys, tempfile, time
@@ -75,11 +77,11 @@ pid {d}/nginx.pid; error_log {d}/nginx-error.log; events {{ worker_connections 4
 http {{ access_log off; keepalive_requests 1000000;
   upstream pods {{
 {ups}
-    keepalive 64;
+    keepalive 512;
   }}
   upstream grpcpods {{
 {gups}
-    keepalive 64;
+    keepalive 512;
   }}
   server {{ listen {listen}; {ssl}
     location {GRPC_PATH} {{ grpc_pass grpc://grpcpods; }}
