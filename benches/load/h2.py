@@ -6,9 +6,11 @@ Modes (arguments; all by default):
   tls   the same over TLS with ALPN h2 (self-signed certificate), the issue's production shape
   grpc  unary gRPC calls (h2load with gRPC framing: one 5-byte message, `te: trailers`) to
         gRPC upstreams speaking h2c; nginx proxies them with `grpc_pass`, podgate with
-        `protocol: h2c`. The upstreams are nginx answering a fixed grpc.health.v1
-        HealthCheckResponse (SERVING) with `grpc-status: 0` in trailers, so that neither proxy
-        waits on a slow Pod.
+        `protocol: h2c`. The upstreams are demo-grpc-pod (hyper's h2 server answering
+        grpc.health.v1 Check with SERVING and `grpc-status: 0` in trailers, about 87k calls/s
+        on one core), so that neither proxy waits on a slow Pod. (nginx as a fake gRPC
+        upstream answered before reading the request, and nginx's grpc_pass then failed on
+        the late frames of those streams: "upstream sent frame for unknown stream".)
 
 The proxies run one worker pinned to CPU 1; h2load and the upstreams share CPU 0. Each round
 runs nginx, then podgate; ratios are taken within a round, and the median across rounds reported.
@@ -28,36 +30,19 @@ STREAMS = int(os.environ.get("STREAMS", "10"))
 BASE = run.BASE
 NGINX, PODGATE_PORT, ADMIN = BASE + 31, BASE + 32, BASE + 33
 GRPC_UPSTREAMS = [BASE + 34, BASE + 35, BASE + 36]
-# grpc.health.v1.HealthCheckResponse{status: SERVING} in a gRPC frame (flag, length, message).
-GRPC_ANSWER = bytes([0, 0, 0, 0, 2, 8, 1])
 # grpc.health.v1.HealthCheckRequest{} (empty message) in a gRPC frame.
 GRPC_REQUEST = bytes([0, 0, 0, 0, 0])
 GRPC_PATH = "/grpc.health.v1.Health/Check"
+GRPC_POD = os.environ.get("GRPC_POD", os.path.join(run.TARGET, "release", "demo-grpc-pod"))
 
 
 def start_grpc_upstreams(d):
-    # POST to a static path is refused (404 or 405); error_page turns that into the file's content
-    # (nginx re-requests it as GET), with the gRPC status in trailers.
-    with open(f"{d}/grpc-answer", "wb") as f:
-        f.write(GRPC_ANSWER)
-    servers = "\n".join(
-        f"  server {{ listen 127.0.0.1:{p} http2 reuseport; access_log off; root {d};"
-        f" location / {{ error_page 404 405 =200 /grpc-answer; }}"
-        f" location = /grpc-answer {{ default_type application/grpc;"
-        f" add_trailer grpc-status 0 always; }} }}"
-        for p in GRPC_UPSTREAMS
-    )
-    run.write(f"{d}/grpc-upstreams.conf", f"""daemon off; master_process off; worker_processes 1;
-pid {d}/grpc-up.pid; error_log {d}/grpc-up-error.log; events {{ worker_connections 4096; }}
-http {{ keepalive_requests 1000000;
-{servers}
-}}
-""")
-    p = subprocess.Popen(["taskset", "-c", "0", "nginx", "-p", d, "-c",
-                          f"{d}/grpc-upstreams.conf"])
+    """Three demo gRPC Pods (src/bin/demo-grpc-pod.rs), on CPU 0 like the other upstreams."""
+    procs = [subprocess.Popen(["taskset", "-c", "0", GRPC_POD, f"127.0.0.1:{p}"],
+                              stderr=subprocess.DEVNULL) for p in GRPC_UPSTREAMS]
     for port in GRPC_UPSTREAMS:
         run.wait_port(port)
-    return p
+    return procs
 
 
 def make_cert(d):
@@ -155,7 +140,7 @@ def bench(mode):
             f.write(GRPC_REQUEST)
         if tls:
             make_cert(d)
-        ups = [run.start_upstreams(d), start_grpc_upstreams(d)]
+        ups = [run.start_upstreams(d)] + start_grpc_upstreams(d)
         procs = {}
         try:
             procs = start_proxies(d, tls)

@@ -12,5 +12,5 @@ ensure_build_deps
 for tool in h2load nginx openssl taskset; do
   command -v "$tool" >/dev/null || { echo "the h2 bench needs $tool (apt-get install -y nghttp2-client nginx-light openssl)" >&2; exit 1; }
 done
-cargo build --release --bin podgate
+cargo build --release --bin podgate --bin demo-grpc-pod
 exec python3 benches/load/h2.py "$@"
