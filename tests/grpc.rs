@@ -615,7 +615,7 @@ async fn gateway_failures_answer_grpc_statuses() {
         ),
     )
     .await;
-    let mut c = client(&gw).await;
+    let c = client(&gw).await;
 
     // grpc-timeout: the Pod holds the call; podgate gives up at the deadline, not read_timeout.
     // (A raw h2 client: tonic's own client would give up at the same instant, as Cancelled.)
