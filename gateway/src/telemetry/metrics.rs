@@ -131,8 +131,8 @@ pub struct RouteMetrics {
     /// Index 0 is 1xx … index 4 is 5xx.
     by_class: [IntCounter; 5],
     duration: Histogram,
-    /// Per gRPC status (index into [`GRPC_STATUS_LABELS`]), resolved on first use: a route that
-    /// carries no gRPC has no such series.
+    /// Per gRPC status (index into [`GRPC_STATUS_LABELS`]), resolved on first use but for `0`,
+    /// which every route has from start.
     grpc: [std::sync::OnceLock<IntCounter>; 18],
     names: [String; 2],
 }
@@ -152,6 +152,16 @@ impl RouteMetrics {
             grpc: Default::default(),
             names: [route.to_string(), upstream.to_string()],
         }
+        .with_grpc_ok_series()
+    }
+
+    /// Creates the `grpc_status="0"` series now, so that the family exists from start (no
+    /// gaps); the other statuses appear with their first call.
+    fn with_grpc_ok_series(self) -> Self {
+        let [route, upstream] = &self.names;
+        let _ =
+            self.grpc[0].get_or_init(|| GRPC_RESPONSES.with_label_values(&[route, upstream, "0"]));
+        self
     }
 
     /// Counts one gRPC call that ended with the `grpc-status` at `index` of
