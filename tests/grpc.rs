@@ -181,6 +181,8 @@ struct GrpcPod {
     gate: Arc<Semaphore>,
     health: tonic_health::server::HealthReporter,
     task: tokio::task::JoinHandle<()>,
+    /// Starts tonic's graceful shutdown (GOAWAY, in-flight calls finish), as SIGTERM would.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for GrpcPod {
@@ -202,11 +204,14 @@ impl GrpcPod {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(echo)
                 .add_service(health_svc)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
                 .await;
         });
         GrpcPod {
@@ -215,6 +220,7 @@ impl GrpcPod {
             gate,
             health,
             task,
+            stop: Some(stop),
         }
     }
 }
@@ -258,13 +264,19 @@ fn service(name: &str) -> Service {
 }
 
 fn slice(name: &str, service: &str, pods: &[&GrpcPod]) -> EndpointSlice {
-    let port = pods.first().map_or(9, |p| p.addr.port());
+    let eps: Vec<_> = pods.iter().map(|p| (*p, true)).collect();
+    slice_with(name, service, &eps)
+}
+
+/// An EndpointSlice of (Pod, ready): a Pod not ready is terminating (still serving).
+fn slice_with(name: &str, service: &str, pods: &[(&GrpcPod, bool)]) -> EndpointSlice {
+    let port = pods.first().map_or(9, |p| p.0.addr.port());
     let endpoints: Vec<_> = pods
         .iter()
-        .map(|p| {
+        .map(|(p, ready)| {
             json!({
                 "addresses": [p.addr.ip().to_string()],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "conditions": {"ready": ready, "serving": true, "terminating": !ready},
                 "targetRef": {"kind": "Pod", "name": p.name, "namespace": "default"},
             })
         })
@@ -848,4 +860,81 @@ async fn h2_over_tls_upstream_negotiates_h2_and_verifies_the_pod() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
+#[tokio::test]
+async fn grpc_calls_survive_a_rolling_deploy_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let k = FakeKube::start().await;
+    let mut pods = grpc_pods(&["r-old-1", "r-old-2", "r-new-1", "r-new-2"]).await;
+    k.apply_service(&service("echo"));
+    k.apply_slice(&slice("echo", "echo", &[&pods[0], &pods[1]]));
+    let gw = gateway_on(&k, GRPC_UPSTREAM).await;
+    let endpoints = || async {
+        gw.upstreams_json().await["upstreams"][0]["services"][0]["endpoints"]
+            .as_array()
+            .map_or(0, |e| e.len())
+    };
+    wait_for("both old Pods", || async { endpoints().await == 2 }).await;
+
+    // Two clients, each one connection, calling without pause until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let mut c = client(&gw).await;
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match unary(&mut c, "x").await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("failed call: {e:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let served = |n: u64| {
+        let ok = ok.clone();
+        async move { ok.load(Ordering::Relaxed) >= n }
+    };
+    wait_for("load", || served(50)).await;
+
+    // The Kubernetes order, once per old Pod: its replacement becomes ready, the old one turns
+    // terminating (no new calls), leaves the slice, then shuts down (GOAWAY, in-flight calls
+    // finish).
+    for step in 0..2 {
+        let (old, new) = (step, step + 2);
+        let kept: Vec<(&GrpcPod, bool)> = (step + 1..=new).map(|i| (&pods[i], true)).collect();
+        let mut with_old = vec![(&pods[old], true)];
+        with_old.extend(kept.iter().copied());
+        k.apply_slice(&slice_with("echo", "echo", &with_old));
+        wait_for("the new Pod", || async { endpoints().await == 3 }).await;
+        with_old[0].1 = false;
+        k.apply_slice(&slice_with("echo", "echo", &with_old));
+        let before = ok.load(Ordering::Relaxed);
+        wait_for("calls after the change", || served(before + 50)).await;
+        k.apply_slice(&slice_with("echo", "echo", &kept));
+        wait_for("the old Pod's removal", || async { endpoints().await == 2 }).await;
+        let _ = pods[old].stop.take().map(|s| s.send(()));
+        let before = ok.load(Ordering::Relaxed);
+        wait_for("calls after the exit", || served(before + 50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "calls failed during the rollout"
+    );
+    // Every call after the rollout reaches a new Pod.
+    let mut c = client(&gw).await;
+    for _ in 0..4 {
+        assert!(unary(&mut c, "x").await.unwrap().starts_with("r-new-"));
+    }
+    pods.clear();
 }
