@@ -938,3 +938,81 @@ async fn grpc_calls_survive_a_rolling_deploy_under_load() {
     }
     pods.clear();
 }
+
+/// A tonic client that reaches podgate's TLS listener with ALPN h2, as gRPC clients do in
+/// production; the certificate is checked against `ca` for `gateway.test`.
+async fn tls_client(gw: &Gateway, ca: &std::path::Path) -> Client {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let addr = gw.addr;
+    let channel = tonic::transport::Endpoint::from_static("http://gateway.test")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls_pki_types::ServerName::try_from("gateway.test").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("TLS h2 connection to podgate");
+    Client::new(channel)
+}
+
+#[tokio::test]
+async fn grpc_through_a_tls_listener_by_alpn_h2() {
+    let k = FakeKube::start().await;
+    let pods = grpc_pods(&["t-1"]).await;
+    k.apply_service(&service("echo"));
+    k.apply_slice(&slice("echo", "echo", &[&pods[0]]));
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "gw", &["gateway.test"]);
+    k.write_kubeconfig(&dir.path().join("k.kubeconfig"), None);
+    let listener = format!(
+        "tls: {{cert: {}, key: {}}}",
+        pki.cert_pem.display(),
+        pki.key_pem.display()
+    );
+    let ca = pki.ca_pem.clone();
+    let body = format!("clusters:\n  - name: k\n    kubeconfig: k.kubeconfig\n{GRPC_UPSTREAM}");
+    let gw = Gateway::start_with_listener(dir, &listener, &body).await;
+    let mut c = tls_client(&gw, &ca).await;
+    wait_for("the Pod through podgate", || {
+        let mut c = c.clone();
+        async move { unary(&mut c, "hi").await.is_ok() }
+    })
+    .await;
+    assert_eq!(unary(&mut c, "over tls").await.unwrap(), "t-1:over tls");
+    let err = unary(&mut c, "fail").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    c.ready().await.unwrap();
+    let mut s = c
+        .server_streaming(
+            Request::new(Bytes::from_static(b"20")),
+            PathAndQuery::from_static("/test.Echo/ServerStream"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while s.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 20);
+}
