@@ -108,6 +108,10 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
         504 => ("gateway_timeout", "the upstream did not answer in time"),
         400 => ("bad_request", "the request could not be processed"),
         408 => ("request_timeout", "the request head did not arrive in time"),
+        413 => (
+            "payload_too_large",
+            "the request body is too large for this upstream",
+        ),
         431 => (
             "request_header_fields_too_large",
             "the request head is too large",

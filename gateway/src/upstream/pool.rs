@@ -74,6 +74,11 @@ impl Connector {
         self.tls.is_some()
     }
 
+    /// Tells apart connections of different TLS settings (0 for plain connections).
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
+    }
+
     fn key(&self, addr: SocketAddr) -> (SocketAddr, u64) {
         (addr, self.pool_id)
     }
