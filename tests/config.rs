@@ -299,3 +299,60 @@ fn version_is_printed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("podgate "));
 }
+
+#[test]
+fn protocol_and_grpc_check_mistakes_name_path_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = r#"listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  - name: a
+    protocol: h3
+    nodes: [{address: "127.0.0.1:9"}]
+  - name: b
+    protocol: h2 # h2-plain
+    nodes: [{address: "127.0.0.1:9"}]
+  - name: c
+    scheme: https
+    tls: {verify: false}
+    protocol: h2c # h2c-tls
+    nodes: [{address: "127.0.0.1:9"}]
+  - name: d
+    health_check:
+      kind: grpc # grpc-h1
+    nodes: [{address: "127.0.0.1:9"}]
+  - name: fine
+    protocol: h2c
+    health_check: {kind: grpc, interval: 2s}
+    nodes: [{address: "127.0.0.1:9"}]
+"#;
+    std::fs::write(dir.path().join("bad.yaml"), conf).unwrap();
+    let out = podgate(&["-c", "bad.yaml", "-t"], dir.path());
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (path, msg, at) in [
+        (
+            "upstreams[0].protocol",
+            "not a protocol: use http1, h2 or h2c",
+            "protocol: h3",
+        ),
+        ("upstreams[1].protocol", "h2 runs over TLS", "# h2-plain"),
+        (
+            "upstreams[2].protocol",
+            "h2c is HTTP/2 without TLS",
+            "# h2c-tls",
+        ),
+        (
+            "upstreams[3].health_check.kind",
+            "kind grpc needs protocol",
+            "# grpc-h1",
+        ),
+    ] {
+        let want = format!("bad.yaml:{}: {path}: ", line_of(conf, at));
+        assert!(
+            stderr.lines().any(|l| l.contains(&want) && l.contains(msg)),
+            "not reported: {want}…{msg}\n--- podgate said:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("upstreams[4]"), "{stderr}");
+}

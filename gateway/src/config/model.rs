@@ -96,6 +96,25 @@ pub enum Scheme {
     Https,
 }
 
+/// The HTTP version podgate speaks to an upstream's Pods (`protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 (the default), over TLS or not as `scheme` says.
+    Http1,
+    /// HTTP/2 over TLS, negotiated by ALPN (`scheme: https`).
+    H2,
+    /// HTTP/2 over plain TCP with prior knowledge (`scheme: http`); what gRPC servers in a
+    /// cluster usually speak.
+    H2c,
+}
+
+impl Protocol {
+    /// HTTP/2 in either form.
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamTls {
     /// Name sent in SNI and checked against the Pod's certificate.
@@ -108,6 +127,7 @@ pub struct UpstreamTls {
 pub struct UpstreamConf {
     pub name: String,
     pub scheme: Scheme,
+    pub protocol: Protocol,
     pub host_header: Option<String>,
     pub tls: UpstreamTls,
     pub tags: BTreeMap<String, String>,
@@ -176,6 +196,9 @@ pub enum CheckKind {
     Http,
     /// A TCP connect.
     Tcp,
+    /// `grpc.health.v1.Health/Check` for the whole server (empty service name); SERVING is
+    /// healthy. Needs `protocol: h2` or `h2c`.
+    Grpc,
 }
 
 #[derive(Clone, Debug, PartialEq)]

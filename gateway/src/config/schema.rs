@@ -10,7 +10,7 @@
 //! for `T` if it is a new kind of value), carry it over in `validate.rs` or `upstream.rs` (with
 //! its default and any check that needs other fields), and add it to the README's table.
 
-use super::model::{CheckKind, Scheme};
+use super::model::{CheckKind, Protocol, Scheme};
 use super::units::{Int, Size, Status};
 use super::yaml::{List, Pairs, Sect, Val};
 use podgate_discovery::PortRef;
@@ -93,6 +93,7 @@ pub struct Cluster {
 pub struct Upstream {
     pub name: Option<Val<String>>,
     pub scheme: Option<Val<Scheme>>,
+    pub protocol: Option<Val<Protocol>>,
     pub host_header: Option<Val<String>>,
     pub tls: Option<Sect<UpstreamTls>>,
     pub tags: Option<Pairs>,

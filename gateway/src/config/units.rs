@@ -3,7 +3,7 @@
 //! HTTP methods and statuses. Each is a [`Leaf`]: it takes one YAML scalar and says in words what
 //! is wrong with it; the field path and line are added by the validation pass.
 
-use super::model::{CheckKind, Scheme};
+use super::model::{CheckKind, Protocol, Scheme};
 use super::yaml::{Leaf, Scalar};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -113,7 +113,10 @@ macro_rules! keywords {
 }
 
 keywords!(Scheme, "a scheme", "http" => Scheme::Http, "https" => Scheme::Https);
-keywords!(CheckKind, "a check kind", "http" => CheckKind::Http, "tcp" => CheckKind::Tcp);
+keywords!(CheckKind, "a check kind", "http" => CheckKind::Http, "tcp" => CheckKind::Tcp,
+    "grpc" => CheckKind::Grpc);
+keywords!(Protocol, "a protocol", "http1" => Protocol::Http1, "h2" => Protocol::H2,
+    "h2c" => Protocol::H2c);
 
 /// An HTTP method a route can match, in upper case as on the wire.
 impl Leaf for http::Method {

@@ -26,6 +26,23 @@ pub fn upstream(
         r.error(line(&u.name), &at("name"), message);
     }
     let scheme = *r.opt(&u.scheme, &at("scheme")).unwrap_or(&Scheme::Http);
+    let protocol = *r
+        .opt(&u.protocol, &at("protocol"))
+        .unwrap_or(&Protocol::Http1);
+    // h2 is told apart from HTTP/1.1 by ALPN in the TLS handshake, h2c by prior knowledge: each
+    // needs its own scheme, and a mismatch is a mistake better named now than a 502 later.
+    let mismatch = match (protocol, scheme) {
+        (Protocol::H2, Scheme::Http) => {
+            Some("h2 runs over TLS: use scheme: https, or protocol: h2c for HTTP/2 without TLS")
+        }
+        (Protocol::H2c, Scheme::Https) => {
+            Some("h2c is HTTP/2 without TLS: use scheme: http, or protocol: h2 for HTTP/2 over TLS")
+        }
+        _ => None,
+    };
+    if let Some(message) = mismatch {
+        r.error(line(&u.protocol), &at("protocol"), message);
+    }
     let host_header = r.opt(&u.host_header, &at("host_header")).cloned();
     if let Some(h) = &host_header {
         if h.is_empty() || http::HeaderValue::from_str(h).is_err() || h.contains(' ') {
@@ -103,7 +120,7 @@ pub fn upstream(
     let health_check = u
         .health_check
         .as_ref()
-        .and_then(|h| health_check(r, h, &at("health_check")));
+        .and_then(|h| health_check(r, h, &at("health_check"), protocol));
     let outlier = outlier(r, u.outlier.as_ref(), &at("outlier"));
     let slow_start = u
         .slow_start
@@ -167,6 +184,7 @@ pub fn upstream(
     Some(UpstreamConf {
         name: name?.clone(),
         scheme,
+        protocol,
         host_header,
         tls,
         tags,
@@ -185,6 +203,7 @@ fn health_check(
     r: &mut Report,
     s: &Sect<schema::HealthCheck>,
     path: &str,
+    protocol: Protocol,
 ) -> Option<HealthCheckConf> {
     let f = r.sect(s, path)?;
     let at = |key| child(path, key);
@@ -192,6 +211,10 @@ fn health_check(
         kind: *r.opt(&f.kind, &at("kind")).unwrap_or(&CheckKind::Http),
         ..HealthCheckConf::default()
     };
+    if h.kind == CheckKind::Grpc && !protocol.is_h2() {
+        let message = "kind grpc needs protocol: h2 or h2c on this upstream (gRPC is HTTP/2 only)";
+        r.error(line(&f.kind), &at("kind"), message);
+    }
     if let Some(p) = r.opt(&f.path, &at("path")) {
         if !p.starts_with('/') || p.contains([' ', '\r', '\n']) {
             let message = format!("`{p}` must start with / and hold no spaces");

@@ -7,6 +7,7 @@
 //! or internal errors reaches the client (they go to the log).
 
 pub mod h1;
+pub mod h2;
 pub mod pingora;
 pub mod routing;
 
@@ -60,6 +61,8 @@ pub struct LogFields<'a> {
     pub took: std::time::Duration,
     pub first_byte: Option<std::time::Duration>,
     pub retries: usize,
+    /// The call's `grpc-status`, for gRPC calls that ended with one.
+    pub grpc_status: Option<&'a str>,
 }
 
 /// One access log line, JSON.
@@ -81,6 +84,7 @@ pub fn access_line(f: &LogFields) -> Vec<u8> {
         "duration_ms": f.took.as_secs_f64() * 1000.0,
         "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
         "retries": f.retries,
+        "grpc_status": f.grpc_status,
     });
     serde_json::to_vec(&line).unwrap_or_default()
 }
@@ -104,6 +108,10 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
         504 => ("gateway_timeout", "the upstream did not answer in time"),
         400 => ("bad_request", "the request could not be processed"),
         408 => ("request_timeout", "the request head did not arrive in time"),
+        413 => (
+            "payload_too_large",
+            "the request body is too large for this upstream",
+        ),
         431 => (
             "request_header_fields_too_large",
             "the request head is too large",

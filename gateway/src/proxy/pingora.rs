@@ -1,11 +1,19 @@
 //! The Pingora `ProxyHttp` service: route, pick a Pod, build the peer, map failures to answers.
 //!
 //! Error answers are small JSON bodies with a fixed text per status; nothing about Pods, addresses
-//! or internal errors reaches the client (they go to the log).
+//! or internal errors reaches the client (they go to the log). gRPC calls get theirs the gRPC way
+//! instead (`h2/grpc.rs`): HTTP 200, then `grpc-status` and `grpc-message` in trailers.
+//!
+//! Toward Pods this path speaks what the upstream's `protocol` says: HTTP/1.1, or h2 (ALPN over
+//! TLS) / h2c (prior knowledge) with up to [`H2_STREAMS_PER_CONNECTION`] calls multiplexed on one
+//! pooled connection. gRPC needs no more than that from Pingora: an h2 client's `te: trailers`
+//! is passed on as sent (Pingora strips hop-by-hop fields only from requests that arrived as
+//! HTTP/1.x), and response trailers are relayed as trailers.
 
+use super::h2::grpc;
 use super::routing::{normalize_host, Match};
 use super::{access_line, error_json, Gateway, GatewayRoute, LogFields};
-use crate::config::Scheme;
+use crate::config::{Protocol, Scheme};
 use crate::telemetry::access_log;
 use crate::upstream::balance::Backend;
 use crate::upstream::Upstream;
@@ -22,6 +30,10 @@ use std::time::Instant;
 
 /// How long an idle pooled connection to a Pod is kept.
 pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Streams opened on one h2 connection to a Pod before another connection is opened (the
+/// usual `SETTINGS_MAX_CONCURRENT_STREAMS` of gRPC servers and nginx is 100; a Pod that allows
+/// fewer is respected).
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// Per-request state.
 pub struct Ctx {
@@ -40,6 +52,12 @@ pub struct Ctx {
     /// Backends tried so far, in order; the last one is the current attempt.
     tried: Vec<SocketAddr>,
     current: Option<Backend>,
+    /// A gRPC call (`content-type: application/grpc…`): errors are answered the gRPC way.
+    grpc: bool,
+    /// The call's `grpc-timeout`, counted from `start`.
+    deadline: Option<std::time::Duration>,
+    /// The `grpc-status` the call ended with, as a metric label index (`h2/grpc.rs`).
+    grpc_status: Option<usize>,
 }
 
 impl Ctx {
@@ -66,6 +84,32 @@ impl Ctx {
         self.tried.len() <= budget
     }
 }
+
+/// Answers a gRPC call that podgate fails itself: HTTP 200, then the gRPC status that `status`
+/// maps to in trailers, which end the stream.
+///
+/// Not "Trailers-Only" (one HEADERS frame with the status and END_STREAM): Pingora's session
+/// does not end an h2 stream on a head, and a stream left open is reset with CANCEL when
+/// dropped, which gRPC's C core reports as CANCELLED instead of the status (grpcio 1.85).
+async fn send_grpc_error(session: &mut Session, ctx: &mut Ctx, status: u16) -> Result<()> {
+    let (code, message) = grpc::status_for(status);
+    let mut resp = ResponseHeader::build(200, Some(2))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    ctx.grpc_status = Some(code as usize);
+    session.write_response_header(Box::new(resp), false).await?;
+    let mut trailers = http::HeaderMap::with_capacity(2);
+    trailers.insert("grpc-status", http::HeaderValue::from(code));
+    trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+    session.as_mut().write_response_trailers(trailers).await?;
+    // Read what is left of the request, for a while, so that the stream closes both ways
+    // rather than being reset.
+    let _ = tokio::time::timeout(GRPC_DRAIN, session.as_mut().drain_request_body()).await;
+    Ok(())
+}
+
+/// How long a gRPC error answer waits for the rest of the request before the stream ends.
+const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn send_json_error(
     session: &mut Session,
@@ -131,6 +175,9 @@ impl Gateway {
             took: ctx.start.elapsed(),
             first_byte: ctx.first_byte,
             retries: ctx.tried.len().saturating_sub(1),
+            grpc_status: ctx
+                .grpc_status
+                .map(|i| crate::telemetry::metrics::GRPC_STATUS_LABELS[i.min(17)]),
         })
     }
 }
@@ -150,6 +197,9 @@ impl ProxyHttp for Gateway {
             host: String::new(),
             tried: Vec::new(),
             current: None,
+            grpc: false,
+            deadline: None,
+            grpc_status: None,
         }
     }
 
@@ -171,6 +221,11 @@ impl ProxyHttp for Gateway {
         };
         let req = session.req_header();
         ctx.host = request_host(req);
+        let field = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
+        ctx.grpc = grpc::is_grpc(field("content-type"));
+        if ctx.grpc {
+            ctx.deadline = field("grpc-timeout").and_then(grpc::parse_timeout);
+        }
         let router = self.router.load();
         let outcome = match router.find(&ctx.host, req.uri.path(), &req.method) {
             Match::Found(route) => {
@@ -180,7 +235,11 @@ impl ProxyHttp for Gateway {
             Match::NotFound => (404, None),
             Match::MethodNotAllowed(allowed) => (405, Some(allowed)),
         };
-        send_json_error(session, outcome.0, outcome.1.as_deref(), true).await?;
+        if ctx.grpc {
+            send_grpc_error(session, ctx, outcome.0).await?;
+        } else {
+            send_json_error(session, outcome.0, outcome.1.as_deref(), true).await?;
+        }
         Ok(true)
     }
 
@@ -204,7 +263,25 @@ impl ProxyHttp for Gateway {
         };
         let mut peer = HttpPeer::new(backend.addr, tls, sni);
         peer.options.connection_timeout = Some(conf.connect_timeout);
-        peer.options.read_timeout = Some(conf.read_timeout);
+        // A gRPC deadline shortens the wait for the Pod: past it the call is answered
+        // DEADLINE_EXCEEDED (the Pod gets `grpc-timeout` too and should give up as well).
+        let read_timeout = match ctx.deadline {
+            Some(d) => {
+                let left = d.saturating_sub(ctx.start.elapsed());
+                if left.is_zero() {
+                    return Error::e_explain(ErrorType::HTTPStatus(504), "grpc-timeout passed");
+                }
+                left.min(conf.read_timeout)
+            }
+            None => conf.read_timeout,
+        };
+        peer.options.read_timeout = Some(read_timeout);
+        if conf.protocol != Protocol::Http1 {
+            // h2 only (min and max version 2): over TLS ALPN offers just h2, and without TLS
+            // Pingora then speaks h2c by prior knowledge.
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
         // Idle pooled connections are dropped after this long, so none lingers toward a Pod
         // that left the set (a Pod that exits closes its side anyway, which the pool notices).
         peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
@@ -333,6 +410,12 @@ impl ProxyHttp for Gateway {
         if !resp.status.is_informational() {
             ctx.responded = true;
             ctx.record(resp.status.as_u16() < 500);
+            if ctx.grpc {
+                // A Trailers-Only answer carries its status in the head.
+                if let Some(v) = resp.headers.get("grpc-status") {
+                    ctx.grpc_status = Some(grpc::status_index(v.as_bytes()));
+                }
+            }
         }
         if let Some(t) = ctx.attempt_start.take() {
             let took = t.elapsed();
@@ -340,6 +423,18 @@ impl ProxyHttp for Gateway {
             if let Some(u) = ctx.upstream() {
                 u.metrics.first_byte.observe(took.as_secs_f64());
             }
+        }
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(v) = trailers.get("grpc-status") {
+            ctx.grpc_status = Some(grpc::status_index(v.as_bytes()));
         }
         Ok(())
     }
@@ -363,12 +458,15 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map_or(&self.unmatched, |r| &r.upstream.metrics);
         m.observe(status, ctx.start.elapsed());
+        if let Some(i) = ctx.grpc_status {
+            m.observe_grpc(i);
+        }
         if self.access_log.enabled() {
             self.access_log.write(self.log_line(session, ctx, status));
         }
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         use ErrorType::*;
         let code = match e.etype() {
             HTTPStatus(code) => *code,
@@ -390,7 +488,11 @@ impl ProxyHttp for Gateway {
             },
         };
         let written = session.response_written().is_some();
-        if code > 0 && !written {
+        if code > 0 && !written && ctx.grpc {
+            if let Err(err) = send_grpc_error(session, ctx, code).await {
+                log::debug!("could not send the gRPC error answer: {err}");
+            }
+        } else if code > 0 && !written {
             if let Err(err) = send_json_error(session, code, None, false).await {
                 log::debug!("could not send the error answer: {err}");
             }

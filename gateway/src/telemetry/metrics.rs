@@ -33,6 +33,16 @@ static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static GRPC_RESPONSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_grpc_responses_total",
+        "gRPC calls answered, by route, upstream and grpc-status (0..16, or other), whether the \
+         Pod or podgate set it; calls that ended with no grpc-status are not counted.",
+        &["route", "upstream", "grpc_status"]
+    )
+    .expect("metric registers once")
+});
+
 static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
         "podgate_request_duration_seconds",
@@ -105,6 +115,12 @@ pub fn client_connections(i: usize) -> IntGauge {
     CLIENT_CONNECTIONS.with_label_values(&[&i.to_string()])
 }
 
+/// `grpc_status` label values: the 17 gRPC codes, then `other` for anything else.
+pub const GRPC_STATUS_LABELS: [&str; 18] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "other",
+];
+
 /// Label for requests that matched no route.
 pub const UNMATCHED: &str = "(none)";
 
@@ -115,6 +131,10 @@ pub struct RouteMetrics {
     /// Index 0 is 1xx … index 4 is 5xx.
     by_class: [IntCounter; 5],
     duration: Histogram,
+    /// Per gRPC status (index into [`GRPC_STATUS_LABELS`]), resolved on first use but for `0`,
+    /// which every route has from start.
+    grpc: [std::sync::OnceLock<IntCounter>; 18],
+    names: [String; 2],
 }
 
 impl RouteMetrics {
@@ -129,7 +149,31 @@ impl RouteMetrics {
                 class("5xx"),
             ],
             duration: REQUEST_DURATION.with_label_values(&[route, upstream]),
+            grpc: Default::default(),
+            names: [route.to_string(), upstream.to_string()],
         }
+        .with_grpc_ok_series()
+    }
+
+    /// Creates the `grpc_status="0"` series now, so that the family exists from start (no
+    /// gaps); the other statuses appear with their first call.
+    fn with_grpc_ok_series(self) -> Self {
+        let [route, upstream] = &self.names;
+        let _ =
+            self.grpc[0].get_or_init(|| GRPC_RESPONSES.with_label_values(&[route, upstream, "0"]));
+        self
+    }
+
+    /// Counts one gRPC call that ended with the `grpc-status` at `index` of
+    /// [`GRPC_STATUS_LABELS`] (an index past it counts as `other`).
+    pub fn observe_grpc(&self, index: usize) {
+        let index = index.min(GRPC_STATUS_LABELS.len() - 1);
+        let label = GRPC_STATUS_LABELS[index];
+        self.grpc[index]
+            .get_or_init(|| {
+                GRPC_RESPONSES.with_label_values(&[&self.names[0], &self.names[1], label])
+            })
+            .inc();
     }
 
     /// Counts one answered request (`status` 0 means the client went away before an answer).
@@ -232,6 +276,11 @@ pub fn forget_removed(known: &Known) {
     };
     retain(&REQUESTS, &["route", "upstream", "code"], route_known);
     retain(&REQUEST_DURATION, &["route", "upstream"], route_known);
+    retain(
+        &GRPC_RESPONSES,
+        &["route", "upstream", "grpc_status"],
+        route_known,
+    );
     let upstream_known = |v: &[&str]| known.upstreams.contains(v[0]);
     retain(&UPSTREAM_DURATION, &["upstream"], upstream_known);
     retain(&RETRIES, &["upstream"], upstream_known);

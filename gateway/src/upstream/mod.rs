@@ -8,6 +8,7 @@
 //! (passive ejection), `pool` (connections to Pods, shared by requests and probes).
 
 pub mod balance;
+pub mod h2_pool;
 pub mod health_check;
 pub mod outlier;
 pub mod pool;

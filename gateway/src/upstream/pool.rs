@@ -69,6 +69,16 @@ impl Connector {
         })
     }
 
+    /// Whether connections are TLS (`scheme: https`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Tells apart connections of different TLS settings (0 for plain connections).
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
+    }
+
     fn key(&self, addr: SocketAddr) -> (SocketAddr, u64) {
         (addr, self.pool_id)
     }
@@ -280,7 +290,10 @@ fn client_config(conf: &UpstreamConf) -> Result<Arc<ClientConfig>, String> {
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match conf.protocol {
+        crate::config::Protocol::H2 => vec![b"h2".to_vec()],
+        _ => vec![b"http/1.1".to_vec()],
+    };
     Ok(Arc::new(config))
 }
 

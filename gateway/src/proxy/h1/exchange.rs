@@ -16,27 +16,17 @@ use super::head::{parse_response, BodyLength, HeadInfo, Request, Response};
 use super::rewrite::{
     answer_framing, response_head, target, upstream_head, AnswerFraming, RequestCtx,
 };
-use super::{error_answer, Client, Engine, BUFFERED_BODY};
+use super::{error_answer, Client, Engine, Outcome, BUFFERED_BODY};
 use crate::proxy::routing::{normalize_host, Match};
-use crate::proxy::{access_line, GatewayRoute, LogFields};
+use crate::proxy::{access_line, LogFields};
 use crate::telemetry::access_log;
 use crate::upstream::pool;
 use bytes::Bytes;
 use http::Method;
 use std::net::SocketAddr;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-
-/// How one request went, for metrics and the access log.
-struct Outcome<'r> {
-    route: Option<&'r Arc<GatewayRoute>>,
-    backend: Option<crate::upstream::balance::Backend>,
-    status: u16,
-    bytes: u64,
-    first_byte: Option<Duration>,
-    retries: usize,
-}
 
 /// Why an attempt on one Pod failed.
 enum Failure {
@@ -167,6 +157,7 @@ impl<F> Engine<F> {
                 took,
                 first_byte: outcome.first_byte,
                 retries: outcome.retries,
+                grpc_status: None,
             }));
         }
         keep
@@ -211,6 +202,21 @@ impl<F> Engine<F> {
             Framing::Empty => false,
             _ => true,
         };
+        if conf.protocol.is_h2() {
+            if streaming {
+                // Bodies up to BUFFERED_BODY only: they were read above and go out as one
+                // DATA frame sequence; a streamed body would need flow-controlled relaying.
+                log::debug!(
+                    "client {:?}: a body over {BUFFERED_BODY} bytes for an h2 upstream: 413",
+                    c.addr
+                );
+                outcome.status = 413;
+                let answer = error_answer(413, None, false, ctx.head_only, ctx.request_id);
+                let _ = c.send(&answer, body_timeout).await;
+                return Ok(false);
+            }
+            return self.proxy_h2(c, ctx, body, keep, outcome).await;
+        }
         let mut head = upstream_head(ctx, route, c, &framing, body.len());
         head.extend_from_slice(&body);
         let replayable = !streaming && ctx.req.method.is_idempotent();
@@ -458,6 +464,8 @@ impl<F> Engine<F> {
     }
 }
 
+/// Reads a response head from the Pod, within `timeout` for each read. A head that does not
+/// parse is `InvalidData`.
 async fn read_response(up: &mut pool::Conn, timeout: Duration) -> std::io::Result<Response> {
     loop {
         if !up.buf.is_empty() {

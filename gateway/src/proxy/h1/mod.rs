@@ -29,6 +29,7 @@ mod props;
 mod rewrite;
 pub mod sniff;
 pub mod spread;
+mod to_h2;
 
 use crate::config::ServerSettings;
 use crate::proxy::{error_json, Gateway};
@@ -116,6 +117,16 @@ impl HeadMemory {
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
+}
+
+/// How one request went, for metrics and the access log.
+pub(super) struct Outcome<'r> {
+    pub(super) route: Option<&'r std::sync::Arc<crate::proxy::GatewayRoute>>,
+    pub(super) backend: Option<crate::upstream::balance::Backend>,
+    pub(super) status: u16,
+    pub(super) bytes: u64,
+    pub(super) first_byte: Option<std::time::Duration>,
+    pub(super) retries: usize,
 }
 
 /// The proxy application of a listener: HTTP/1.1 here, h2 through Pingora's proxy.

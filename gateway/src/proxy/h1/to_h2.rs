@@ -1,0 +1,312 @@
+//! HTTP/1.1 clients to Pods of an `h2`/`h2c` upstream: the request (its body read whole, at most
+//! `BUFFERED_BODY`) goes out as one h2 stream on a pooled, multiplexed connection
+//! (`upstream/h2_pool.rs`), and the answer comes back as HTTP/1.1 under podgate's framing, without
+//! the Pod's trailers (HTTP/1.1 clients did not ask for them). Upgrades get a 502.
+
+use super::rewrite::{push_header, RequestCtx};
+use super::{error_answer, Client, Engine, Outcome};
+use crate::proxy::GatewayRoute;
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+impl<F> Engine<F> {
+    /// Sends a routed request with a body read whole (`body`, maybe empty) to a Pod of an
+    /// `h2`/`h2c` upstream and relays the answer as HTTP/1.1: chunked (HTTP/1.0: until close),
+    /// without the Pod's trailers, which HTTP/1.1 clients did not ask for. Retries go to
+    /// another Pod while nothing reached one (connect failures) and, for idempotent methods,
+    /// while no answer came.
+    pub(super) async fn proxy_h2(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        body: Bytes,
+        keep: bool,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<bool, ()> {
+        let route = outcome.route.expect("routed");
+        let upstream = &route.upstream.upstream;
+        let conf = &upstream.conf;
+        let body_timeout = self.limits.body_timeout;
+        if ctx.upgrading {
+            log::debug!("client {:?}: upgrade to an h2 upstream: 502", c.addr);
+            outcome.status = 502;
+            let answer = error_answer(502, None, false, ctx.head_only, ctx.request_id);
+            let _ = c.send(&answer, body_timeout).await;
+            return Ok(false);
+        }
+        let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
+        let mut last_failure = 503;
+        loop {
+            let Some(backend) = upstream.pick(&tried) else {
+                outcome.status = last_failure;
+                let answer = error_answer(last_failure, None, false, ctx.head_only, ctx.request_id);
+                let _ = c.send(&answer, body_timeout).await;
+                return Ok(false);
+            };
+            tried.push(backend.addr);
+            outcome.retries = tried.len() - 1;
+            outcome.backend = Some(backend.clone());
+            let attempt = Instant::now();
+            let Some(req) = h2_request(ctx, route, c, backend.addr, body.len()) else {
+                outcome.status = 400;
+                let answer = error_answer(400, None, false, ctx.head_only, ctx.request_id);
+                let _ = c.send(&answer, body_timeout).await;
+                return Ok(false);
+            };
+            // Connect failures may go to another Pod for any method: nothing was sent.
+            let (status, retry) = match self
+                .h2_attempt(c, ctx, &backend, req, &body, keep, outcome, attempt)
+                .await
+            {
+                Ok(keep) => return Ok(keep),
+                Err(H2Failure::Connect) => (502, true),
+                Err(H2Failure::NoAnswer { timed_out }) => (
+                    if timed_out { 504 } else { 502 },
+                    ctx.req.method.is_idempotent(),
+                ),
+            };
+            upstream.record(&backend, false);
+            last_failure = status;
+            if retry && tried.len() <= conf.retries as usize {
+                upstream.metrics.retries.inc();
+                continue;
+            }
+            outcome.status = status;
+            let answer = error_answer(status, None, false, ctx.head_only, ctx.request_id);
+            let _ = c.send(&answer, body_timeout).await;
+            return Ok(false);
+        }
+    }
+
+    /// One attempt on `backend` over h2. `Ok` once an answer head came (it is then relayed).
+    #[allow(clippy::too_many_arguments)]
+    async fn h2_attempt(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        backend: &crate::upstream::balance::Backend,
+        req: http::Request<()>,
+        body: &Bytes,
+        keep: bool,
+        outcome: &mut Outcome<'_>,
+        attempt: Instant,
+    ) -> Result<bool, H2Failure> {
+        let upstream = &outcome.route.expect("routed").upstream.upstream;
+        let conf = &upstream.conf;
+        let connect = crate::upstream::h2_pool::ready(&upstream.connector, backend.addr);
+        let mut send = match tokio::time::timeout(conf.connect_timeout, connect).await {
+            Ok(Ok(send)) => send,
+            Ok(Err(e)) => {
+                log::warn!(
+                    "upstream {}: cannot connect to {}: {e}",
+                    conf.name,
+                    backend.addr
+                );
+                return Err(H2Failure::Connect);
+            }
+            Err(_) => {
+                log::warn!(
+                    "upstream {}: cannot connect to {}: timed out",
+                    conf.name,
+                    backend.addr
+                );
+                return Err(H2Failure::Connect);
+            }
+        };
+        let (answer, mut stream) = send.send_request(req, body.is_empty()).map_err(|e| {
+            log::debug!(
+                "upstream {}: opening a stream to {}: {e}",
+                conf.name,
+                backend.addr
+            );
+            H2Failure::Connect
+        })?;
+        if !body.is_empty() {
+            // At most BUFFERED_BODY bytes: h2 queues them and sends as the Pod's window allows.
+            stream
+                .send_data(body.clone(), true)
+                .map_err(|_| H2Failure::NoAnswer { timed_out: false })?;
+        }
+        let resp = match tokio::time::timeout(conf.read_timeout, answer).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                log::warn!(
+                    "upstream {}: no answer from {}: {e}",
+                    conf.name,
+                    backend.addr
+                );
+                return Err(H2Failure::NoAnswer { timed_out: false });
+            }
+            Err(_) => {
+                log::warn!(
+                    "upstream {}: no answer from {}: timed out",
+                    conf.name,
+                    backend.addr
+                );
+                return Err(H2Failure::NoAnswer { timed_out: true });
+            }
+        };
+        let took = attempt.elapsed();
+        outcome.first_byte = Some(took);
+        upstream.metrics.first_byte.observe(took.as_secs_f64());
+        let status = resp.status().as_u16();
+        upstream.record(backend, status < 500);
+        outcome.status = status;
+        let (parts, mut recv) = resp.into_parts();
+        let no_body =
+            ctx.head_only || status == 204 || status == 304 || (100..200).contains(&status);
+        let ended = no_body || recv.is_end_stream();
+        // HTTP/1.0 clients know no chunked coding: their answer ends with the connection.
+        let chunked = !ended && ctx.req.minor >= 1;
+        let keep = keep && (ended || chunked);
+        let mut out = Vec::with_capacity(256);
+        let reason = parts.status.canonical_reason().unwrap_or("");
+        out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        let mut has_id = false;
+        for (name, value) in &parts.headers {
+            // h2 has no connection-specific fields; the length is podgate's to decide.
+            if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+                continue;
+            }
+            has_id |= name.as_str() == "x-request-id";
+            push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if !has_id {
+            push_header(&mut out, b"x-request-id", ctx.request_id.as_bytes());
+        }
+        if chunked {
+            push_header(&mut out, b"transfer-encoding", b"chunked");
+        } else if ended && !ctx.head_only && status != 204 && status != 304 {
+            push_header(&mut out, b"content-length", b"0");
+        }
+        push_header(
+            &mut out,
+            b"connection",
+            if keep { b"keep-alive" } else { b"close" },
+        );
+        out.extend_from_slice(b"\r\n");
+        let body_timeout = self.limits.body_timeout;
+        if c.send(&out, body_timeout).await.is_err() {
+            return Ok(false);
+        }
+        if ended {
+            return Ok(keep);
+        }
+        loop {
+            let chunk = match tokio::time::timeout(conf.read_timeout, recv.data()).await {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    log::debug!(
+                        "upstream {}: relaying the answer of {}: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Ok(false);
+                }
+                Err(_) => {
+                    log::debug!(
+                        "upstream {}: the answer of {} stalled",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Ok(false);
+                }
+            };
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if chunk.is_empty() {
+                continue;
+            }
+            outcome.bytes += chunk.len() as u64;
+            let sent = if chunked {
+                let mut framed = Vec::with_capacity(chunk.len() + 12);
+                framed.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                framed.extend_from_slice(&chunk);
+                framed.extend_from_slice(b"\r\n");
+                c.send(&framed, body_timeout).await
+            } else {
+                c.send(&chunk, body_timeout).await
+            };
+            if sent.is_err() {
+                return Ok(false);
+            }
+        }
+        if chunked && c.send(b"0\r\n\r\n", body_timeout).await.is_err() {
+            return Ok(false);
+        }
+        Ok(keep)
+    }
+}
+
+/// Why an h2 attempt got no answer head.
+enum H2Failure {
+    /// No stream could be opened: nothing reached the Pod.
+    Connect,
+    /// The request went out; no answer head came.
+    NoAnswer { timed_out: bool },
+}
+
+/// The request for an h2 Pod: the client's fields minus hop-by-hop, framing and forwarding ones
+/// (as for HTTP/1.1 Pods), then the forwarding fields; `Host` becomes `:authority`. `None` when
+/// the authority or a field cannot be represented.
+fn h2_request(
+    ctx: &RequestCtx,
+    route: &GatewayRoute,
+    c: &Client,
+    pod: SocketAddr,
+    body_len: usize,
+) -> Option<http::Request<()>> {
+    let conf = &route.upstream.upstream.conf;
+    let scheme = match conf.scheme {
+        crate::config::Scheme::Https => "https",
+        crate::config::Scheme::Http => "http",
+    };
+    let authority: String = match &conf.host_header {
+        Some(h) => h.clone(),
+        None if !ctx.host_raw.is_empty() => String::from_utf8(ctx.host_raw.to_vec()).ok()?,
+        None => pod.to_string(),
+    };
+    let uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(route.upstream_path(ctx.path_and_query).as_ref())
+        .build()
+        .ok()?;
+    let mut b = http::Request::builder()
+        .method(ctx.req.method.clone())
+        .uri(uri);
+    for (name, value) in ctx.req.headers() {
+        // `upgrade` too: h2 has no upgrades (those requests were answered 502 before).
+        if ctx.info.drops(name, false) {
+            continue;
+        }
+        b = b.header(
+            http::HeaderName::from_bytes(name).ok()?,
+            http::HeaderValue::from_bytes(value).ok()?,
+        );
+    }
+    if let Some(ip) = c.addr.map(|a| a.ip()) {
+        let xff = match ctx.info.forwarded_for.filter(|p| !p.is_empty()) {
+            Some(prev) => format!("{}, {ip}", String::from_utf8_lossy(prev)),
+            None => ip.to_string(),
+        };
+        b = b.header("x-forwarded-for", http::HeaderValue::from_str(&xff).ok()?);
+    }
+    b = b.header("x-forwarded-proto", if c.tls { "https" } else { "http" });
+    if !ctx.host_raw.is_empty() {
+        let host = ctx.host_raw.to_ascii_lowercase();
+        b = b.header(
+            "x-forwarded-host",
+            http::HeaderValue::from_bytes(&host).ok()?,
+        );
+    }
+    b = b.header(
+        "x-request-id",
+        http::HeaderValue::from_str(ctx.request_id).ok()?,
+    );
+    if body_len > 0 || ctx.has_length {
+        b = b.header(http::header::CONTENT_LENGTH, body_len);
+    }
+    b.body(()).ok()
+}
