@@ -84,6 +84,9 @@ pub struct ServerSettings {
     pub keepalive_timeout: Duration,
     /// Bytes that all connections still sending a request head may hold together.
     pub header_memory: usize,
+    /// The zone this podgate runs in (`topology.kubernetes.io/zone` of its node), for upstreams
+    /// with `zone_aware: true`.
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -131,6 +134,57 @@ pub struct UpstreamConf {
     pub health_check: Option<HealthCheckConf>,
     /// New endpoints ramp their weight up linearly over this long.
     pub slow_start: Option<Duration>,
+    /// How a Pod is chosen within the set that tiers and zones leave.
+    pub balance: Balance,
+    /// `zone_aware: true`: the zone whose Pods are preferred while it has the capacity, i.e.
+    /// `server.zone` (copied here so that a reload changing it rebuilds the upstream).
+    pub local_zone: Option<String>,
+}
+
+/// How an upstream picks among its Pods (`balance`, with `hash_on`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's), the default.
+    #[default]
+    RoundRobin,
+    /// A Ketama ring over the Pods: one key always reaches the same Pod while the set is stable.
+    ConsistentHash(HashOn),
+    /// Power of two choices on in-flight requests per weight (Envoy's least request).
+    LeastRequest,
+}
+
+/// What a consistent-hash key is made of (`hash_on`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header, lower-cased name.
+    Header(String),
+    /// A cookie of the request, by name.
+    Cookie(String),
+    /// The client's IP address (the peer of the connection).
+    ClientIp,
+    /// The request path, without the query.
+    Path,
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Balance::RoundRobin => f.write_str("round_robin"),
+            Balance::ConsistentHash(on) => write!(f, "consistent_hash on {on}"),
+            Balance::LeastRequest => f.write_str("least_request"),
+        }
+    }
+}
+
+impl std::fmt::Display for HashOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashOn::Header(n) => write!(f, "header {n}"),
+            HashOn::Cookie(n) => write!(f, "cookie {n}"),
+            HashOn::ClientIp => f.write_str("client_ip"),
+            HashOn::Path => f.write_str("path"),
+        }
+    }
 }
 
 impl UpstreamConf {
@@ -148,6 +202,9 @@ pub struct ServiceRef {
     pub port: PortRef,
     /// Weight of each Pod of this service.
     pub weight: u32,
+    /// Failover tier: 0 is preferred; a higher tier gets traffic as the lower ones lack healthy
+    /// capacity.
+    pub priority: u32,
     /// Pod-label subset: only the endpoints whose Pod has all these labels (empty: every
     /// endpoint). Keys and values are valid Kubernetes labels.
     pub labels: BTreeMap<String, String>,
@@ -287,6 +344,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WEIGHT: u32 = 1;
+/// The lowest failover tier a service entry may name (`priority`); Envoy allows 128, but with at
+/// most 20 services per upstream a handful is all anyone uses.
+pub const MAX_PRIORITY: u32 = 9;
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -405,7 +465,7 @@ fn read_config(r: &mut Reader, doc: &Node, base: &Path) -> Option<Config> {
         .map(|n| r.list(n, "upstreams"))
         .unwrap_or_default()
     {
-        if let Some(u) = read_upstream(r, n, &path, &clusters, &resolve) {
+        if let Some(u) = read_upstream(r, n, &path, &clusters, &server, &resolve) {
             if upstreams.iter().any(|x| x.name == u.name) {
                 r.error(
                     Some(n),
@@ -602,6 +662,7 @@ fn read_server(
         client_body_timeout: DEFAULT_CLIENT_BODY_TIMEOUT,
         keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         header_memory: DEFAULT_HEADER_MEMORY,
+        zone: None,
     };
     let Some(n) = n else { return s };
     let Some(f) = r.fields(
@@ -618,10 +679,23 @@ fn read_server(
             "client_body_timeout",
             "keepalive_timeout",
             "header_memory",
+            "zone",
         ],
     ) else {
         return s;
     };
+    if let Some(z) = r.optional_string(&f, "zone") {
+        // A Kubernetes label value: what `topology.kubernetes.io/zone` holds.
+        match label_value(&z) {
+            Ok(()) if !z.is_empty() => s.zone = Some(z),
+            Ok(()) => r.error(f.get("zone"), &f.child("zone"), "must not be empty"),
+            Err(why) => r.error(
+                f.get("zone"),
+                &f.child("zone"),
+                format!("`{z}` is not a zone name: {why}"),
+            ),
+        }
+    }
     s.ready_timeout = r.duration(&f, "ready_timeout", DEFAULT_READY_TIMEOUT);
     for (key, value, default) in [
         (
@@ -804,6 +878,9 @@ const UPSTREAM_KEYS: &[&str] = &[
     "health_check",
     "outlier",
     "slow_start",
+    "balance",
+    "hash_on",
+    "zone_aware",
     "services",
     "nodes",
 ];
@@ -813,6 +890,7 @@ fn read_upstream(
     n: &Node,
     path: &str,
     clusters: &[Cluster],
+    server: &ServerSettings,
     resolve: &dyn Fn(String) -> PathBuf,
 ) -> Option<UpstreamConf> {
     let f = r.fields(n, path, UPSTREAM_KEYS)?;
@@ -912,6 +990,15 @@ fn read_upstream(
         .get("slow_start")
         .map(|_| r.duration(&f, "slow_start", Duration::ZERO))
         .filter(|d| !d.is_zero());
+    let balance = read_balance(r, &f);
+    let zone_aware = r.bool(&f, "zone_aware", false);
+    if zone_aware && server.zone.is_none() {
+        r.error(
+            f.get("zone_aware"),
+            &f.child("zone_aware"),
+            "needs server.zone: the zone podgate runs in",
+        );
+    }
     let mut services = Vec::new();
     if let Some(s) = f.get("services") {
         let items = r.list(s, &f.child("services"));
@@ -984,7 +1071,81 @@ fn read_upstream(
         outlier,
         health_check,
         slow_start,
+        balance,
+        local_zone: server.zone.clone().filter(|_| zone_aware),
     })
+}
+
+/// `balance` and `hash_on`: `hash_on` goes with `consistent_hash` and nothing else.
+fn read_balance(r: &mut Reader, f: &Fields<'_>) -> Balance {
+    let hash_on = f.get("hash_on").and_then(|n| {
+        let text = r.string(n, &f.child("hash_on"))?;
+        let (kind, name) = match text.split_once(' ') {
+            Some((k, rest)) => (k, Some(rest.trim())),
+            None => (text.as_str(), None),
+        };
+        let on = match (kind, name) {
+            ("header", Some(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+                Some(HashOn::Header(h.to_ascii_lowercase()))
+            }
+            ("cookie", Some(c))
+                if !c.is_empty()
+                    && c.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) =>
+            {
+                Some(HashOn::Cookie(c.to_string()))
+            }
+            ("client_ip", None) => Some(HashOn::ClientIp),
+            ("path", None) => Some(HashOn::Path),
+            _ => None,
+        };
+        if on.is_none() {
+            r.error(
+                Some(n),
+                &f.child("hash_on"),
+                format!(
+                    "`{text}` is not a hash key: use `header NAME`, `cookie NAME`, `client_ip` \
+                     or `path`"
+                ),
+            );
+        }
+        on
+    });
+    let balance = match r.optional_string(f, "balance").as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_request") => Balance::LeastRequest,
+        Some("consistent_hash") => match (&hash_on, f.get("hash_on")) {
+            (Some(on), _) => return Balance::ConsistentHash(on.clone()),
+            (None, Some(_)) => return Balance::RoundRobin, // reported above
+            (None, None) => {
+                r.error(
+                    f.get("balance"),
+                    &f.child("hash_on"),
+                    "is required with balance: consistent_hash (header NAME, cookie NAME, \
+                     client_ip or path)",
+                );
+                Balance::RoundRobin
+            }
+        },
+        Some(other) => {
+            r.error(
+                f.get("balance"),
+                &f.child("balance"),
+                format!(
+                    "`{other}` is not a balance policy: use round_robin, consistent_hash or \
+                     least_request"
+                ),
+            );
+            return Balance::RoundRobin;
+        }
+    };
+    if let Some(n) = f.get("hash_on") {
+        r.error(
+            Some(n),
+            &f.child("hash_on"),
+            "only applies with balance: consistent_hash",
+        );
+    }
+    balance
 }
 
 fn read_health_check(r: &mut Reader, n: &Node, path: &str) -> Option<HealthCheckConf> {
@@ -1131,6 +1292,7 @@ fn read_service_ref(
             "service",
             "port",
             "weight",
+            "priority",
             "labels",
         ],
     )?;
@@ -1187,6 +1349,9 @@ fn read_service_ref(
         Some(p) => read_port_ref(r, p, &f.child("port")),
     };
     let weight = read_weight(r, &f);
+    let priority = r
+        .optional_int(&f, "priority", 0, MAX_PRIORITY as i64)
+        .map_or(0, |p| p as u32);
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     if let Some(node) = f.get("labels") {
         let path = f.child("labels");
@@ -1222,6 +1387,7 @@ fn read_service_ref(
         service: service?,
         port: port?,
         weight,
+        priority,
         labels,
     })
 }
