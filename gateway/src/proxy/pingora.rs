@@ -40,6 +40,8 @@ pub struct Ctx {
     /// Backends tried so far, in order; the last one is the current attempt.
     tried: Vec<SocketAddr>,
     current: Option<Backend>,
+    /// Counts the current attempt in flight (least request) until the next attempt or the end.
+    in_flight: Option<crate::upstream::policy::least::InFlight>,
 }
 
 impl Ctx {
@@ -150,6 +152,7 @@ impl ProxyHttp for Gateway {
             host: String::new(),
             tried: Vec::new(),
             current: None,
+            in_flight: None,
         }
     }
 
@@ -184,13 +187,25 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
-        let Some(backend) = upstream.pick(&ctx.tried) else {
+        ctx.in_flight = None;
+        let req = session.req_header();
+        let hashed = crate::proxy::HashParts {
+            headers: &req.headers,
+            path: req.uri.path(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+        };
+        let key = upstream.hash_key(&hashed);
+        let Some((backend, in_flight)) = upstream.pick(&ctx.tried, key) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "upstream has no endpoint");
         };
+        ctx.in_flight = in_flight;
         ctx.tried.push(backend.addr);
         let conf = &upstream.conf;
         let tls = conf.scheme == Scheme::Https;

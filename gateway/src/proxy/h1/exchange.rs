@@ -64,6 +64,28 @@ struct RequestCtx<'a> {
     upgrading: bool,
 }
 
+/// What consistent hashing reads from a request on this path.
+struct HashView<'a> {
+    req: &'a Request,
+    path: &'a str,
+    client: Option<std::net::IpAddr>,
+}
+
+impl crate::upstream::policy::RequestParts for HashView<'_> {
+    fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.req
+            .headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+}
+
 /// Where a request target points.
 struct Target<'a> {
     path_and_query: &'a str,
@@ -257,10 +279,17 @@ impl<F> Engine<F> {
         head.extend_from_slice(&body);
         let replayable = !streaming && ctx.req.method.is_idempotent();
 
+        let hashed = HashView {
+            req: ctx.req,
+            path: ctx.path_and_query.split('?').next().unwrap_or("/"),
+            client: c.addr.map(|a| a.ip()),
+        };
+        let key = upstream.hash_key(&hashed);
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
         let mut last_failure = 503;
         loop {
-            let Some(backend) = upstream.pick(&tried) else {
+            // `_in_flight` counts the attempt for least request until this iteration ends.
+            let Some((backend, _in_flight)) = upstream.pick(&tried, key) else {
                 outcome.status = last_failure;
                 let answer = error_answer(last_failure, None, false, ctx.head_only, ctx.request_id);
                 let _ = c.send(&answer, body_timeout).await;

@@ -316,6 +316,15 @@ async fn proxy(
     let upstream = &route.upstream.upstream;
     let conf = &upstream.conf;
     let (mut parts, body) = req.into_parts();
+    // Owned: the request's parts are handed to the Pod connection below.
+    let hash_key: Option<Vec<u8>> = {
+        let hashed = crate::proxy::HashParts {
+            headers: &parts.headers,
+            path: parts.uri.path(),
+            client: c.client.map(|a| a.ip()),
+        };
+        upstream.hash_key(&hashed).map(|k| k.as_bytes().to_vec())
+    };
     let upgrading = asks_upgrade(&parts.headers);
     let client_upgrade = if upgrading {
         parts.extensions.remove::<OnUpgrade>()
@@ -435,7 +444,10 @@ async fn proxy(
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
     let mut last_failure = 503;
     loop {
-        let Some(backend) = upstream.pick(&tried) else {
+        let key = hash_key
+            .as_deref()
+            .map(crate::upstream::policy::Key::Bytes);
+        let Some((backend, _in_flight)) = upstream.pick(&tried, key) else {
             record.status = last_failure;
             return error_answer(last_failure, None, true, &request_id);
         };
