@@ -1090,7 +1090,8 @@ fn read_balance(r: &mut Reader, f: &Fields<'_>) -> Balance {
             }
             ("cookie", Some(c))
                 if !c.is_empty()
-                    && c.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) =>
+                    && c.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) =>
             {
                 Some(HashOn::Cookie(c.to_string()))
             }

@@ -256,7 +256,11 @@ pub fn forget_removed(known: &Known) {
     retain(&RETRIES, &["upstream"], upstream_known);
     retain(&EJECTIONS, &["upstream"], upstream_known);
     retain(&CHECKS, &["upstream", "result"], upstream_known);
-    retain(&TRAFFIC_SHARE, &["upstream", "priority", "zone"], upstream_known);
+    retain(
+        &TRAFFIC_SHARE,
+        &["upstream", "priority", "zone"],
+        upstream_known,
+    );
     retain(&ENDPOINTS, &["upstream", "cluster", "state"], |v| {
         known
             .clusters

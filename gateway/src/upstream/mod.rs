@@ -17,8 +17,8 @@ pub mod pool;
 use crate::config::{Scheme, UpstreamConf};
 use crate::upstream::balance::{Backend, BackendInfo, Balancer, Segment, Selection};
 use outlier::Health;
-use policy::{zones, Key, Picked, RequestParts, SlotInput, Traffic, ZonePart};
 use podgate_discovery::{Endpoint, ServiceKey, ServiceState, Store};
+use policy::{zones, Key, Picked, RequestParts, SlotInput, Traffic, ZonePart};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -685,18 +685,30 @@ impl Upstream {
     ) -> Vec<SlotInput> {
         let layout = self.traffic.layout();
         let zone = self.conf.local_zone.as_deref();
-        let priority_of = |segment: usize| {
-            self.conf
-                .services
-                .get(segment)
-                .map_or(0, |s| s.priority)
-        };
+        let priority_of =
+            |segment: usize| self.conf.services.get(segment).map_or(0, |s| s.priority);
         let mut inputs = Vec::with_capacity(layout.len());
         for (priority, part) in layout.iter().copied() {
             // Listed capacity: the endpoints that are not terminating, at their service weight.
+            // A service held after it emptied (EMPTY_HOLD) lists nothing: its held Pods stay a
+            // fallback, but count as no capacity, so the next tier takes over at once.
             let mut total = 0u64;
+            let mut held = 0u64;
             for (i, (svc, view)) in self.conf.services.iter().zip(views).enumerate() {
                 if svc.priority != priority {
+                    continue;
+                }
+                if view.emptied_at.is_some() {
+                    held += segments[i]
+                        .backends()
+                        .iter()
+                        .filter(|b| match part {
+                            ZonePart::All => true,
+                            ZonePart::Local => b.info.local,
+                            ZonePart::Other => !b.info.local,
+                        })
+                        .map(|b| u64::from(b.weight))
+                        .sum::<u64>();
                     continue;
                 }
                 let n = view
@@ -712,7 +724,12 @@ impl Upstream {
                 total += n * u64::from(svc.weight);
             }
             if priority == 0 && part != ZonePart::Local {
-                total += self.conf.nodes.iter().map(|n| u64::from(n.weight)).sum::<u64>();
+                total += self
+                    .conf
+                    .nodes
+                    .iter()
+                    .map(|n| u64::from(n.weight))
+                    .sum::<u64>();
             }
             let selection = if layout.len() == 1 {
                 None
@@ -737,7 +754,11 @@ impl Upstream {
                     ),
                 })
             };
-            inputs.push(SlotInput { selection, total });
+            inputs.push(SlotInput {
+                selection,
+                total,
+                held,
+            });
         }
         inputs
     }

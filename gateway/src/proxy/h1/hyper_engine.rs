@@ -444,9 +444,7 @@ async fn proxy(
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
     let mut last_failure = 503;
     loop {
-        let key = hash_key
-            .as_deref()
-            .map(crate::upstream::policy::Key::Bytes);
+        let key = hash_key.as_deref().map(crate::upstream::policy::Key::Bytes);
         let Some((backend, _in_flight)) = upstream.pick(&tried, key) else {
             record.status = last_failure;
             return error_answer(last_failure, None, true, &request_id);

@@ -21,7 +21,11 @@ pub struct InFlight(Arc<Health>);
 
 impl InFlight {
     pub fn start(backend: &Backend) -> InFlight {
-        backend.info.health.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend
+            .info
+            .health
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
         InFlight(backend.info.health.clone())
     }
 }
@@ -94,7 +98,10 @@ mod tests {
     fn a_busy_pod_gets_fewer_picks() {
         let set = vec![backend(1, 1), backend(2, 1), backend(3, 1)];
         let s = Selection::new(set);
-        let busy = s.find(&SocketAddr::from(([10, 0, 0, 1], 80))).unwrap().clone();
+        let busy = s
+            .find(&SocketAddr::from(([10, 0, 0, 1], 80)))
+            .unwrap()
+            .clone();
         let _held: Vec<InFlight> = (0..5).map(|_| InFlight::start(&busy)).collect();
         let hits = (0..3000)
             .filter(|_| pick(&s, |_| false).unwrap().addr == busy.addr)

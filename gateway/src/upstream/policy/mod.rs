@@ -113,6 +113,8 @@ pub struct SlotInput {
     pub selection: Option<Selection>,
     /// Weight of the Pods Kubernetes lists for it that are not terminating.
     pub total: u64,
+    /// Weight of Pods kept only because their service just emptied (not capacity).
+    pub held: u64,
 }
 
 /// One slot of a plan.
@@ -123,6 +125,10 @@ pub struct SlotPlan {
     pub capacity: tiers::Capacity,
     /// Share of new requests, 0..=1.
     pub share: f64,
+    /// The listed weight as the rebuild counted it (kept for replans).
+    listed: u64,
+    /// Weight of held Pods in the slot (see [`SlotInput::held`]), not counted as healthy.
+    held: u64,
     /// For `consistent_hash`.
     ring: Option<Arc<hash::Ring>>,
 }
@@ -206,7 +212,9 @@ impl Traffic {
         let layout = self.layout();
         let mut rings = Vec::with_capacity(inputs.len());
         let mut totals = Vec::with_capacity(inputs.len());
+        let mut held = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
+            held.push(input.held);
             if let (Some(b), Some(selection)) = (self.slots.get(i), input.selection) {
                 b.swap(selection);
             }
@@ -224,7 +232,7 @@ impl Traffic {
             rings.push(ring);
             totals.push(input.total);
         }
-        let plan = Arc::new(self.compute(main, &layout, &totals, rings, now_ms));
+        let plan = Arc::new(self.compute(main, &layout, &totals, &held, rings, now_ms));
         self.plan.store(plan.clone());
         plan
     }
@@ -233,9 +241,10 @@ impl Traffic {
     pub fn replan(&self, main: &Balancer, now_ms: u64) -> Arc<Plan> {
         let _planning = self.planning.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.plan.load_full();
-        let totals: Vec<u64> = old.slots.iter().map(|s| s.capacity.total).collect();
+        let totals: Vec<u64> = old.slots.iter().map(|s| s.listed).collect();
+        let held: Vec<u64> = old.slots.iter().map(|s| s.held).collect();
         let rings = old.slots.iter().map(|s| s.ring.clone()).collect();
-        let plan = Arc::new(self.compute(main, &self.layout(), &totals, rings, now_ms));
+        let plan = Arc::new(self.compute(main, &self.layout(), &totals, &held, rings, now_ms));
         self.plan.store(plan.clone());
         plan
     }
@@ -252,6 +261,7 @@ impl Traffic {
         main: &Balancer,
         layout: &[(u32, ZonePart)],
         totals: &[u64],
+        held: &[u64],
         rings: Vec<Option<Arc<hash::Ring>>>,
         now_ms: u64,
     ) -> Plan {
@@ -259,11 +269,14 @@ impl Traffic {
         let mut zones_per_tier: Vec<usize> = Vec::new();
         for (i, ((priority, zone), ring)) in layout.iter().zip(rings).enumerate() {
             let selection = self.selection_of(main, i);
+            let held = held.get(i).copied().unwrap_or(0);
             let healthy: u64 = selection
                 .iter()
                 .filter(|b| b.info.health.healthy(now_ms))
                 .map(|b| u64::from(b.weight))
-                .sum();
+                .sum::<u64>()
+                .saturating_sub(held);
+            let listed = totals.get(i).copied().unwrap_or(0);
             if *zone != ZonePart::Other {
                 zones_per_tier.push(0);
             }
@@ -283,11 +296,13 @@ impl Traffic {
                 zone: *zone,
                 capacity: tiers::Capacity {
                     healthy,
-                    // Never below what is healthy (a Pod can be ready before the listing
-                    // that counts it shows up in a view).
-                    total: totals.get(i).copied().unwrap_or(0).max(healthy),
+                    // Never below what is healthy (slow start weights, a Pod both in a ready
+                    // service and counted once).
+                    total: listed.max(healthy),
                 },
                 share: 0.0,
+                listed,
+                held,
                 ring,
             });
         }
@@ -297,7 +312,9 @@ impl Traffic {
             if s.zone != ZonePart::Other {
                 tier_caps.push(tiers::Capacity::default());
             }
-            let t = tier_caps.last_mut().expect("a tier starts with its first slot");
+            let t = tier_caps
+                .last_mut()
+                .expect("a tier starts with its first slot");
             t.healthy += s.capacity.healthy;
             t.total += s.capacity.total;
         }
@@ -472,7 +489,10 @@ mod tests {
             path: "/cart",
         };
         let key = |on: HashOn| hash_key(&on, &req).map(|k| k.as_bytes().to_vec());
-        assert_eq!(key(HashOn::Header("x-user".into())), Some(b"alice".to_vec()));
+        assert_eq!(
+            key(HashOn::Header("x-user".into())),
+            Some(b"alice".to_vec())
+        );
         assert_eq!(key(HashOn::Header("x-none".into())), None);
         assert_eq!(key(HashOn::Cookie("sid".into())), Some(b"xyz".to_vec()));
         assert_eq!(key(HashOn::Cookie("b".into())), Some(b"2".to_vec()));
