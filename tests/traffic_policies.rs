@@ -434,3 +434,51 @@ async fn consistent_hash_keeps_keys_on_their_pod_and_moves_a_tenth_when_one_of_t
     }
     assert!(seen.len() >= 4, "20 sessions over {seen:?}");
 }
+
+/// Both proxy paths hash alike: on an `h2c` listener, HTTP/2 goes through Pingora's path and
+/// HTTP/1.1 through podgate's own; a key reaches the same Pod on either.
+#[tokio::test]
+async fn the_pingora_path_and_the_http1_path_hash_a_key_to_the_same_pod() {
+    let names: Vec<String> = (0..6).map(|i| format!("web-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pods = pods_same_port(&refs).await;
+    let nodes: String = pods
+        .iter()
+        .map(|p| format!("{{address: \"{}\"}}, ", p.addr))
+        .collect();
+    let conf = format!(
+        "upstreams:\n  - {{name: web, balance: consistent_hash, hash_on: header x-user, nodes: [{nodes}]}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n"
+    );
+    let gw = Gateway::start_with_listener(tempfile::tempdir().unwrap(), "h2c: true", &conf).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut h1 = Conn::open(gw.addr).await.unwrap();
+    let mut used = std::collections::HashSet::new();
+    for u in 0..40 {
+        let user = format!("user-{u}");
+        let req = http::Request::builder()
+            .uri("http://h2c.test/")
+            .header("x-user", &user)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let over_h2 = resp.headers()["x-pod"].to_str().unwrap().to_string();
+        let over_h1 = h1
+            .send("GET", "t.test", "/", &[("x-user", &user)])
+            .await
+            .unwrap()
+            .header("x-pod")
+            .unwrap();
+        assert_eq!(over_h2, over_h1, "{user}");
+        used.insert(over_h2);
+    }
+    assert!(used.len() >= 4, "40 users over {used:?}");
+}

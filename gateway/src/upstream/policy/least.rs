@@ -1,8 +1,9 @@
 //! Least request (`balance: least_request`): the power of two choices over weighted Pods, as
 //! Envoy's least-request balancer does it.
 //!
-//! Two Pods are drawn at random, each with probability proportional to its weight, and the one
-//! with fewer requests in flight per unit of weight gets the request. That avoids a slow Pod
+//! Two Pods are drawn at random, each with probability proportional to its weight (the second
+//! drawn again, up to three times, while it is the first), and the one with fewer requests in
+//! flight per unit of weight gets the request; on a tie, the first. That avoids a slow Pod
 //! (its requests pile up) without the herd effect of always choosing the global minimum, and
 //! costs two draws and two atomic loads, whatever the number of Pods.
 //!
@@ -72,7 +73,15 @@ pub fn pick<'s>(selection: &'s Selection, skip: impl Fn(&Backend) -> bool) -> Op
         return None;
     }
     let a = selection.at_weight(random() % total)?;
-    let b = selection.at_weight(random() % total)?;
+    // Two different Pods when there are two: drawing the same one twice would hand a slow Pod
+    // (of N) 1/N² of the picks whatever its load, a share large enough to show in the p99.
+    let mut b = selection.at_weight(random() % total)?;
+    for _ in 0..3 {
+        if b.addr != a.addr || selection.len() < 2 {
+            break;
+        }
+        b = selection.at_weight(random() % total)?;
+    }
     match (skip(a), skip(b)) {
         (false, false) => Some(if lighter(b, a) { b } else { a }),
         (false, true) => Some(a),
