@@ -482,3 +482,76 @@ async fn the_pingora_path_and_the_http1_path_hash_a_key_to_the_same_pod() {
     }
     assert!(used.len() >= 4, "40 users over {used:?}");
 }
+
+/// Active checks count for tier health: a tier-0 Pod that stops answering probes takes its
+/// capacity with it, and its share spills to tier 1 without any change in Kubernetes.
+#[tokio::test]
+async fn a_pod_failing_active_checks_spills_its_tiers_share() {
+    unhealthy_pod_spills(
+        "outlier: {consecutive_failures: 0}\n    \
+         health_check: {kind: tcp, interval: 100ms, timeout: 50ms, healthy: 1, unhealthy: 2}",
+    )
+    .await;
+}
+
+/// Passive ejection counts too: requests that fail on the Pod eject it (and are retried on
+/// another), and the ejection re-divides the traffic.
+#[tokio::test]
+async fn an_ejected_pod_spills_its_tiers_share() {
+    unhealthy_pod_spills("outlier: {consecutive_failures: 2, base_ejection: 60s}").await;
+}
+
+async fn unhealthy_pod_spills(health: &str) {
+    let mut pods: Vec<Option<Pod>> = pods_same_port(&["east-1", "east-2", "west-1", "west-2"])
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
+    let port = pods[0].as_ref().unwrap().addr.port();
+    let ep = |p: &Option<Pod>| {
+        let p = p.as_ref().unwrap();
+        (p.name.clone(), p.ip())
+    };
+    let eps: Vec<(String, String)> = pods.iter().map(ep).collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cluster")).unwrap();
+    for (svc, range) in [("tier0", 0..2), ("tier1", 2..4)] {
+        let list: Vec<_> = eps[range]
+            .iter()
+            .map(|(n, ip)| (n.as_str(), ip.clone(), true, "z", None))
+            .collect();
+        let text = format!(
+            "{}---\n{}",
+            service_yaml(svc),
+            slice(&format!("{svc}-1"), svc, port, &list)
+        );
+        std::fs::write(dir.path().join(format!("cluster/{svc}.yaml")), text).unwrap();
+    }
+    let conf = format!(
+        "clusters:\n  - {{name: local, manifests: cluster}}\n\
+                upstreams:\n  - name: web\n    retries: 2\n    {health}\n\
+                \x20   services:\n\
+                \x20     - {{cluster: local, service: tier0, port: 8000}}\n\
+                \x20     - {{cluster: local, service: tier1, port: 8000, priority: 1}}\n\
+                routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n"
+    );
+    let gw = Gateway::start_full(dir, "", "threads: 1\n  grace_period: 1s", &conf).await;
+    wait_for("tier 0 to take everything", || async {
+        share(&shares(&gw).await, 0, "all") == 1.0
+    })
+    .await;
+    // east-2 goes away; Kubernetes has not noticed (its endpoint stays ready).
+    pods[1] = None;
+    wait_for("tier 0 at 70 % once east-2 counts as unhealthy", || async {
+        // Requests find out too (ejection); every one must still succeed through retries.
+        let r = gw.get("t.test", "/").await;
+        assert_eq!(r.status, 200);
+        (share(&shares(&gw).await, 0, "all") - 0.7).abs() < 1e-3
+    })
+    .await;
+    let n = 600;
+    let c = spread(&gw, n, &[]).await;
+    let west = sum_with(&c, "west");
+    assert!(close_to(west, n, 0.3), "{west} of {n} to tier 1: {c:?}");
+    assert_eq!(c.get("east-2"), None, "{c:?}");
+}
