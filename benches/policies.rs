@@ -3,6 +3,8 @@
 //! (Ketama ring; keys vary), least request (two weighted draws), two failover tiers, and
 //! zone-aware routing. The bound: no policy's pick above 2x the WRR pick.
 //!
+//! `hash1k` is the same over 1,000 endpoints (two services), for how the ring's size shows.
+//!
 //! Also the rebuild of a consistent-hash upstream after one endpoint changed (its ring is made
 //! again), next to the plain upstream's, as `benches/rebuild.rs` measures it.
 //!
@@ -82,10 +84,16 @@ fn upstreams(store: Arc<Store>) -> Arc<Upstreams> {
         ("least", "balance: least_request, "),
         ("tiers", ""),
         ("zones", "zone_aware: true, "),
+        (
+            "hash1k",
+            "balance: consistent_hash, hash_on: header x-user, ",
+        ),
     ];
     for (name, extra) in policies {
         conf.push_str(&format!("  - {{name: {name}, {extra}services: [\n"));
-        for s in 0..SERVICES {
+        // hash1k: two services, 1,000 endpoints.
+        let services = if name == "hash1k" { 2 } else { SERVICES };
+        for s in 0..services {
             let weight = [10, 10, 1][s % 3];
             let priority = if name == "tiers" && s >= SERVICES / 2 {
                 1
@@ -123,14 +131,16 @@ fn picks(c: &mut Criterion) {
         let up = ups.by_name[name].clone();
         g.bench_function(name, |b| b.iter(|| black_box(up.pick(&[], None))));
     }
-    let up = ups.by_name["hash"].clone();
-    let mut i = 0;
-    g.bench_function("hash", |b| {
-        b.iter(|| {
-            i = (i + 1) & 4095;
-            black_box(up.pick(&[], Some(Key::Bytes(keys[i].as_bytes()))))
-        })
-    });
+    for name in ["hash", "hash1k"] {
+        let up = ups.by_name[name].clone();
+        let mut i = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                black_box(up.pick(&[], Some(Key::Bytes(keys[i].as_bytes()))))
+            })
+        });
+    }
     g.finish();
 
     // One endpoint of service 7 moves, back and forth: the plain upstream against the hashing

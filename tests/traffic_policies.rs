@@ -15,13 +15,11 @@ use std::sync::Arc;
 use support::fake_kube::FakeKube;
 use support::*;
 
-/// An EndpointSlice as JSON: (pod, ip, ready, zone, hints) per endpoint.
-fn slice(
-    name: &str,
-    service: &str,
-    port: u16,
-    eps: &[(&str, String, bool, &str, Option<&[&str]>)],
-) -> Value {
+/// One endpoint of a test slice: Pod name, IP, ready, zone, `hints.forZones`.
+type Endpoint<'a> = (&'a str, String, bool, &'a str, Option<&'a [&'a str]>);
+
+/// An EndpointSlice as JSON.
+fn slice(name: &str, service: &str, port: u16, eps: &[Endpoint<'_>]) -> Value {
     let endpoints: Vec<Value> = eps
         .iter()
         .map(|(pod, ip, ready, zone, hints)| {
@@ -114,7 +112,7 @@ async fn failover_tiers_spill_in_proportion_move_on_one_event_and_come_back() {
         }))
         .unwrap(),
     );
-    let east = |eps: &[(&str, String, bool, &str, Option<&[&str]>)]| {
+    let east = |eps: &[Endpoint<'_>]| {
         fake.apply_slice_json(slice("web-east", "web", port, eps));
     };
     east(&[ep(0, true), ep(1, true), ep(2, true), ep(3, true)]);

@@ -67,7 +67,7 @@ fn lighter(a: &Backend, b: &Backend) -> bool {
 /// The lighter of two weighted random draws from `selection`, passing over those `skip`
 /// refuses. `None` when both draws are refused (or the selection is empty): the caller falls
 /// back to a walk that finds a usable one if any exists.
-pub fn pick<'s>(selection: &'s Selection, skip: impl Fn(&Backend) -> bool) -> Option<&'s Backend> {
+pub fn pick(selection: &Selection, skip: impl Fn(&Backend) -> bool) -> Option<&Backend> {
     let total = selection.total_weight();
     if total == 0 {
         return None;

@@ -266,7 +266,8 @@ impl Traffic {
         now_ms: u64,
     ) -> Plan {
         let mut slots: Vec<SlotPlan> = Vec::with_capacity(layout.len());
-        let mut zones_per_tier: Vec<usize> = Vec::new();
+        // The zones each tier's healthy Pods are in (a zone counted once across its slots).
+        let mut tier_zones: Vec<Vec<Arc<str>>> = Vec::new();
         for (i, ((priority, zone), ring)) in layout.iter().zip(rings).enumerate() {
             let selection = self.selection_of(main, i);
             let held = held.get(i).copied().unwrap_or(0);
@@ -278,18 +279,16 @@ impl Traffic {
                 .saturating_sub(held);
             let listed = totals.get(i).copied().unwrap_or(0);
             if *zone != ZonePart::Other {
-                zones_per_tier.push(0);
+                tier_zones.push(Vec::new());
             }
-            if let Some(z) = zones_per_tier.last_mut() {
-                let mut seen: Vec<&str> = Vec::new();
+            if let Some(seen) = tier_zones.last_mut() {
                 for b in selection.iter() {
-                    if let Some(name) = b.info.zone.as_deref() {
-                        if b.info.health.healthy(now_ms) && !seen.contains(&name) {
-                            seen.push(name);
+                    if let Some(name) = &b.info.zone {
+                        if b.info.health.healthy(now_ms) && !seen.contains(name) {
+                            seen.push(name.clone());
                         }
                     }
                 }
-                *z += seen.len();
             }
             slots.push(SlotPlan {
                 priority: *priority,
@@ -319,6 +318,7 @@ impl Traffic {
             t.total += s.capacity.total;
         }
         let loads = tiers::loads(&tier_caps);
+        let zones_per_tier: Vec<usize> = tier_zones.iter().map(Vec::len).collect();
         let mut why = Vec::new();
         let mut tier = 0;
         let mut i = 0;
