@@ -267,6 +267,11 @@ impl Upstream {
             conf.local_zone.as_deref().map(Arc::from),
             priorities,
         );
+        let metrics = crate::telemetry::metrics::UpstreamMetrics::new(&conf.name);
+        if traffic.is_plain() {
+            // One slot that never changes; set here so the family exists from start.
+            metrics.set_shares(&[(traffic.priorities[0], ZonePart::All.label(), 1.0)]);
+        }
         Ok(Upstream {
             traffic,
             connector: crate::upstream::pool::Connector::new(&conf)?,
@@ -275,7 +280,7 @@ impl Upstream {
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
-            metrics: crate::telemetry::metrics::UpstreamMetrics::new(&conf.name),
+            metrics,
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
             conf,
