@@ -384,6 +384,10 @@ impl Traffic {
         key: Option<Key<'_>>,
         skip: &dyn Fn(&Backend) -> bool,
     ) -> Option<Picked> {
+        if self.slots.is_empty() && self.balance == Balance::LeastRequest {
+            // One slot and no ring: the plan has nothing to say.
+            return self.pick_in(main, None, key, skip).map(|b| self.picked(b));
+        }
         let plan = self.plan.load();
         let draw = match key {
             Some(k) => fnv32(k.as_bytes()),
