@@ -553,3 +553,48 @@ async fn unhealthy_pod_spills(health: &str) {
     assert!(close_to(west, n, 0.3), "{west} of {n} to tier 1: {c:?}");
     assert_eq!(c.get("east-2"), None, "{c:?}");
 }
+
+/// A reload that drops a tier drops its share series too, rather than freezing its last value.
+#[tokio::test]
+async fn a_reload_that_drops_a_tier_drops_its_share_series() {
+    let pods = pods_same_port(&["web-1"]).await;
+    let port = pods[0].addr.port();
+    let manifest = format!(
+        "{}---\n{}---\n{}---\n{}",
+        service_yaml("a"),
+        slice_yaml("a-1", "a", port, &[Ep::ready(&pods[0])]),
+        service_yaml("b"),
+        slice_yaml("b-1", "b", port, &[Ep::ready(&pods[0])])
+    );
+    let conf = |tiers: bool| {
+        let second = if tiers {
+            "      - {cluster: local, service: b, port: 8000, priority: 1}\n"
+        } else {
+            ""
+        };
+        format!(
+            "clusters:\n  - {{name: local, manifests: cluster}}\n\
+             upstreams:\n  - name: web\n    services:\n\
+             \x20     - {{cluster: local, service: a, port: 8000}}\n{second}\
+             routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n"
+        )
+    };
+    let gw = Gateway::start(&conf(true), &[("cluster/web.yaml", &manifest)]).await;
+    let scrape = || async {
+        String::from_utf8(get(gw.admin, "a", "/metrics").await.unwrap().body.to_vec()).unwrap()
+    };
+    let tier1 = r#"podgate_upstream_traffic_share{priority="1",upstream="web",zone="all"}"#;
+    let tier0 = r#"podgate_upstream_traffic_share{priority="0",upstream="web",zone="all"} 1"#;
+    wait_for("both tiers' series", || async {
+        let t = scrape().await;
+        t.contains(tier1) && t.contains(tier0)
+    })
+    .await;
+    gw.rewrite_config(&conf(false));
+    gw.signal("HUP");
+    wait_for("the reload to drop tier 1's series", || async {
+        let t = scrape().await;
+        !t.contains(tier1) && t.contains(tier0)
+    })
+    .await;
+}

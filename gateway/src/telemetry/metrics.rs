@@ -178,6 +178,14 @@ impl UpstreamMetrics {
         }
     }
 
+    /// Deletes this upstream's traffic share series: a new upstream object (first start or a
+    /// reload that changed it) may have other tiers or zone parts than the one it replaces.
+    pub fn forget_shares(&self) {
+        retain(&TRAFFIC_SHARE, &["upstream", "priority", "zone"], |v| {
+            v[0] != self.name
+        });
+    }
+
     /// Sets the traffic share gauges: (priority, zone part, share 0..1).
     pub fn set_shares(&self, shares: &[(u32, &str, f64)]) {
         for (priority, zone, share) in shares {

@@ -268,6 +268,7 @@ impl Upstream {
             priorities,
         );
         let metrics = crate::telemetry::metrics::UpstreamMetrics::new(&conf.name);
+        metrics.forget_shares();
         if traffic.is_plain() {
             // One slot that never changes; set here so the family exists from start.
             metrics.set_shares(&[(traffic.priorities[0], ZonePart::All.label(), 1.0)]);
