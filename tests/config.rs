@@ -226,6 +226,111 @@ routes:
     );
 }
 
+/// The traffic-policy keys (`balance`, `hash_on`, `zone_aware`, `priority`, `server.zone`): each
+/// mistake named with its path and line, and a valid set read into the config.
+#[test]
+fn traffic_policy_keys_are_checked_with_path_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cluster")).unwrap();
+    let conf = r#"listeners:
+  - address: 127.0.0.1:8080
+clusters:
+  - name: local
+    manifests: cluster
+upstreams:
+  - name: a
+    balance: fastest
+    services:
+      - {cluster: local, service: s, port: 80, priority: 10}
+  - name: b
+    balance: consistent_hash
+    services: [{cluster: local, service: s, port: 80}]
+  - name: c
+    balance: consistent_hash
+    hash_on: header bad name
+    services: [{cluster: local, service: s, port: 80}]
+  - name: d
+    hash_on: client_ip
+    zone_aware: true
+    services: [{cluster: local, service: s, port: 80}]
+"#;
+    std::fs::write(dir.path().join("bad.yaml"), conf).unwrap();
+    let out = podgate(&["-c", "bad.yaml", "-t"], dir.path());
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (path, msg, at) in [
+        ("upstreams[0].balance", "not a balance policy", "fastest"),
+        (
+            "upstreams[0].services[0].priority",
+            "outside 0..9",
+            "priority: 10",
+        ),
+        (
+            "upstreams[1].hash_on",
+            "is required",
+            "balance: consistent_hash",
+        ),
+        ("upstreams[2].hash_on", "not a hash key", "bad name"),
+        (
+            "upstreams[3].hash_on",
+            "only applies with balance: consistent_hash",
+            "hash_on: client_ip",
+        ),
+        ("upstreams[3].zone_aware", "needs server.zone", "zone_aware"),
+    ] {
+        assert_eq!(
+            stderr.lines().filter(|l| l.contains(path)).count(),
+            1,
+            "one mistake, one line: {stderr}"
+        );
+        let want = format!("bad.yaml:{}: {path}: ", line_of(conf, at));
+        assert!(
+            stderr.lines().any(|l| l.contains(&want) && l.contains(msg)),
+            "{want}…{msg} not reported:\n{stderr}"
+        );
+    }
+
+    let good = r#"listeners:
+  - address: 127.0.0.1:8080
+server:
+  zone: eu-west-1a
+clusters:
+  - name: local
+    manifests: cluster
+upstreams:
+  - name: a
+    balance: consistent_hash
+    hash_on: cookie session
+    zone_aware: true
+    services:
+      - {cluster: local, service: s, port: 80}
+      - {cluster: local, service: t, port: 80, priority: 1}
+  - name: b
+    balance: least_request
+    nodes: [{address: "127.0.0.1:9"}]
+  - name: c
+    balance: consistent_hash
+    hash_on: header X-User
+    nodes: [{address: "127.0.0.1:9"}]
+"#;
+    let c = podgate_gateway::config::parse("good.yaml", good, dir.path()).expect("valid");
+    use podgate_gateway::config::{Balance, HashOn};
+    assert_eq!(c.server.zone.as_deref(), Some("eu-west-1a"));
+    assert_eq!(
+        c.upstreams[0].balance,
+        Balance::ConsistentHash(HashOn::Cookie("session".into()))
+    );
+    assert_eq!(c.upstreams[0].local_zone.as_deref(), Some("eu-west-1a"));
+    assert_eq!(c.upstreams[1].local_zone, None);
+    let priorities: Vec<u32> = c.upstreams[0].services.iter().map(|s| s.priority).collect();
+    assert_eq!(priorities, [0, 1]);
+    assert_eq!(c.upstreams[1].balance, Balance::LeastRequest);
+    assert_eq!(
+        c.upstreams[2].balance,
+        Balance::ConsistentHash(HashOn::Header("x-user".into()))
+    );
+}
+
 #[test]
 fn a_bad_config_stops_start_up_before_any_port_is_bound() {
     let dir = tempfile::tempdir().unwrap();

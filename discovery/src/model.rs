@@ -152,6 +152,9 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// `zone`.
     pub zone: Option<String>,
+    /// `hints.forZones`: the zones the EndpointSlice controller wants this endpoint to serve
+    /// (Topology Aware Routing); `None` when the slice carries no hints for it.
+    pub for_zones: Option<Vec<String>>,
     /// Name of the EndpointSlice it came from.
     pub slice: String,
 }
@@ -277,6 +280,11 @@ impl ServiceState {
                         .and_then(|r| r.name.clone()),
                     node: endpoint.node_name.clone(),
                     zone: endpoint.zone.clone(),
+                    for_zones: endpoint
+                        .hints
+                        .as_ref()
+                        .and_then(|h| h.for_zones.as_ref())
+                        .map(|zones| zones.iter().map(|z| z.name.clone()).collect()),
                     slice: slice_name.clone(),
                 };
                 match found.entry(candidate.addr) {

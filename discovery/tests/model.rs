@@ -63,6 +63,7 @@ fn port_by_number_and_by_name_resolve_to_the_slice_target_port() {
                 "targetRef": {"kind": "Pod", "name": "httpbin-1"},
                 "nodeName": "node-a",
                 "zone": "z1",
+                "hints": {"forZones": [{"name": "z1"}, {"name": "z2"}]},
             }]),
         )],
     );
@@ -77,6 +78,7 @@ fn port_by_number_and_by_name_resolve_to_the_slice_target_port() {
             pod: Some("httpbin-1".into()),
             node: Some("node-a".into()),
             zone: Some("z1".into()),
+            for_zones: Some(vec!["z1".into(), "z2".into()]),
             slice: "httpbin-abc".into(),
         }]
     );

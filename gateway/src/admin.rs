@@ -65,6 +65,7 @@ fn config_json(c: &crate::config::Config) -> Value {
             "name": u.name,
             "scheme": if u.scheme == Scheme::Https { "https" } else { "http" },
             "host_header": u.host_header, "tags": u.tags, "retries": u.retries,
+            "balance": u.balance.to_string(), "zone_aware": u.local_zone.is_some(),
             "connect_timeout": dur(u.connect_timeout), "read_timeout": dur(u.read_timeout),
             "tls": {"sni": u.tls.sni, "verify": u.tls.verify,
                     "ca_file": u.tls.ca_file.as_ref().map(|p| p.display().to_string())},
@@ -78,7 +79,8 @@ fn config_json(c: &crate::config::Config) -> Value {
                 "healthy": h.healthy, "unhealthy": h.unhealthy})),
             "services": u.services.iter().map(|s| json!({
                 "cluster": &*s.cluster, "namespace": s.namespace, "service": s.service,
-                "port": s.port.to_string(), "weight": s.weight, "labels": s.labels,
+                "port": s.port.to_string(), "weight": s.weight, "priority": s.priority,
+                "labels": s.labels,
             })).collect::<Vec<_>>(),
             "nodes": u.nodes.iter().map(|n| json!({"address": n.address.to_string(),
                                                    "weight": n.weight})).collect::<Vec<_>>(),
@@ -167,6 +169,9 @@ fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::O
             crate::config::Scheme::Https => "https",
         },
         tags: &u.up.conf.tags,
+        balance: Shown(&u.up.conf.balance),
+        zone: u.up.conf.local_zone.as_deref(),
+        traffic: TrafficOut(&u.up.traffic),
         services: Seq(|| {
             u.up.conf
                 .services
@@ -178,6 +183,7 @@ fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::O
                     service: &s.service,
                     port: Shown(&s.port),
                     weight: s.weight,
+                    priority: s.priority,
                     labels: &s.labels,
                     problem: view.problem.as_deref(),
                     endpoints: Seq(|| {
@@ -201,6 +207,7 @@ fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::O
                 weight: b.weight,
                 cluster: b.info.cluster.as_deref(),
                 pod: b.info.pod.as_deref(),
+                zone: b.info.zone.as_deref(),
                 check_down: b.info.health.active.is_down(),
                 ejected: b.info.health.passive.is_ejected(now),
             })
@@ -259,8 +266,50 @@ struct UpstreamOut<'a, Sv, Bk> {
     name: &'a str,
     scheme: &'static str,
     tags: &'a BTreeMap<String, String>,
+    /// `round_robin`, `least_request`, `consistent_hash on header x-user`…
+    balance: Shown<'a, crate::config::Balance>,
+    /// podgate's zone when the upstream is zone-aware.
+    zone: Option<&'a str>,
+    /// Where traffic goes: the share per tier and zone part, and why.
+    traffic: TrafficOut<'a>,
     services: Sv,
     backends: Bk,
+}
+
+/// The current traffic plan of an upstream: `{"why": "...", "slots": [{priority, zone,
+/// healthy_weight, total_weight, share}]}`; one slot of share 1 for a plain upstream.
+struct TrafficOut<'a>(&'a crate::upstream::policy::Traffic);
+
+impl Serialize for TrafficOut<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let plan = self.0.plan();
+        let mut m = ser.serialize_map(Some(2))?;
+        if plan.slots.is_empty() {
+            m.serialize_entry("why", "one tier, no zones: every Pod in the rotation")?;
+            m.serialize_entry(
+                "slots",
+                &[serde_json::json!({"priority": 0, "zone": "all", "share": 1.0})],
+            )?;
+        } else {
+            m.serialize_entry("why", &plan.why)?;
+            let slots: Vec<serde_json::Value> = plan
+                .slots
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "priority": s.priority,
+                        "zone": s.zone.label(),
+                        "healthy_weight": s.capacity.healthy,
+                        "total_weight": s.capacity.total,
+                        "share": (s.share * 1e4).round() / 1e4,
+                    })
+                })
+                .collect();
+            m.serialize_entry("slots", &slots)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -270,6 +319,7 @@ struct ServiceOut<'a, Ep> {
     service: &'a str,
     port: Shown<'a, podgate_discovery::PortRef>,
     weight: u32,
+    priority: u32,
     labels: &'a BTreeMap<String, String>,
     problem: Option<&'a str>,
     endpoints: Ep,
@@ -295,6 +345,7 @@ struct BackendOut<'a> {
     weight: u32,
     cluster: Option<&'a str>,
     pod: Option<&'a str>,
+    zone: Option<&'a str>,
     check_down: bool,
     ejected: bool,
 }

@@ -74,6 +74,9 @@ pub struct ServerSettings {
     pub keepalive_timeout: Duration,
     /// Bytes that all connections still sending a request head may hold together.
     pub header_memory: usize,
+    /// The zone this podgate runs in (`topology.kubernetes.io/zone` of its node), for upstreams
+    /// with `zone_aware: true`.
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -141,6 +144,57 @@ pub struct UpstreamConf {
     pub health_check: Option<HealthCheckConf>,
     /// New endpoints ramp their weight up linearly over this long.
     pub slow_start: Option<Duration>,
+    /// How a Pod is chosen within the set that tiers and zones leave.
+    pub balance: Balance,
+    /// `zone_aware: true`: the zone whose Pods are preferred while it has the capacity, i.e.
+    /// `server.zone` (copied here so that a reload changing it rebuilds the upstream).
+    pub local_zone: Option<String>,
+}
+
+/// How an upstream picks among its Pods (`balance`, with `hash_on`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's), the default.
+    #[default]
+    RoundRobin,
+    /// A Ketama ring over the Pods: one key always reaches the same Pod while the set is stable.
+    ConsistentHash(HashOn),
+    /// Power of two choices on in-flight requests per weight (Envoy's least request).
+    LeastRequest,
+}
+
+/// What a consistent-hash key is made of (`hash_on`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header, lower-cased name.
+    Header(String),
+    /// A cookie of the request, by name.
+    Cookie(String),
+    /// The client's IP address (the peer of the connection).
+    ClientIp,
+    /// The request path, without the query.
+    Path,
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Balance::RoundRobin => f.write_str("round_robin"),
+            Balance::ConsistentHash(on) => write!(f, "consistent_hash on {on}"),
+            Balance::LeastRequest => f.write_str("least_request"),
+        }
+    }
+}
+
+impl std::fmt::Display for HashOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashOn::Header(n) => write!(f, "header {n}"),
+            HashOn::Cookie(n) => write!(f, "cookie {n}"),
+            HashOn::ClientIp => f.write_str("client_ip"),
+            HashOn::Path => f.write_str("path"),
+        }
+    }
 }
 
 impl UpstreamConf {
@@ -158,6 +212,9 @@ pub struct ServiceRef {
     pub port: PortRef,
     /// Weight of each Pod of this service.
     pub weight: u32,
+    /// Failover tier: 0 is preferred; a higher tier gets traffic as the lower ones lack healthy
+    /// capacity.
+    pub priority: u32,
     /// Pod-label subset: only the endpoints whose Pod has all these labels (empty: every
     /// endpoint). Keys and values are valid Kubernetes labels.
     pub labels: BTreeMap<String, String>,
@@ -299,4 +356,7 @@ pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The lowest failover tier a service entry may name (`priority`); Envoy allows 128, but with at
+/// most 20 services per upstream a handful is all anyone uses.
+pub const MAX_PRIORITY: u32 = 9;
 pub const DEFAULT_WEIGHT: u32 = 1;

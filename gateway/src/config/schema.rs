@@ -10,8 +10,8 @@
 //! for `T` if it is a new kind of value), carry it over in `validate.rs` or `upstream.rs` (with
 //! its default and any check that needs other fields), and add it to the README's table.
 
-use super::model::{CheckKind, Protocol, Scheme};
-use super::units::{Int, Size, Status};
+use super::model::{CheckKind, HashOn, Protocol, Scheme};
+use super::units::{BalanceWord, Int, Size, Status};
 use super::yaml::{List, Pairs, Sect, Val};
 use podgate_discovery::PortRef;
 use std::net::SocketAddr;
@@ -73,6 +73,7 @@ pub struct Server {
     pub client_body_timeout: Option<Val<Duration>>,
     pub keepalive_timeout: Option<Val<Duration>>,
     pub header_memory: Option<Val<Size>>,
+    pub zone: Option<Val<String>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -103,6 +104,9 @@ pub struct Upstream {
     pub health_check: Option<Sect<HealthCheck>>,
     pub outlier: Option<Sect<Outlier>>,
     pub slow_start: Option<Val<Duration>>,
+    pub balance: Option<Val<BalanceWord>>,
+    pub hash_on: Option<Val<HashOn>>,
+    pub zone_aware: Option<Val<bool>>,
     pub services: Option<List<Sect<Service>>>,
     pub nodes: Option<List<Sect<Node>>>,
 }
@@ -143,6 +147,7 @@ pub struct Service {
     pub service: Option<Val<String>>,
     pub port: Option<Val<PortRef>>,
     pub weight: Option<Val<Int<1, 100>>>,
+    pub priority: Option<Val<Int<0, 9>>>,
     pub labels: Option<Pairs>,
 }
 

@@ -3,7 +3,7 @@
 //! HTTP methods and statuses. Each is a [`Leaf`]: it takes one YAML scalar and says in words what
 //! is wrong with it; the field path and line are added by the validation pass.
 
-use super::model::{CheckKind, Protocol, Scheme};
+use super::model::{CheckKind, HashOn, Protocol, Scheme};
 use super::yaml::{Leaf, Scalar};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -117,6 +117,46 @@ keywords!(CheckKind, "a check kind", "http" => CheckKind::Http, "tcp" => CheckKi
     "grpc" => CheckKind::Grpc);
 keywords!(Protocol, "a protocol", "http1" => Protocol::Http1, "h2" => Protocol::H2,
     "h2c" => Protocol::H2c);
+
+/// The word of `balance`; `consistent_hash` takes its key from `hash_on` (see `upstreams.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BalanceWord {
+    RoundRobin,
+    ConsistentHash,
+    LeastRequest,
+}
+
+keywords!(BalanceWord, "a balance policy", "round_robin" => BalanceWord::RoundRobin,
+    "consistent_hash" => BalanceWord::ConsistentHash, "least_request" => BalanceWord::LeastRequest);
+
+/// `hash_on`: `header NAME`, `cookie NAME`, `client_ip` or `path`.
+impl Leaf for HashOn {
+    fn from_scalar(s: Scalar) -> Result<Self, String> {
+        let text = String::from_scalar(s)?;
+        let (kind, name) = match text.split_once(' ') {
+            Some((k, rest)) => (k, Some(rest.trim())),
+            None => (text.as_str(), None),
+        };
+        // A cookie name is an RFC 6265 token.
+        let token = |c: &str| {
+            !c.is_empty()
+                && c.bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+        };
+        match (kind, name) {
+            ("header", Some(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+                Ok(HashOn::Header(h.to_ascii_lowercase()))
+            }
+            ("cookie", Some(c)) if token(c) => Ok(HashOn::Cookie(c.to_string())),
+            ("client_ip", None) => Ok(HashOn::ClientIp),
+            ("path", None) => Ok(HashOn::Path),
+            _ => Err(format!(
+                "`{text}` is not a hash key: use `header NAME`, `cookie NAME`, `client_ip` or \
+                 `path`"
+            )),
+        }
+    }
+}
 
 /// An HTTP method a route can match, in upper case as on the wire.
 impl Leaf for http::Method {

@@ -6,7 +6,7 @@ use super::model::*;
 use super::names::{check_name, dns1035_label, dns1123_label, label_key, label_value};
 use super::report::{child, line, Report};
 use super::schema;
-use super::units::Int;
+use super::units::{BalanceWord, Int};
 use super::yaml::{Sect, Val};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ pub fn upstream(
     s: &Sect<schema::Upstream>,
     path: &str,
     clusters: &[Cluster],
+    zone: Option<&str>,
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Option<UpstreamConf> {
     let u = r.sect(s, path)?;
@@ -174,6 +175,12 @@ pub fn upstream(
             }
         }
     }
+    let balance = balance(r, u, path);
+    let zone_aware = *r.opt(&u.zone_aware, &at("zone_aware")).unwrap_or(&false);
+    if zone_aware && zone.is_none() {
+        let message = "needs server.zone: the zone podgate runs in";
+        r.error(line(&u.zone_aware), &at("zone_aware"), message);
+    }
     if u.services.is_none() && u.nodes.is_none() {
         r.error(
             Some(s.line),
@@ -196,7 +203,46 @@ pub fn upstream(
         outlier,
         health_check,
         slow_start,
+        balance,
+        local_zone: zone.filter(|_| zone_aware).map(String::from),
     })
+}
+
+/// `balance` and `hash_on`: `hash_on` goes with `consistent_hash` and nothing else.
+fn balance(r: &mut Report, u: &schema::Upstream, path: &str) -> Balance {
+    let at = |key| child(path, key);
+    let hash_on = r.opt(&u.hash_on, &at("hash_on")).cloned();
+    let word = match &u.balance {
+        None => BalanceWord::RoundRobin,
+        // A word that is not a policy is reported by `opt`; nothing more to say about hash_on.
+        Some(_) => match r.opt(&u.balance, &at("balance")) {
+            Some(w) => *w,
+            None => return Balance::RoundRobin,
+        },
+    };
+    if word == BalanceWord::ConsistentHash {
+        return match (hash_on, &u.hash_on) {
+            (Some(on), _) => Balance::ConsistentHash(on),
+            (None, Some(_)) => Balance::RoundRobin, // reported by `opt`
+            (None, None) => {
+                r.error(
+                    line(&u.balance),
+                    &at("hash_on"),
+                    "is required with balance: consistent_hash (header NAME, cookie NAME, \
+                     client_ip or path)",
+                );
+                Balance::RoundRobin
+            }
+        };
+    }
+    if u.hash_on.is_some() {
+        let message = "only applies with balance: consistent_hash";
+        r.error(line(&u.hash_on), &at("hash_on"), message);
+    }
+    match word {
+        BalanceWord::LeastRequest => Balance::LeastRequest,
+        _ => Balance::RoundRobin,
+    }
 }
 
 fn health_check(
@@ -337,6 +383,7 @@ fn service_ref(
         Some(p) => r.val(p, &at("port")).cloned(),
     };
     let weight = weight(r, &f.weight, path);
+    let priority = r.opt(&f.priority, &at("priority")).map_or(0, |p| p.get());
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     if let Some(pairs) = &f.labels {
         for (key_line, key, value) in r.pairs(pairs, &at("labels")) {
@@ -363,6 +410,7 @@ fn service_ref(
         service: service?.clone(),
         port: port?,
         weight,
+        priority,
         labels,
     })
 }

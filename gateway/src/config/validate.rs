@@ -4,7 +4,7 @@
 //! or must refer to something defined, and rules across fields. Upstreams are in `upstreams.rs`.
 
 use super::model::*;
-use super::names::{check_host, check_name};
+use super::names::{check_host, check_name, label_value};
 use super::report::{child, line, Report};
 use super::schema;
 use super::upstreams;
@@ -81,7 +81,9 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
     let mut upstreams: Vec<Arc<UpstreamConf>> = Vec::new();
     let items = file.upstreams.as_ref().map(|l| r.list(l, "upstreams"));
     for (path, u) in items.unwrap_or_default() {
-        if let Some(new) = upstreams::upstream(r, u, &path, &clusters, resolve) {
+        if let Some(new) =
+            upstreams::upstream(r, u, &path, &clusters, server.zone.as_deref(), resolve)
+        {
             if upstreams.iter().any(|x| x.name == new.name) {
                 let message = format!("duplicate upstream name `{}`", new.name);
                 r.error(Some(u.line), &child(&path, "name"), message);
@@ -250,6 +252,7 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
         client_body_timeout: DEFAULT_CLIENT_BODY_TIMEOUT,
         keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         header_memory: DEFAULT_HEADER_MEMORY,
+        zone: None,
     };
     let Some(f) = sect.and_then(|x| r.sect(x, "server")) else {
         return s;
@@ -299,6 +302,17 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
                 "server.header_memory",
                 format!("{v} bytes is less than the smallest allowed, {MIN}"),
             ),
+        }
+    }
+    if let Some(z) = r.opt(&f.zone, "server.zone") {
+        // A Kubernetes label value: what `topology.kubernetes.io/zone` holds.
+        match label_value(z) {
+            Ok(()) if !z.is_empty() => s.zone = Some(z.clone()),
+            Ok(()) => r.error(line(&f.zone), "server.zone", "must not be empty"),
+            Err(why) => {
+                let message = format!("`{z}` is not a zone name: {why}");
+                r.error(line(&f.zone), "server.zone", message);
+            }
         }
     }
     if let Some(p) = r.opt(&f.upgrade_sock, "server.upgrade_sock") {

@@ -20,6 +20,26 @@ use routing::{Route, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// What consistent hashing reads from a request on the `http`-typed paths (Pingora's, and the
+/// hyper engine's): the client's header fields and path, and the client's address.
+pub struct HashParts<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub path: &'a str,
+    pub client: Option<std::net::IpAddr>,
+}
+
+impl crate::upstream::policy::RequestParts for HashParts<'_> {
+    fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.headers.get_all(name).iter().map(|v| v.as_bytes())
+    }
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+}
+
 /// Where a route sends requests, with its metric handles resolved once.
 pub struct Target {
     pub upstream: Arc<Upstream>,

@@ -58,6 +58,8 @@ pub struct Ctx {
     deadline: Option<std::time::Duration>,
     /// The `grpc-status` the call ended with, as a metric label index (`h2/grpc.rs`).
     grpc_status: Option<usize>,
+    /// Counts the current attempt in flight (least request) until the next attempt or the end.
+    in_flight: Option<crate::upstream::policy::least::InFlight>,
 }
 
 impl Ctx {
@@ -200,6 +202,7 @@ impl ProxyHttp for Gateway {
             grpc: false,
             deadline: None,
             grpc_status: None,
+            in_flight: None,
         }
     }
 
@@ -243,13 +246,25 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
-        let Some(backend) = upstream.pick(&ctx.tried) else {
+        ctx.in_flight = None;
+        let req = session.req_header();
+        let hashed = crate::proxy::HashParts {
+            headers: &req.headers,
+            path: req.uri.path(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+        };
+        let key = upstream.hash_key(&hashed);
+        let Some((backend, in_flight)) = upstream.pick(&ctx.tried, key) else {
             return Error::e_explain(ErrorType::HTTPStatus(503), "upstream has no endpoint");
         };
+        ctx.in_flight = in_flight;
         ctx.tried.push(backend.addr);
         let conf = &upstream.conf;
         let tls = conf.scheme == Scheme::Https;

@@ -91,6 +91,16 @@ static EJECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static TRAFFIC_SHARE: LazyLock<prometheus::GaugeVec> = LazyLock::new(|| {
+    prometheus::register_gauge_vec!(
+        "podgate_upstream_traffic_share",
+        "Share of an upstream's new requests (0..1) that its traffic plan sends to each failover \
+         tier (`priority`) and zone part (`local`, `other`, or `all` when not zone-aware).",
+        &["upstream", "priority", "zone"]
+    )
+    .expect("metric registers once")
+});
+
 static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "podgate_build_info",
@@ -212,6 +222,23 @@ impl UpstreamMetrics {
         }
     }
 
+    /// Deletes this upstream's traffic share series: a new upstream object (first start or a
+    /// reload that changed it) may have other tiers or zone parts than the one it replaces.
+    pub fn forget_shares(&self) {
+        retain(&TRAFFIC_SHARE, &["upstream", "priority", "zone"], |v| {
+            v[0] != self.name
+        });
+    }
+
+    /// Sets the traffic share gauges: (priority, zone part, share 0..1).
+    pub fn set_shares(&self, shares: &[(u32, &str, f64)]) {
+        for (priority, zone, share) in shares {
+            TRAFFIC_SHARE
+                .with_label_values(&[self.name.as_str(), &priority.to_string(), zone])
+                .set(*share);
+        }
+    }
+
     /// Sets the ready/draining/unhealthy endpoint gauges: (cluster, [count per STATES]); the
     /// `ejected` state is [`UpstreamMetrics::set_ejected`]'s.
     pub fn set_endpoints(&self, counts: &[(String, [i64; 4])]) {
@@ -286,6 +313,11 @@ pub fn forget_removed(known: &Known) {
     retain(&RETRIES, &["upstream"], upstream_known);
     retain(&EJECTIONS, &["upstream"], upstream_known);
     retain(&CHECKS, &["upstream", "result"], upstream_known);
+    retain(
+        &TRAFFIC_SHARE,
+        &["upstream", "priority", "zone"],
+        upstream_known,
+    );
     retain(&ENDPOINTS, &["upstream", "cluster", "state"], |v| {
         known
             .clusters

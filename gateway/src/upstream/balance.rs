@@ -42,6 +42,11 @@ pub struct BackendInfo {
     pub pod: Option<Arc<str>>,
     /// Its failure record, shared by every selection it appears in.
     pub health: Arc<crate::upstream::outlier::Health>,
+    /// The EndpointSlice `zone` of the Pod.
+    pub zone: Option<Arc<str>>,
+    /// Whether it counts as local for zone-aware routing: in podgate's zone, or hinted for it
+    /// (`hints.forZones`) when every endpoint of its tier carries hints.
+    pub local: bool,
 }
 
 /// The backends of one service (or of an upstream's static nodes), built once and then shared
@@ -237,6 +242,33 @@ impl Selection {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The sum of all weights.
+    pub fn total_weight(&self) -> u64 {
+        self.classes.iter().map(|c| c.total() as u64).sum()
+    }
+
+    /// The backend a point `r` in `0..total_weight()` falls on, each backend owning a stretch as
+    /// long as its weight: a uniform `r` picks backends in proportion to their weights. O(weight
+    /// classes + log parts). `None` only on an empty selection.
+    pub fn at_weight(&self, r: u64) -> Option<&Backend> {
+        let mut r = r % self.total_weight().max(1);
+        for (ci, c) in self.classes.iter().enumerate() {
+            let total = c.total() as u64;
+            if r < total {
+                let i = (r / u64::from(c.weight)) as usize;
+                let mut hint = c.parts.partition_point(|p| p.offset <= i).saturating_sub(1);
+                return Some(self.member(ci, i, &mut hint));
+            }
+            r -= total;
+        }
+        None
+    }
+
+    /// The segments it was made of.
+    pub fn segments(&self) -> &[Arc<Segment>] {
+        &self.segments
+    }
 }
 
 /// A selection that can be swapped while requests pick from it.
@@ -273,6 +305,11 @@ impl Balancer {
 
     pub fn selection(&self) -> Arc<Selection> {
         self.current.load_full()
+    }
+
+    /// Runs `f` on the current selection without taking a reference count (request path).
+    pub fn with_selection<T>(&self, f: impl FnOnce(&Selection) -> T) -> T {
+        f(&self.current.load())
     }
 
     /// The next backend in smooth weighted order, passing over those `skip` refuses (already

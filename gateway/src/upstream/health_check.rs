@@ -217,7 +217,12 @@ pub async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) 
             let result = probe(b.addr, &conf, &host, &up.connector).await;
             let label = if result.is_ok() { "success" } else { "failure" };
             CHECKS.with_label_values(&[&up.conf.name, label]).inc();
-            match (b.info.health.active.observe(result.is_ok(), &conf), &result) {
+            let flipped = b.info.health.active.observe(result.is_ok(), &conf);
+            if flipped.is_some() {
+                // Healthy capacity changed: tiers and zones re-divide the traffic.
+                up.replan();
+            }
+            match (flipped, &result) {
                 (Some(true), Err(why)) => log::warn!(
                     "upstream {}: {} is down after {} failed checks (last: {why})",
                     up.conf.name,

@@ -4,19 +4,25 @@
 //! them are rebuilt, and each swaps its new selection in atomically. Nothing here runs on the
 //! request path except [`Upstream::pick`].
 //!
-//! The folder: `balance` (smooth weighted selection), `health_check` (active probes), `outlier`
-//! (passive ejection), `pool` (connections to Pods, shared by requests and probes).
+//! The folder: `balance` (smooth weighted selection), `built` (what a rebuild keeps for the
+//! next), `health_check` (active probes), `outlier` (passive ejection), `pool` (connections to
+//! Pods, shared by requests and probes), `policy` (failover tiers, zones, consistent hashing,
+//! least request).
 
 pub mod balance;
+mod built;
 pub mod h2_pool;
 pub mod health_check;
 pub mod outlier;
+pub mod policy;
 pub mod pool;
 
 use crate::config::{Scheme, UpstreamConf};
 use crate::upstream::balance::{Backend, BackendInfo, Balancer, Segment, Selection};
+use built::{Built, BuiltService, Had};
 use outlier::Health;
 use podgate_discovery::{Endpoint, ServiceKey, ServiceState, Store};
+use policy::{zones, Key, Picked, RequestParts, SlotInput, Traffic, ZonePart};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,135 +84,6 @@ fn hold_if_emptied(old: &ServiceView, fresh: ServiceView, now: Instant) -> Servi
     }
 }
 
-/// The backends of one service entry as a rebuild made them, and what they were made from.
-#[derive(Clone)]
-struct BuiltService {
-    endpoints: Arc<Vec<Endpoint>>,
-    any_ready: bool,
-    weight: u32,
-    /// No backend was ramping up (slow start): ramping weights change with time, so such a
-    /// service is built afresh each time.
-    settled: bool,
-    /// Its endpoints by state (see [`state_counts`]).
-    counts: [i64; 4],
-    segment: Arc<Segment>,
-}
-
-/// Looks up what a service had at each address, for addresses asked in ascending order (as a
-/// service's endpoints are): one walk through its previous backends, not a search per Pod.
-struct Had<'a> {
-    segment: &'a Segment,
-    /// The previous backends not yet walked past, when they are in address order.
-    rest: Option<&'a [Backend]>,
-}
-
-impl<'a> Had<'a> {
-    fn new(segment: &'a Segment) -> Self {
-        Had {
-            segment,
-            rest: segment.by_address(),
-        }
-    }
-
-    fn at(&mut self, addr: &SocketAddr) -> Option<&'a Backend> {
-        let Some(rest) = &mut self.rest else {
-            return self.segment.find(addr);
-        };
-        while rest.first().is_some_and(|b| b.addr < *addr) {
-            *rest = &rest[1..];
-        }
-        rest.first().filter(|b| b.addr == *addr)
-    }
-}
-
-/// What the last rebuild of an upstream made, to be reused by the next.
-#[derive(Default)]
-struct Built {
-    /// Per service entry, in the order of `conf.services`.
-    services: Vec<BuiltService>,
-    /// The static nodes' segment, if the upstream has nodes.
-    nodes: Option<Arc<Segment>>,
-    /// How many segments (services and nodes) hold each address.
-    holders: HashMap<SocketAddr, u32>,
-    /// Addresses held by more than one segment: while there is one, segments cannot simply be
-    /// put side by side (that address would get two shares).
-    overlaps: usize,
-}
-
-impl Built {
-    fn set_service(&mut self, i: usize, service: BuiltService) {
-        if i < self.services.len() {
-            let new = service.segment.clone();
-            let old = std::mem::replace(&mut self.services[i], service);
-            self.replace(&old.segment, &new);
-        } else {
-            debug_assert_eq!(i, self.services.len(), "services are built in order");
-            self.count(&service.segment, true);
-            self.services.push(service);
-        }
-    }
-
-    fn set_nodes(&mut self, nodes: Arc<Segment>) {
-        match self.nodes.replace(nodes.clone()) {
-            Some(old) => self.replace(&old, &nodes),
-            None => self.count(&nodes, true),
-        }
-    }
-
-    /// Records that `new` replaced `old`: only the addresses that differ, when both are in
-    /// address order (one Pod moved: two addresses, not a thousand).
-    fn replace(&mut self, old: &Segment, new: &Segment) {
-        let (Some(mut old), Some(mut new)) = (old.by_address(), new.by_address()) else {
-            self.count(old, false);
-            self.count(new, true);
-            return;
-        };
-        while let (Some(o), Some(n)) = (old.first(), new.first()) {
-            match o.addr.cmp(&n.addr) {
-                std::cmp::Ordering::Equal => {
-                    (old, new) = (&old[1..], &new[1..]);
-                }
-                std::cmp::Ordering::Less => {
-                    self.hold(&o.addr, false);
-                    old = &old[1..];
-                }
-                std::cmp::Ordering::Greater => {
-                    self.hold(&n.addr, true);
-                    new = &new[1..];
-                }
-            }
-        }
-        old.iter().for_each(|b| self.hold(&b.addr, false));
-        new.iter().for_each(|b| self.hold(&b.addr, true));
-    }
-
-    /// Records that `segment` now holds (or no longer holds) its addresses.
-    fn count(&mut self, segment: &Segment, holds: bool) {
-        for b in segment.backends() {
-            self.hold(&b.addr, holds);
-        }
-    }
-
-    fn hold(&mut self, addr: &SocketAddr, holds: bool) {
-        if holds {
-            let n = self.holders.entry(*addr).or_insert(0);
-            *n += 1;
-            if *n == 2 {
-                self.overlaps += 1;
-            }
-        } else if let Some(n) = self.holders.get_mut(addr) {
-            *n -= 1;
-            match *n {
-                0 => {
-                    self.holders.remove(addr);
-                }
-                1 => self.overlaps -= 1,
-                _ => {}
-            }
-        }
-    }
-}
-
 pub struct Upstream {
     pub conf: Arc<UpstreamConf>,
     balancer: Balancer,
@@ -231,6 +108,8 @@ pub struct Upstream {
     built: AtomicBool,
     /// Whether a timer thread will rebuild this upstream again.
     timer: AtomicBool,
+    /// Tiers, zones and the balance policy; see `policy`.
+    pub traffic: Traffic,
 }
 
 impl Upstream {
@@ -247,14 +126,35 @@ impl Upstream {
             }
             h.finish()
         });
+        let mut priorities: Vec<u32> = conf.services.iter().map(|s| s.priority).collect();
+        if !conf.nodes.is_empty() {
+            priorities.push(0);
+        }
+        priorities.sort_unstable();
+        priorities.dedup();
+        if priorities.is_empty() {
+            priorities.push(0);
+        }
+        let traffic = Traffic::new(
+            conf.balance.clone(),
+            conf.local_zone.as_deref().map(Arc::from),
+            priorities,
+        );
+        let metrics = crate::telemetry::metrics::UpstreamMetrics::new(&conf.name);
+        metrics.forget_shares();
+        if traffic.is_plain() {
+            // One slot that never changes; set here so the family exists from start.
+            metrics.set_shares(&[(traffic.priorities[0], ZonePart::All.label(), 1.0)]);
+        }
         Ok(Upstream {
+            traffic,
             connector: crate::upstream::pool::Connector::new(&conf)?,
             endpoint_gauges: Mutex::new(Vec::new()),
             built_services: Mutex::new(Built::default()),
             eject_horizon: AtomicU64::new(0),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
-            metrics: crate::telemetry::metrics::UpstreamMetrics::new(&conf.name),
+            metrics,
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
             conf,
@@ -271,9 +171,21 @@ impl Upstream {
             .with_labels(&s.labels)
     }
 
-    /// The next backend, avoiding `tried` and ejected ones when another exists. Lock-free; reads
-    /// the clock only while some ejection may still be running.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Backend> {
+    /// The consistent-hash key of `req`, when this upstream hashes and the request has one.
+    pub fn hash_key<'r>(&'r self, req: &'r impl RequestParts) -> Option<Key<'r>> {
+        match &self.conf.balance {
+            crate::config::Balance::ConsistentHash(on) => policy::hash_key(on, req),
+            _ => None,
+        }
+    }
+
+    /// The next backend, avoiding `tried` and ejected ones when another exists: through the
+    /// traffic plan (tiers, zones, balance policy), or straight round robin for an upstream with
+    /// one tier, no zones and the default policy. `key` is the request's consistent-hash key
+    /// ([`Upstream::hash_key`]). Lock-free; reads the clock only while some ejection may still
+    /// be running. The second half of the answer counts the request in flight (least request)
+    /// until dropped.
+    pub fn pick(&self, tried: &[SocketAddr], key: Option<Key<'_>>) -> Option<Picked> {
         let horizon = self.eject_horizon.load(Ordering::Relaxed);
         let now = if horizon == 0 {
             0
@@ -281,19 +193,43 @@ impl Upstream {
             let now = outlier::now_ms();
             if now >= horizon {
                 // Every ejection has run out: back to the clock-free path.
-                let _ = self.eject_horizon.compare_exchange(
-                    horizon,
-                    0,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                let won = self
+                    .eject_horizon
+                    .compare_exchange(horizon, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok();
+                if won && !self.traffic.is_plain() {
+                    // Once per expiry, by one request: the ejected capacity is back.
+                    self.replan();
+                }
                 0
             } else {
                 now
             }
         };
-        self.balancer
-            .pick(|b| tried.contains(&b.addr) || b.info.health.avoid(now))
+        let skip = |b: &Backend| tried.contains(&b.addr) || b.info.health.avoid(now);
+        if self.traffic.is_plain() {
+            return self.balancer.pick(skip).map(|b| (b, None));
+        }
+        self.traffic.pick(&self.balancer, key, &skip)
+    }
+
+    /// Recomputes the traffic shares after a change of health (active check flip, ejection):
+    /// no-op for plain upstreams. O(endpoints).
+    pub fn replan(&self) {
+        if self.traffic.is_plain() {
+            return;
+        }
+        let plan = self.traffic.replan(&self.balancer, outlier::now_ms());
+        self.publish_plan(&plan);
+    }
+
+    fn publish_plan(&self, plan: &policy::Plan) {
+        let shares: Vec<(u32, &str, f64)> = plan
+            .slots
+            .iter()
+            .map(|s| (s.priority, s.zone.label(), s.share))
+            .collect();
+        self.metrics.set_shares(&shares);
     }
 
     /// Records how an attempt on `backend` went (passive ejection).
@@ -333,6 +269,7 @@ impl Upstream {
         self.eject_horizon
             .fetch_max(now + took.as_millis() as u64, Ordering::Relaxed);
         self.metrics.ejections.inc();
+        self.replan();
         log::warn!(
             "upstream {}: ejected {} for {took:?} after {} failures in a row",
             self.conf.name,
@@ -443,6 +380,25 @@ impl Upstream {
             views.push(view);
         }
         let any_ready = views.iter().any(|v| v.endpoints.iter().any(|e| e.ready));
+        // Zone-aware: per service entry, whether its tier's locality comes from hints.
+        let zone = self.conf.local_zone.as_deref();
+        let hints: Vec<bool> = self
+            .conf
+            .services
+            .iter()
+            .map(|svc| {
+                zone.is_some()
+                    && zones::hinted(
+                        self.conf
+                            .services
+                            .iter()
+                            .zip(&views)
+                            .filter(|(s, _)| s.priority == svc.priority)
+                            .flat_map(|(_, v)| v.endpoints.iter())
+                            .filter(|e| !e.terminating),
+                    )
+            })
+            .collect();
         // Failure records follow the address from one selection to the next.
         let previous = self.balancer.selection();
         // Endpoints that join a running upstream start slow; those of the first build do not
@@ -452,7 +408,12 @@ impl Upstream {
         // A backend at `addr`, with the failure record of `known` (what its service had at that
         // address), else of the previous selection's backend there (a Pod new to its service,
         // usually one per change).
-        let mut backend = |addr: SocketAddr, weight: u32, cluster, pod, known: Option<&Backend>| {
+        let mut backend = |addr: SocketAddr,
+                           weight: u32,
+                           cluster,
+                           pod,
+                           place: (Option<Arc<str>>, bool),
+                           known: Option<&Backend>| {
             let health = match known.or_else(|| previous.find(&addr)) {
                 Some(b) => Arc::clone(&b.info.health),
                 None if first_build || self.conf.slow_start.is_none() => Default::default(),
@@ -468,6 +429,8 @@ impl Upstream {
                         cluster,
                         pod,
                         health,
+                        zone: place.0,
+                        local: place.1,
                     }),
                 },
                 ramps,
@@ -489,6 +452,7 @@ impl Upstream {
                     && Arc::ptr_eq(&c.endpoints, &view.endpoints)
                     && c.any_ready == any_ready
                     && c.weight == svc.weight
+                    && c.hints == hints[i]
             }) {
                 segments.push(kept.segment.clone());
                 continue;
@@ -504,7 +468,15 @@ impl Upstream {
                     let pod = e.pod.as_deref().map(Arc::from);
                     let cluster = Some(svc.cluster.clone());
                     let known = had.at(&e.addr);
-                    let (b, ramps) = backend(e.addr, svc.weight, cluster, pod, known);
+                    // Zones are kept only where they are used (an `Arc<str>` per Pod otherwise).
+                    let place = match zone {
+                        Some(z) => (
+                            e.zone.as_deref().map(Arc::from),
+                            zones::is_local(e, z, hints[i]),
+                        ),
+                        None => (None, false),
+                    };
+                    let (b, ramps) = backend(e.addr, svc.weight, cluster, pod, place, known);
                     settled &= !ramps;
                     b
                 })
@@ -519,6 +491,7 @@ impl Upstream {
                     weight: svc.weight,
                     settled,
                     counts: state_counts(&view.endpoints, any_ready),
+                    hints: hints[i],
                     segment,
                 },
             );
@@ -528,14 +501,14 @@ impl Upstream {
                 .conf
                 .nodes
                 .iter()
-                .map(|n| backend(n.address, n.weight, None, None, None).0)
+                .map(|n| backend(n.address, n.weight, None, None, (None, false), None).0)
                 .collect();
             let nodes = Segment::new(nodes);
             segments.push(nodes.clone());
             built.set_nodes(nodes);
         }
         let selection = if built.overlaps == 0 {
-            Selection::from_segments(segments)
+            Selection::from_segments(segments.clone())
         } else {
             // Services sharing Pods (or a node): merged, so that each address counts once.
             Selection::new(
@@ -546,6 +519,7 @@ impl Upstream {
             )
         };
         let counts = self.endpoint_counts(&built.services);
+        let overlaps = built.overlaps > 0;
         drop(built);
         if selection.len() != previous.len() {
             log::info!(
@@ -555,6 +529,13 @@ impl Upstream {
             );
         }
         self.balancer.swap(selection);
+        if !self.traffic.is_plain() {
+            let inputs = self.slot_inputs(&views, &segments, overlaps, &hints);
+            let plan = self
+                .traffic
+                .rebuild(&self.balancer, inputs, outlier::now_ms());
+            self.publish_plan(&plan);
+        }
         self.metrics.set_endpoints(&counts);
         match self.endpoint_gauges.lock() {
             Ok(mut g) => *g = counts,
@@ -570,6 +551,97 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// The slots of the traffic plan, in `Traffic::layout` order: each tier's backends (split
+    /// into local and other zones when zone-aware) and the weight Kubernetes lists for them.
+    /// `segments` are the services' (in config order), then the static nodes'. With a single
+    /// slot its selection is the upstream's own, and only the capacity is computed.
+    fn slot_inputs(
+        &self,
+        views: &[ServiceView],
+        segments: &[Arc<Segment>],
+        overlaps: bool,
+        hints: &[bool],
+    ) -> Vec<SlotInput> {
+        let layout = self.traffic.layout();
+        let zone = self.conf.local_zone.as_deref();
+        let priority_of =
+            |segment: usize| self.conf.services.get(segment).map_or(0, |s| s.priority);
+        let mut inputs = Vec::with_capacity(layout.len());
+        for (priority, part) in layout.iter().copied() {
+            // Listed capacity: the endpoints that are not terminating, at their service weight.
+            // A service held after it emptied (EMPTY_HOLD) lists nothing: its held Pods stay a
+            // fallback, but count as no capacity, so the next tier takes over at once.
+            let mut total = 0u64;
+            let mut held = 0u64;
+            for (i, (svc, view)) in self.conf.services.iter().zip(views).enumerate() {
+                if svc.priority != priority {
+                    continue;
+                }
+                if view.emptied_at.is_some() {
+                    held += segments[i]
+                        .backends()
+                        .iter()
+                        .filter(|b| match part {
+                            ZonePart::All => true,
+                            ZonePart::Local => b.info.local,
+                            ZonePart::Other => !b.info.local,
+                        })
+                        .map(|b| u64::from(b.weight))
+                        .sum::<u64>();
+                    continue;
+                }
+                let n = view
+                    .endpoints
+                    .iter()
+                    .filter(|e| !e.terminating)
+                    .filter(|e| match (part, zone) {
+                        (ZonePart::All, _) | (_, None) => true,
+                        (ZonePart::Local, Some(z)) => zones::is_local(e, z, hints[i]),
+                        (ZonePart::Other, Some(z)) => !zones::is_local(e, z, hints[i]),
+                    })
+                    .count() as u64;
+                total += n * u64::from(svc.weight);
+            }
+            if priority == 0 && part != ZonePart::Local {
+                total += self
+                    .conf
+                    .nodes
+                    .iter()
+                    .map(|n| u64::from(n.weight))
+                    .sum::<u64>();
+            }
+            let selection = if layout.len() == 1 {
+                None
+            } else {
+                let mine = segments
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| priority_of(*i) == priority);
+                Some(match part {
+                    ZonePart::All if !overlaps => {
+                        Selection::from_segments(mine.map(|(_, s)| s.clone()).collect())
+                    }
+                    _ => Selection::new(
+                        mine.flat_map(|(_, s)| s.backends().iter())
+                            .filter(|b| match part {
+                                ZonePart::All => true,
+                                ZonePart::Local => b.info.local,
+                                ZonePart::Other => !b.info.local,
+                            })
+                            .cloned()
+                            .collect(),
+                    ),
+                })
+            };
+            inputs.push(SlotInput {
+                selection,
+                total,
+                held,
+            });
+        }
+        inputs
+    }
+
     /// Endpoints per cluster and state, for the `podgate_upstream_endpoints` gauge. Every cluster
     /// the upstream names is listed, so a state that drops to zero is set to zero.
     fn endpoint_counts(&self, built: &[BuiltService]) -> Vec<(String, [i64; 4])> {

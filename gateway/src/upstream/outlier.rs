@@ -34,6 +34,9 @@ pub struct Health {
     /// When the endpoint joined a running upstream (for slow start); `None` for endpoints of the
     /// first build, which carry full weight at once.
     pub joined: Option<Instant>,
+    /// Requests on their way to or from this endpoint, counted for `balance: least_request` only
+    /// (see `policy::least`); here so that the count survives endpoint-set updates.
+    pub in_flight: std::sync::atomic::AtomicU32,
 }
 
 impl Health {
@@ -64,6 +67,12 @@ impl Health {
     /// Whether picks should pass this endpoint over at `now` (0: no ejection can be running).
     pub fn avoid(&self, now: u64) -> bool {
         self.active.is_down() || (now != 0 && self.passive.is_ejected(now))
+    }
+
+    /// Whether the endpoint counts as healthy capacity at `now` (for failover tiers and zones):
+    /// neither failing active checks nor passively ejected.
+    pub fn healthy(&self, now: u64) -> bool {
+        !self.active.is_down() && !self.passive.is_ejected(now)
     }
 }
 

@@ -14,7 +14,7 @@
 use super::body::{read_more, relay, Chunked, Framing, Out, RelayError};
 use super::head::{parse_response, BodyLength, HeadInfo, Request, Response};
 use super::rewrite::{
-    answer_framing, response_head, target, upstream_head, AnswerFraming, RequestCtx,
+    answer_framing, response_head, target, upstream_head, AnswerFraming, HashView, RequestCtx,
 };
 use super::{error_answer, Client, Engine, Outcome, BUFFERED_BODY};
 use crate::proxy::routing::{normalize_host, Match};
@@ -221,10 +221,13 @@ impl<F> Engine<F> {
         head.extend_from_slice(&body);
         let replayable = !streaming && ctx.req.method.is_idempotent();
 
+        let hashed = HashView::of(ctx, c.addr);
+        let key = upstream.hash_key(&hashed);
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
         let mut last_failure = 503;
         loop {
-            let Some(backend) = upstream.pick(&tried) else {
+            // `_in_flight` counts the attempt for least request until this iteration ends.
+            let Some((backend, _in_flight)) = upstream.pick(&tried, key) else {
                 outcome.status = last_failure;
                 let answer = error_answer(last_failure, None, false, ctx.head_only, ctx.request_id);
                 let _ = c.send(&answer, body_timeout).await;

@@ -244,6 +244,38 @@ fn itoa3(n: u16) -> [u8; 3] {
     ]
 }
 
+/// What consistent hashing reads from a request on this path.
+pub(super) struct HashView<'a> {
+    req: &'a Request,
+    path: &'a str,
+    client: Option<std::net::IpAddr>,
+}
+
+impl crate::upstream::policy::RequestParts for HashView<'_> {
+    fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.req
+            .headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+}
+
+impl<'a> HashView<'a> {
+    pub(super) fn of(ctx: &RequestCtx<'a>, client: Option<std::net::SocketAddr>) -> Self {
+        HashView {
+            req: ctx.req,
+            path: ctx.path_and_query.split('?').next().unwrap_or("/"),
+            client: client.map(|a| a.ip()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! (`upstream/h2_pool.rs`), and the answer comes back as HTTP/1.1 under podgate's framing, without
 //! the Pod's trailers (HTTP/1.1 clients did not ask for them). Upgrades get a 502.
 
-use super::rewrite::{push_header, RequestCtx};
+use super::rewrite::{push_header, HashView, RequestCtx};
 use super::{error_answer, Client, Engine, Outcome};
 use crate::proxy::GatewayRoute;
 use bytes::Bytes;
@@ -35,10 +35,13 @@ impl<F> Engine<F> {
             let _ = c.send(&answer, body_timeout).await;
             return Ok(false);
         }
+        let hashed = HashView::of(ctx, c.addr);
+        let key = upstream.hash_key(&hashed);
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
         let mut last_failure = 503;
         loop {
-            let Some(backend) = upstream.pick(&tried) else {
+            // `_in_flight` counts the attempt for least request until this iteration ends.
+            let Some((backend, _in_flight)) = upstream.pick(&tried, key) else {
                 outcome.status = last_failure;
                 let answer = error_answer(last_failure, None, false, ctx.head_only, ctx.request_id);
                 let _ = c.send(&answer, body_timeout).await;

@@ -1,0 +1,171 @@
+//! Traffic policies at 10,000 endpoints, each through `Upstream::pick` as a request makes it, in
+//! one run so the numbers compare: smooth WRR (the plain path), consistent hash on a header
+//! (Ketama ring; keys vary), least request (two weighted draws), two failover tiers, and
+//! zone-aware routing. The issue's bound: no policy's pick above 2x the WRR pick.
+//!
+//! `hash1k` is the same over 1,000 endpoints (two services), for how the ring's size shows.
+//!
+//! Also the rebuild of a consistent-hash upstream after one endpoint changed (its ring is made
+//! again), next to the plain upstream's, as `benches/rebuild.rs` measures it.
+//!
+//! 20 services of 500 endpoints each (5 slices of 100), endpoints in zones `a` and `b`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use podgate_discovery::{ServiceKey, ServiceState, Store};
+use podgate_gateway::upstream::policy::Key;
+use podgate_gateway::upstream::Upstreams;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SERVICES: usize = 20;
+const SLICES: usize = 5;
+const PER_SLICE: usize = 100;
+
+fn service(s: usize) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("svc{s}"), "namespace": "default"},
+        "spec": {"ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
+    }))
+    .expect("a valid Service")
+}
+
+fn slice(s: usize, k: usize, moved: bool) -> Arc<EndpointSlice> {
+    let endpoints: Vec<_> = (0..PER_SLICE)
+        .map(|i| {
+            let last = if i == 0 && moved { 200 } else { i + 1 };
+            json!({
+                "addresses": [format!("10.{s}.{k}.{last}")],
+                "conditions": {"ready": true},
+                "zone": if i % 2 == 0 { "a" } else { "b" },
+                "targetRef": {"kind": "Pod", "name": format!("svc{s}-{k}-{i}"), "namespace": "default"},
+            })
+        })
+        .collect();
+    Arc::new(
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("svc{s}-{k}"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": format!("svc{s}")}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": endpoints,
+        }))
+        .expect("a valid EndpointSlice"),
+    )
+}
+
+fn state(s: usize, moved: bool) -> ServiceState {
+    ServiceState {
+        service: Some(service(s)),
+        slices: (0..SLICES)
+            .map(|k| (format!("svc{s}-{k}"), slice(s, k, moved && k == 0)))
+            .collect::<BTreeMap<_, _>>(),
+        pods: None,
+    }
+}
+
+/// One upstream per policy over the same 20 services; weights 10, 10, 1 by service (a canary).
+fn upstreams(store: Arc<Store>) -> Arc<Upstreams> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cluster")).unwrap();
+    let mut conf = String::from(
+        "listeners: [{address: \"127.0.0.1:1\"}]\nserver: {zone: a}\n\
+         clusters:\n  - {name: c, manifests: cluster}\nupstreams:\n",
+    );
+    let policies = [
+        ("wrr", ""),
+        ("hash", "balance: consistent_hash, hash_on: header x-user, "),
+        ("least", "balance: least_request, "),
+        ("tiers", ""),
+        ("zones", "zone_aware: true, "),
+        (
+            "hash1k",
+            "balance: consistent_hash, hash_on: header x-user, ",
+        ),
+    ];
+    for (name, extra) in policies {
+        conf.push_str(&format!("  - {{name: {name}, {extra}services: [\n"));
+        // hash1k: two services, 1,000 endpoints.
+        let services = if name == "hash1k" { 2 } else { SERVICES };
+        for s in 0..services {
+            let weight = [10, 10, 1][s % 3];
+            let priority = if name == "tiers" && s >= SERVICES / 2 {
+                1
+            } else {
+                0
+            };
+            conf.push_str(&format!(
+                "      {{cluster: c, service: svc{s}, port: 8000, weight: {weight}, priority: {priority}}},\n"
+            ));
+        }
+        conf.push_str("    ]}\n");
+    }
+    let path = dir.path().join("podgate.yaml");
+    std::fs::write(&path, conf).unwrap();
+    let config = podgate_gateway::config::load(&path).expect("a valid config");
+    Upstreams::new(&config.upstreams, store).unwrap()
+}
+
+fn picks(c: &mut Criterion) {
+    let store = Store::new();
+    for s in 0..SERVICES {
+        store.set(
+            ServiceKey::new("c", "default", format!("svc{s}")),
+            Some(state(s, false)),
+        );
+    }
+    let ups = upstreams(store.clone());
+    let total = SERVICES * SLICES * PER_SLICE;
+    for name in ["wrr", "hash", "least", "tiers", "zones"] {
+        assert_eq!(ups.by_name[name].selection().len(), total, "{name}");
+    }
+    let keys: Vec<String> = (0..4096).map(|i| format!("user-{i}")).collect();
+    let mut g = c.benchmark_group("policy_pick_10k");
+    for name in ["wrr", "least", "tiers", "zones"] {
+        let up = ups.by_name[name].clone();
+        g.bench_function(name, |b| b.iter(|| black_box(up.pick(&[], None))));
+    }
+    for name in ["hash", "hash1k"] {
+        let up = ups.by_name[name].clone();
+        let mut i = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                black_box(up.pick(&[], Some(Key::Bytes(keys[i].as_bytes()))))
+            })
+        });
+    }
+    g.finish();
+
+    // One endpoint of service 7 moves, back and forth: the plain upstream against the hashing
+    // one, which makes its ring again.
+    let key = ServiceKey::new("c", "default", "svc7");
+    let versions = [false, true].map(|moved| {
+        let mut next = state(7, false);
+        next.slices.insert("svc7-0".into(), slice(7, 0, moved));
+        next
+    });
+    let mut g = c.benchmark_group("rebuild_10k_one_changed");
+    g.sample_size(10);
+    for name in ["wrr", "hash"] {
+        let up = ups.by_name[name].clone();
+        let mut n = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                store.set(key.clone(), Some(versions[n % 2].clone()));
+                up.rebuild(&store)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, picks);
+criterion_main!(benches);
