@@ -60,6 +60,11 @@ pub struct Ctx {
     grpc_status: Option<usize>,
     /// Counts the current attempt in flight (least request) until the next attempt or the end.
     in_flight: Option<crate::upstream::policy::least::InFlight>,
+    /// An h2 Pod refused the current attempt's stream unprocessed (GOAWAY, REFUSED_STREAM): the
+    /// next attempt goes to the same Pod on a new stream, once per request, outside the budget.
+    again: Option<Backend>,
+    /// Whether that once was used.
+    refused: bool,
 }
 
 impl Ctx {
@@ -203,6 +208,8 @@ impl ProxyHttp for Gateway {
             deadline: None,
             grpc_status: None,
             in_flight: None,
+            again: None,
+            refused: false,
         }
     }
 
@@ -250,22 +257,32 @@ impl ProxyHttp for Gateway {
         let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
-        ctx.in_flight = None;
-        let req = session.req_header();
-        let hashed = crate::proxy::HashParts {
-            headers: &req.headers,
-            path: req.uri.path(),
-            client: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+        let backend = match ctx.again.take() {
+            // The same Pod again, still counted in flight (see `error_while_proxy`).
+            Some(backend) => backend,
+            None => {
+                ctx.in_flight = None;
+                let req = session.req_header();
+                let hashed = crate::proxy::HashParts {
+                    headers: &req.headers,
+                    path: req.uri.path(),
+                    client: session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip()),
+                };
+                let key = upstream.hash_key(&hashed);
+                let Some((backend, in_flight)) = upstream.pick(&ctx.tried, key) else {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "upstream has no endpoint",
+                    );
+                };
+                ctx.in_flight = in_flight;
+                ctx.tried.push(backend.addr);
+                backend
+            }
         };
-        let key = upstream.hash_key(&hashed);
-        let Some((backend, in_flight)) = upstream.pick(&ctx.tried, key) else {
-            return Error::e_explain(ErrorType::HTTPStatus(503), "upstream has no endpoint");
-        };
-        ctx.in_flight = in_flight;
-        ctx.tried.push(backend.addr);
         let conf = &upstream.conf;
         let tls = conf.scheme == Scheme::Https;
         // With verification on, the config guarantees a name. Without one (verify: false) the
@@ -395,6 +412,21 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
+        // A stream the Pod refused unprocessed goes again to the same Pod (Pingora opens a new
+        // connection when the pooled one is going away), once, for any method: it is not a
+        // failure of the Pod, nor a retry of the request.
+        let refused = e
+            .root_cause()
+            .downcast_ref::<h2::Error>()
+            .is_some_and(crate::upstream::h2_pool::refused);
+        if refused && !ctx.refused && !ctx.responded && !session.as_ref().retry_buffer_truncated() {
+            log::debug!("{peer} refused a stream unprocessed ({e}); again on a new stream");
+            ctx.refused = true;
+            ctx.again = ctx.current.clone();
+            let mut e = e;
+            e.set_retry(true);
+            return e;
+        }
         ctx.record(false);
         let mut e = e.more_context(format!("peer: {peer}"));
         // Only idempotent requests with an intact body buffer, within the budget. Pingora retries

@@ -5,20 +5,34 @@
 //! `pool.rs` keeps HTTP/1.1 connections: no lock, and the connection's driver task runs on the
 //! thread whose requests use it. A connection the Pod closed (or sent GOAWAY on) is found
 //! unusable when next asked for, and replaced; the map is swept of such entries whenever a new
-//! connection is added, so Pods that left do not pile up.
+//! connection is added.
+//!
+//! A Pod that leaves its upstream (EndpointSlice removal, not ready any more) has its
+//! connections drained at once, not after an idle timeout: each connection's driver task wakes on
+//! every change of the upstream's selection ([`Members::changes`]) and, once the Pod is no longer
+//! a member, takes the connection out of the map. With that last shared handle gone, the h2 crate
+//! lets the streams still running finish, then sends GOAWAY (NO_ERROR) and closes: the Pod sees
+//! a graceful close, never a reset.
 
-use super::pool::Connector;
+use super::pool::{Connector, Members};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
+/// A pooled connection: its handle, and a number that tells it from a later one to the same Pod.
+struct Kept {
+    id: u64,
+    send: SendRequest<Bytes>,
+}
+
 thread_local! {
-    static CONNS: RefCell<HashMap<(SocketAddr, u64), SendRequest<Bytes>>> =
-        RefCell::new(HashMap::new());
+    static CONNS: RefCell<HashMap<(SocketAddr, u64), Kept>> = RefCell::new(HashMap::new());
 }
 
 fn h2_error(e: h2::Error) -> io::Error {
@@ -31,30 +45,105 @@ fn usable(send: &mut SendRequest<Bytes>) -> bool {
     !matches!(send.poll_ready(&mut cx), Poll::Ready(Err(_)))
 }
 
+/// Whether a Pod refused a stream without processing it (RFC 9113 §8.7), so that the request may
+/// go again, whatever its method: the stream was past the last stream id of the Pod's GOAWAY (a
+/// server rotating its connections, e.g. gRPC's `MAX_CONNECTION_AGE`, or shutting down), or was
+/// reset with REFUSED_STREAM.
+pub fn refused(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// Takes the connection `id` to `key` out of this thread's map (not a newer one to that Pod).
+fn forget(key: (SocketAddr, u64), id: u64) {
+    CONNS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.get(&key).is_some_and(|k| k.id == id) {
+            c.remove(&key);
+        }
+    });
+}
+
+/// Takes this thread's connection to `addr` out of the pool, so that the next [`ready`] opens a
+/// new one: for a Pod that refused a stream on it (GOAWAY, REFUSED_STREAM). Streams still
+/// running on it finish.
+pub fn discard(connector: &Connector, addr: SocketAddr) {
+    CONNS.with(|c| c.borrow_mut().remove(&(addr, connector.pool_id())));
+}
+
 /// A handle to open a stream to `addr`, on this thread's connection to it or a new one
-/// (connected within the connector's timeout, over TLS for `scheme: https`).
-pub async fn ready(connector: &Connector, addr: SocketAddr) -> io::Result<SendRequest<Bytes>> {
+/// (connected within the connector's timeout, over TLS for `scheme: https`). A new connection
+/// is drained once `addr` leaves `members` (see the module comment).
+pub async fn ready<M: Members + 'static>(
+    connector: &Connector,
+    addr: SocketAddr,
+    members: &Arc<M>,
+) -> io::Result<SendRequest<Bytes>> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let key = (addr, connector.pool_id());
-    let kept = CONNS.with(|c| c.borrow().get(&key).cloned());
-    if let Some(send) = kept {
+    let kept = CONNS.with(|c| c.borrow().get(&key).map(|k| (k.id, k.send.clone())));
+    if let Some((id, send)) = kept {
         match send.ready().await {
             Ok(send) => return Ok(send),
-            Err(_) => {
-                CONNS.with(|c| c.borrow_mut().remove(&key));
-            }
+            Err(_) => forget(key, id),
         }
     }
     let conn = connector.connect(addr).await?;
     let (send, driver) = h2::client::handshake(conn.io).await.map_err(h2_error)?;
-    tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            log::debug!("h2 connection to {addr} ended: {e}");
-        }
-    });
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let members: Weak<dyn Members> = Arc::downgrade(members) as Weak<dyn Members>;
+    let changes = members.upgrade().map(|m| m.changes());
+    tokio::spawn(drive(driver, key, id, members, changes));
     CONNS.with(|c| {
         let mut c = c.borrow_mut();
-        c.retain(|_, s| usable(s));
-        c.insert(key, send.clone());
+        c.retain(|_, k| usable(&mut k.send));
+        c.insert(
+            key,
+            Kept {
+                id,
+                send: send.clone(),
+            },
+        );
     });
     send.ready().await.map_err(h2_error)
+}
+
+/// Runs connection `id` to `key.0` until it ends; takes it out of the pool as soon as the Pod is
+/// no longer one of `members` (or the upstream is gone), which starts its graceful close.
+async fn drive<T>(
+    driver: h2::client::Connection<T, Bytes>,
+    key: (SocketAddr, u64),
+    id: u64,
+    members: Weak<dyn Members>,
+    mut changes: Option<tokio::sync::watch::Receiver<()>>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let addr = key.0;
+    tokio::pin!(driver);
+    loop {
+        let changed = async {
+            match changes.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = &mut driver => {
+                if let Err(e) = ended {
+                    log::debug!("h2 connection to {addr} ended: {e}");
+                }
+                forget(key, id);
+                return;
+            }
+            alive = changed => {
+                let member = alive && members.upgrade().is_some_and(|m| m.has(&addr));
+                if !member {
+                    log::debug!("h2 connection to {addr}: the Pod left its upstream; draining");
+                    forget(key, id);
+                    changes = None;
+                }
+            }
+        }
+    }
 }

@@ -90,6 +90,8 @@ pub struct Upstream {
     timer: AtomicBool,
     /// Tiers, zones and the balance policy; see `policy`.
     pub traffic: Traffic,
+    /// Told after every new selection (pooled h2 connections to Pods that left then drain).
+    changed: tokio::sync::watch::Sender<()>,
 }
 
 impl Upstream {
@@ -128,6 +130,7 @@ impl Upstream {
         }
         Ok(Upstream {
             traffic,
+            changed: tokio::sync::watch::channel(()).0,
             connector: crate::upstream::pool::Connector::new(&conf)?,
             endpoint_gauges: Mutex::new(Vec::new()),
             built_services: Mutex::new(Built::default()),
@@ -435,5 +438,9 @@ impl podgate_discovery::Listener for Upstreams {
 impl pool::Members for Upstream {
     fn has(&self, addr: &SocketAddr) -> bool {
         self.selection().find(addr).is_some()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 }

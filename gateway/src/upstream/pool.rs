@@ -162,6 +162,8 @@ impl Connector {
 /// backends (a Pod that left gets its idle connections closed). `Upstream` implements it.
 pub trait Members: Send + Sync {
     fn has(&self, addr: &SocketAddr) -> bool;
+    /// Wakes on every change of the backends (h2 connections drain when their Pod leaves).
+    fn changes(&self) -> tokio::sync::watch::Receiver<()>;
 }
 
 struct Pool {

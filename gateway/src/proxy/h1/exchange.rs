@@ -203,19 +203,7 @@ impl<F> Engine<F> {
             _ => true,
         };
         if conf.protocol.is_h2() {
-            if streaming {
-                // Bodies up to BUFFERED_BODY only: they were read above and go out as one
-                // DATA frame sequence; a streamed body would need flow-controlled relaying.
-                log::debug!(
-                    "client {:?}: a body over {BUFFERED_BODY} bytes for an h2 upstream: 413",
-                    c.addr
-                );
-                outcome.status = 413;
-                let answer = error_answer(413, None, false, ctx.head_only, ctx.request_id);
-                let _ = c.send(&answer, body_timeout).await;
-                return Ok(false);
-            }
-            return self.proxy_h2(c, ctx, body, keep, outcome).await;
+            return self.proxy_h2(c, ctx, body, framing, keep, outcome).await;
         }
         let mut head = upstream_head(ctx, route, c, &framing, body.len());
         head.extend_from_slice(&body);

@@ -1,26 +1,45 @@
-//! HTTP/1.1 clients to Pods of an `h2`/`h2c` upstream: the request (its body read whole, at most
-//! `BUFFERED_BODY`) goes out as one h2 stream on a pooled, multiplexed connection
-//! (`upstream/h2_pool.rs`), and the answer comes back as HTTP/1.1 under podgate's framing, without
-//! the Pod's trailers (HTTP/1.1 clients did not ask for them). Upgrades get a 502.
+//! HTTP/1.1 clients to Pods of an `h2`/`h2c` upstream: the request goes out as one h2 stream on
+//! a pooled, multiplexed connection (`upstream/h2_pool.rs`), and the answer comes back as
+//! HTTP/1.1 under podgate's framing, without the Pod's trailers (HTTP/1.1 clients did not ask for
+//! them). Upgrades get a 502.
+//!
+//! Bodies up to `BUFFERED_BODY` were read whole before the Pod was chosen, so the request can be
+//! sent again to another Pod. Larger and chunked bodies stream: decoded from the client's
+//! framing (chunk lines and trailers are not passed on: h2 frames its own DATA), and written as
+//! the Pod's flow-control window allows, so a slow Pod holds at most one read of the client's
+//! bytes in podgate, never the whole body.
+//!
+//! A Pod may refuse a stream without processing it: it sent GOAWAY with a lower last stream id
+//! (a server rotating connections, e.g. gRPC's `MAX_CONNECTION_AGE`, or shutting down), or reset
+//! it with REFUSED_STREAM (RFC 9113 §8.7). Such a request is sent again on a new connection to the
+//! same Pod, once, for any method, and counts neither as a retry nor as a Pod failure; a second
+//! refusal goes to another Pod like a connect failure.
 
+use super::body::{read_more, Framing, Out};
 use super::rewrite::{push_header, HashView, RequestCtx};
 use super::{error_answer, Client, Engine, Outcome};
 use crate::proxy::GatewayRoute;
+use crate::upstream::balance::Backend;
+use crate::upstream::{h2_pool, Upstream};
 use bytes::Bytes;
+use h2::client::SendRequest;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 impl<F> Engine<F> {
-    /// Sends a routed request with a body read whole (`body`, maybe empty) to a Pod of an
-    /// `h2`/`h2c` upstream and relays the answer as HTTP/1.1: chunked (HTTP/1.0: until close),
-    /// without the Pod's trailers, which HTTP/1.1 clients did not ask for. Retries go to
-    /// another Pod while nothing reached one (connect failures) and, for idempotent methods,
-    /// while no answer came.
+    /// Sends a routed request to a Pod of an `h2`/`h2c` upstream and relays the answer as
+    /// HTTP/1.1: chunked (HTTP/1.0: until close), without the Pod's trailers. `body` is the body
+    /// read whole (maybe empty) and `framing` is [`Framing::Empty`]; or `body` is empty and
+    /// `framing` says how the rest of the body, still with the client, is delimited. Retries go
+    /// to another Pod while nothing reached one (connect failures, refused streams) and, for
+    /// idempotent methods with a body read whole, while no answer came.
     pub(super) async fn proxy_h2(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
         body: Bytes,
+        mut framing: Framing,
         keep: bool,
         outcome: &mut Outcome<'_>,
     ) -> Result<bool, ()> {
@@ -35,6 +54,12 @@ impl<F> Engine<F> {
             let _ = c.send(&answer, body_timeout).await;
             return Ok(false);
         }
+        let streaming = framing != Framing::Empty;
+        let length = match &framing {
+            Framing::Length(n) => Some(*n),
+            Framing::Chunked(_) | Framing::UntilClose => None,
+            Framing::Empty => (!body.is_empty() || ctx.has_length).then_some(body.len() as u64),
+        };
         let hashed = HashView::of(ctx, c.addr);
         let key = upstream.hash_key(&hashed);
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
@@ -51,22 +76,36 @@ impl<F> Engine<F> {
             outcome.retries = tried.len() - 1;
             outcome.backend = Some(backend.clone());
             let attempt = Instant::now();
-            let Some(req) = h2_request(ctx, route, c, backend.addr, body.len()) else {
-                outcome.status = 400;
-                let answer = error_answer(400, None, false, ctx.head_only, ctx.request_id);
-                let _ = c.send(&answer, body_timeout).await;
-                return Ok(false);
+            let sent = Sent {
+                body: &body,
+                framing: &mut framing,
+                length,
             };
-            // Connect failures may go to another Pod for any method: nothing was sent.
             let (status, retry) = match self
-                .h2_attempt(c, ctx, &backend, req, &body, keep, outcome, attempt)
+                .h2_attempt(c, ctx, &backend, sent, keep, outcome, attempt)
                 .await
             {
                 Ok(keep) => return Ok(keep),
+                Err(H2Failure::Unrepresentable) => {
+                    outcome.status = 400;
+                    let answer = error_answer(400, None, false, ctx.head_only, ctx.request_id);
+                    let _ = c.send(&answer, body_timeout).await;
+                    return Ok(false);
+                }
+                Err(H2Failure::BadBody) => {
+                    outcome.status = 400;
+                    let answer = error_answer(400, None, false, false, ctx.request_id);
+                    let _ = c.send(&answer, body_timeout).await;
+                    return Ok(false);
+                }
+                Err(H2Failure::Client) => return Err(()),
+                // Nothing reached the Pod, or it said it processed nothing: any method may go
+                // to another Pod, unless part of a streamed body was already read.
                 Err(H2Failure::Connect) => (502, true),
+                Err(H2Failure::Refused) => (502, !streaming),
                 Err(H2Failure::NoAnswer { timed_out }) => (
                     if timed_out { 504 } else { 502 },
-                    ctx.req.method.is_idempotent(),
+                    !streaming && ctx.req.method.is_idempotent(),
                 ),
             };
             upstream.record(&backend, false);
@@ -82,74 +121,127 @@ impl<F> Engine<F> {
         }
     }
 
+    /// A stream to `addr` on this thread's pooled connection, or on a new one.
+    async fn h2_stream(
+        &self,
+        upstream: &Arc<Upstream>,
+        addr: SocketAddr,
+    ) -> Result<SendRequest<Bytes>, H2Failure> {
+        let conf = &upstream.conf;
+        let connect = h2_pool::ready(&upstream.connector, addr, upstream);
+        match tokio::time::timeout(conf.connect_timeout, connect).await {
+            Ok(Ok(send)) => Ok(send),
+            Ok(Err(e)) => {
+                log::warn!("upstream {}: cannot connect to {addr}: {e}", conf.name);
+                Err(H2Failure::Connect)
+            }
+            Err(_) => {
+                log::warn!(
+                    "upstream {}: cannot connect to {addr}: timed out",
+                    conf.name
+                );
+                Err(H2Failure::Connect)
+            }
+        }
+    }
+
     /// One attempt on `backend` over h2. `Ok` once an answer head came (it is then relayed).
     #[allow(clippy::too_many_arguments)]
     async fn h2_attempt(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
-        backend: &crate::upstream::balance::Backend,
-        req: http::Request<()>,
-        body: &Bytes,
+        backend: &Backend,
+        sent: Sent<'_>,
         keep: bool,
         outcome: &mut Outcome<'_>,
         attempt: Instant,
     ) -> Result<bool, H2Failure> {
-        let upstream = &outcome.route.expect("routed").upstream.upstream;
+        let route = outcome.route.expect("routed");
+        let upstream = &route.upstream.upstream;
         let conf = &upstream.conf;
-        let connect = crate::upstream::h2_pool::ready(&upstream.connector, backend.addr);
-        let mut send = match tokio::time::timeout(conf.connect_timeout, connect).await {
-            Ok(Ok(send)) => send,
-            Ok(Err(e)) => {
-                log::warn!(
-                    "upstream {}: cannot connect to {}: {e}",
-                    conf.name,
-                    backend.addr
-                );
-                return Err(H2Failure::Connect);
+        let streaming = *sent.framing != Framing::Empty;
+        let mut refused = false;
+        // Whether the client's body was not read to its end (the Pod answered before it).
+        let mut body_left = false;
+        let resp = loop {
+            let mut send = self.h2_stream(upstream, backend.addr).await?;
+            let req = h2_request(ctx, route, c, backend.addr, sent.length)
+                .ok_or(H2Failure::Unrepresentable)?;
+            let end = sent.body.is_empty() && !streaming;
+            let (answer, mut stream) = match send.send_request(req, end) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    // A pooled connection the Pod closed or is closing (GOAWAY): a new one, once.
+                    log::debug!(
+                        "upstream {}: opening a stream to {}: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    h2_pool::discard(&upstream.connector, backend.addr);
+                    if !refused {
+                        refused = true;
+                        continue;
+                    }
+                    return Err(H2Failure::Connect);
+                }
+            };
+            if !sent.body.is_empty() {
+                // At most BUFFERED_BODY bytes: h2 queues them and sends as the Pod's window allows.
+                stream
+                    .send_data(sent.body.clone(), !streaming)
+                    .map_err(|_| H2Failure::NoAnswer { timed_out: false })?;
             }
-            Err(_) => {
-                log::warn!(
-                    "upstream {}: cannot connect to {}: timed out",
-                    conf.name,
-                    backend.addr
-                );
-                return Err(H2Failure::Connect);
+            if streaming {
+                match self.stream_body(c, sent.framing, &mut stream, conf).await {
+                    Ok(()) => {}
+                    // The Pod stopped taking the body: it may have answered already.
+                    Err(H2Failure::NoAnswer { .. }) => body_left = true,
+                    Err(e) => {
+                        stream.send_reset(h2::Reason::CANCEL);
+                        return Err(e);
+                    }
+                }
+            }
+            match tokio::time::timeout(conf.read_timeout, answer).await {
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(e)) if h2_pool::refused(&e) => {
+                    h2_pool::discard(&upstream.connector, backend.addr);
+                    if !refused && !streaming {
+                        log::debug!(
+                            "upstream {}: {} refused a stream ({e}); again on a new connection",
+                            conf.name,
+                            backend.addr
+                        );
+                        refused = true;
+                        continue;
+                    }
+                    log::warn!(
+                        "upstream {}: {} refused the request: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Err(H2Failure::Refused);
+                }
+                Ok(Err(e)) => {
+                    log::warn!(
+                        "upstream {}: no answer from {}: {e}",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Err(H2Failure::NoAnswer { timed_out: false });
+                }
+                Err(_) => {
+                    log::warn!(
+                        "upstream {}: no answer from {}: timed out",
+                        conf.name,
+                        backend.addr
+                    );
+                    return Err(H2Failure::NoAnswer { timed_out: true });
+                }
             }
         };
-        let (answer, mut stream) = send.send_request(req, body.is_empty()).map_err(|e| {
-            log::debug!(
-                "upstream {}: opening a stream to {}: {e}",
-                conf.name,
-                backend.addr
-            );
-            H2Failure::Connect
-        })?;
-        if !body.is_empty() {
-            // At most BUFFERED_BODY bytes: h2 queues them and sends as the Pod's window allows.
-            stream
-                .send_data(body.clone(), true)
-                .map_err(|_| H2Failure::NoAnswer { timed_out: false })?;
-        }
-        let resp = match tokio::time::timeout(conf.read_timeout, answer).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => {
-                log::warn!(
-                    "upstream {}: no answer from {}: {e}",
-                    conf.name,
-                    backend.addr
-                );
-                return Err(H2Failure::NoAnswer { timed_out: false });
-            }
-            Err(_) => {
-                log::warn!(
-                    "upstream {}: no answer from {}: timed out",
-                    conf.name,
-                    backend.addr
-                );
-                return Err(H2Failure::NoAnswer { timed_out: true });
-            }
-        };
+        let keep = keep && !body_left;
         let took = attempt.elapsed();
         outcome.first_byte = Some(took);
         upstream.metrics.first_byte.observe(took.as_secs_f64());
@@ -240,14 +332,76 @@ impl<F> Engine<F> {
         }
         Ok(keep)
     }
+
+    /// Moves the rest of the client's body, delimited by `framing`, into `stream` as the Pod's
+    /// window allows, and ends the stream. `NoAnswer` when the Pod stopped taking it (reset or
+    /// closed) or gave no window within its read timeout.
+    async fn stream_body(
+        &self,
+        c: &mut Client,
+        framing: &mut Framing,
+        stream: &mut h2::SendStream<Bytes>,
+        conf: &crate::config::UpstreamConf,
+    ) -> Result<(), H2Failure> {
+        let stopped = |timed_out| H2Failure::NoAnswer { timed_out };
+        loop {
+            let mut out = Vec::new();
+            let (take, done) = framing
+                .take_into(&c.buf, &mut out, Out::Plain)
+                .map_err(|bad| {
+                    log::debug!("client {:?}: request body: {}", c.addr, bad.0);
+                    H2Failure::BadBody
+                })?;
+            let _ = c.buf.split_to(take);
+            let mut data = Bytes::from(out);
+            while !data.is_empty() {
+                stream.reserve_capacity(data.len());
+                let window = std::future::poll_fn(|cx| stream.poll_capacity(cx));
+                match tokio::time::timeout(conf.read_timeout, window).await {
+                    Ok(Some(Ok(0))) => {}
+                    Ok(Some(Ok(n))) => {
+                        let part = data.split_to(n.min(data.len()));
+                        stream.send_data(part, false).map_err(|_| stopped(false))?;
+                    }
+                    Ok(Some(Err(_)) | None) => return Err(stopped(false)),
+                    Err(_) => return Err(stopped(true)),
+                }
+            }
+            if done {
+                return stream
+                    .send_data(Bytes::new(), true)
+                    .map_err(|_| stopped(false));
+            }
+            match read_more(&mut c.io, &mut c.buf, self.limits.body_timeout).await {
+                Ok(0) | Err(_) => return Err(H2Failure::Client),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// What an attempt sends: a body read whole, or (`framing` not empty) one still with the client,
+/// and the length to announce.
+struct Sent<'a> {
+    body: &'a Bytes,
+    framing: &'a mut Framing,
+    length: Option<u64>,
 }
 
 /// Why an h2 attempt got no answer head.
 enum H2Failure {
     /// No stream could be opened: nothing reached the Pod.
     Connect,
+    /// The Pod refused the stream unprocessed, twice (see the module comment).
+    Refused,
     /// The request went out; no answer head came.
     NoAnswer { timed_out: bool },
+    /// The request cannot be written as h2 (authority or a field): 400.
+    Unrepresentable,
+    /// The client's chunked body broke the grammar: 400.
+    BadBody,
+    /// The client went away or stalled while sending its body.
+    Client,
 }
 
 /// The request for an h2 Pod: the client's fields minus hop-by-hop, framing and forwarding ones
@@ -258,7 +412,7 @@ fn h2_request(
     route: &GatewayRoute,
     c: &Client,
     pod: SocketAddr,
-    body_len: usize,
+    length: Option<u64>,
 ) -> Option<http::Request<()>> {
     let conf = &route.upstream.upstream.conf;
     let scheme = match conf.scheme {
@@ -308,8 +462,8 @@ fn h2_request(
         "x-request-id",
         http::HeaderValue::from_str(ctx.request_id).ok()?,
     );
-    if body_len > 0 || ctx.has_length {
-        b = b.header(http::header::CONTENT_LENGTH, body_len);
+    if let Some(n) = length {
+        b = b.header(http::header::CONTENT_LENGTH, n);
     }
     b.body(()).ok()
 }
