@@ -30,6 +30,9 @@ use std::time::Instant;
 
 /// How long an idle pooled connection to a Pod is kept.
 pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an idle pooled h2 connection to a Pod is kept on this path: the longest a Pod that
+/// left waits for its GOAWAY once its last call ended.
+pub const H2_POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Streams opened on one h2 connection to a Pod before another connection is opened (the
 /// usual `SETTINGS_MAX_CONCURRENT_STREAMS` of gRPC servers and nginx is 100; a Pod that allows
 /// fewer is respected).
@@ -316,7 +319,14 @@ impl ProxyHttp for Gateway {
         }
         // Idle pooled connections are dropped after this long, so none lingers toward a Pod
         // that left the set (a Pod that exits closes its side anyway, which the pool notices).
-        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+        // h2 connections sooner: Pingora's pool cannot be told that a Pod left, and closing an
+        // idle h2 connection is how it gets its GOAWAY; one connection per Pod and thread is
+        // cheap to open again after a quiet spell.
+        peer.options.idle_timeout = Some(if conf.protocol == Protocol::Http1 {
+            POOL_IDLE_TIMEOUT
+        } else {
+            H2_POOL_IDLE_TIMEOUT
+        });
         if tls {
             peer.options.verify_cert = conf.tls.verify;
             peer.options.verify_hostname = conf.tls.verify;
