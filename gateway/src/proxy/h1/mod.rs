@@ -48,8 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Request bodies up to this size are read whole before the Pod is chosen.
-pub const BUFFERED_BODY: u64 = 64 * 1024;
+pub use body::BUFFERED_BODY;
 /// The first buffer for a request head (nginx's `client_header_buffer_size`).
 const FIRST_HEAD_BUFFER: usize = 1024;
 

@@ -27,7 +27,7 @@
 //! server's grace period.
 
 use super::grpc;
-use super::to_h1;
+use super::to_h1::{self, Conn};
 use crate::config::Protocol;
 use crate::proxy::routing::Match;
 use crate::proxy::Gateway;
@@ -37,7 +37,6 @@ use pingora_core::protocols::http::v2::server::{handshake, H2Accept, H2Options, 
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Digest, Stream};
 use pingora_core::server::ShutdownWatch;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,15 +67,6 @@ pub fn options() -> H2Options {
         .initial_window_size(WINDOW)
         .initial_connection_window_size(WINDOW);
     o
-}
-
-/// What every stream of one client connection shares.
-pub(super) struct Conn<'a> {
-    pub(super) gateway: &'a Gateway,
-    pub(super) client: Option<SocketAddr>,
-    pub(super) tls: bool,
-    /// `server.client_body_timeout`: each read of a request body, each write of an answer.
-    pub(super) body_timeout: Duration,
 }
 
 /// Serves one h2 client connection until it ends. `app` is Pingora's proxy, which takes the

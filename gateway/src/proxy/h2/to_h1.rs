@@ -17,12 +17,10 @@
 //! closed, never reused, so no byte of the stream can be read by the Pod as a next request), else
 //! podgate's own chunked coding. Request trailers are not passed on.
 
-use super::serve::Conn;
-use crate::proxy::h1::body::{read_more, Framing, Out};
+use crate::proxy::h1::body::{read_more, Framing, Out, BUFFERED_BODY};
 use crate::proxy::h1::exchange::read_response;
 use crate::proxy::h1::head::{BodyLength, HeadInfo};
 use crate::proxy::h1::rewrite::{answer_framing, push_header, AnswerFraming, Declared};
-use crate::proxy::h1::BUFFERED_BODY;
 use crate::proxy::{access_line, error_json, GatewayRoute, HashParts, LogFields};
 use crate::telemetry::access_log;
 use crate::upstream::balance::Backend;
@@ -35,6 +33,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+
+/// What every stream of one client connection shares.
+pub(super) struct Conn<'a> {
+    pub(super) gateway: &'a crate::proxy::Gateway,
+    pub(super) client: Option<SocketAddr>,
+    pub(super) tls: bool,
+    /// `server.client_body_timeout`: each read of a request body, each write of an answer.
+    pub(super) body_timeout: Duration,
+}
 
 /// How one stream went, for metrics and the access log.
 #[derive(Default)]
