@@ -97,7 +97,14 @@ pub(super) async fn serve(
     let method = req.method.clone();
     let path = req.uri.path().to_string();
     let head_only = method == Method::HEAD;
-    match request_head(cx, &s, &route, &request_id) {
+    let hop = Hop {
+        client: cx.client,
+        tls: cx.tls,
+        host_header: route.upstream.upstream.conf.host_header.as_deref(),
+        request_id: &request_id,
+    };
+    let head = request_head(s.req_header(), |p| route.upstream_path(p), &hop);
+    match head {
         Ok((head, length)) => {
             proxy(cx, &mut s, &route, head, length, &request_id, &mut out).await;
         }
@@ -130,17 +137,23 @@ pub(super) async fn serve(
     }
 }
 
+/// What the head for the Pod says about this hop.
+struct Hop<'a> {
+    client: Option<SocketAddr>,
+    tls: bool,
+    /// The upstream's `host_header`, which replaces the client's.
+    host_header: Option<&'a str>,
+    request_id: &'a str,
+}
+
 /// The HTTP/1.1 head for the Pod up to its framing fields (the caller adds those and the final
-/// CRLF), and the body length the client declared. `Err` for a request that cannot be written
-/// as HTTP/1.1 without ambiguity.
-fn request_head(
-    cx: &Conn<'_>,
-    s: &HttpSession,
-    route: &GatewayRoute,
-    request_id: &str,
+/// CRLF), and the body length the client declared. `upstream_path` applies the route's
+/// `strip_prefix`. `Err` for a request that cannot be written as HTTP/1.1 without ambiguity.
+fn request_head<'p>(
+    req: &'p http::request::Parts,
+    upstream_path: impl FnOnce(&'p str) -> std::borrow::Cow<'p, str>,
+    hop: &Hop<'_>,
 ) -> Result<(Vec<u8>, BodyLength), &'static str> {
-    let req = s.req_header();
-    let conf = &route.upstream.upstream.conf;
     let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
     // The `h2` crate and Pingora's acceptance already refuse control bytes here; a space, DEL
     // or any control byte would break the request line, so check once more where it matters.
@@ -157,7 +170,7 @@ fn request_head(
     let mut out = Vec::with_capacity(256 + req.headers.len() * 32);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(route.upstream_path(path_and_query).as_bytes());
+    out.extend_from_slice(upstream_path(path_and_query).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut cookies = 0usize;
     for (name, value) in fields() {
@@ -190,12 +203,12 @@ fn request_head(
         (None, Some(h)) => h,
         (None, None) => b"",
     };
-    match &conf.host_header {
+    match hop.host_header {
         Some(h) => push_header(&mut out, b"host", h.as_bytes()),
         None if !host_raw.is_empty() => push_header(&mut out, b"host", host_raw),
         None => {}
     }
-    if let Some(ip) = cx.client.map(|a| a.ip()) {
+    if let Some(ip) = hop.client.map(|a| a.ip()) {
         // Appended, as nginx's $proxy_add_x_forwarded_for does, so earlier hops stay visible.
         out.extend_from_slice(b"x-forwarded-for: ");
         if let Some(prev) = info.forwarded_for.filter(|p| !p.is_empty()) {
@@ -205,7 +218,7 @@ fn request_head(
         out.extend_from_slice(ip.to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let proto: &[u8] = if cx.tls { b"https" } else { b"http" };
+    let proto: &[u8] = if hop.tls { b"https" } else { b"http" };
     push_header(&mut out, b"x-forwarded-proto", proto);
     if !host_raw.is_empty() {
         push_header(
@@ -214,7 +227,7 @@ fn request_head(
             &host_raw.to_ascii_lowercase(),
         );
     }
-    push_header(&mut out, b"x-request-id", request_id.as_bytes());
+    push_header(&mut out, b"x-request-id", hop.request_id.as_bytes());
     Ok((out, length))
 }
 
@@ -645,5 +658,109 @@ async fn answer_error(s: &mut HttpSession, status: u16, request_id: &str, head_o
     let _ = resp.append_header("x-request-id", request_id);
     if s.write_response_header(Box::new(resp), head_only).is_ok() && !head_only {
         let _ = s.write_body(Bytes::from(body), true).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Field names an h2 client may send, the ones the translation treats specially included.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"cookie".to_vec()),
+            Just(b"te".to_vec()),
+            Just(b"host".to_vec()),
+            Just(b"content-length".to_vec()),
+            Just(b"x-forwarded-for".to_vec()),
+            Just(b"x-request-id".to_vec()),
+            Just(b"expect".to_vec()),
+            Just(b"x-a".to_vec()),
+            proptest::collection::vec(any::<u8>(), 1..12),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"trailers".to_vec()),
+            Just(b"5".to_vec()),
+            Just(b"a=1".to_vec()),
+            Just(b"\tx y\xff".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..16),
+        ]
+    }
+
+    proptest! {
+        /// Whatever fields and path an h2 request carries (as far as the `http` types hold
+        /// them), the head podgate writes for an HTTP/1.1 Pod is one complete request head to
+        /// a strict parser, with exactly one Host, one X-Forwarded-For, at most one framing
+        /// field and cookie line, and no hop-by-hop field.
+        #[test]
+        fn heads_for_http1_pods_parse_as_exactly_one_request(
+            path in proptest::collection::vec(any::<u8>(), 0..24),
+            fields in proptest::collection::vec((name(), value()), 0..10),
+            host_header in any::<bool>(),
+            tls in any::<bool>(),
+        ) {
+            let mut pq = b"/".to_vec();
+            pq.extend_from_slice(&path);
+            let Ok(pq) = http::uri::PathAndQuery::try_from(pq) else {
+                return Ok(());
+            };
+            let uri = http::Uri::builder()
+                .scheme("http")
+                .authority("a.test:80")
+                .path_and_query(pq)
+                .build()
+                .unwrap();
+            let (mut parts, ()) = http::Request::builder()
+                .method("POST")
+                .uri(uri)
+                .body(())
+                .unwrap()
+                .into_parts();
+            for (n, v) in &fields {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(n),
+                    http::HeaderValue::from_bytes(v),
+                ) {
+                    parts.headers.append(n, v);
+                }
+            }
+            let hop = Hop {
+                client: Some(SocketAddr::from(([127, 0, 0, 1], 5000))),
+                tls,
+                host_header: host_header.then_some("pod.internal"),
+                request_id: "id",
+            };
+            let Ok((mut head, length)) = request_head(&parts, |p| p.into(), &hop) else {
+                return Ok(());
+            };
+            if let BodyLength::Length(n) = length {
+                push_header(&mut head, b"content-length", n.to_string().as_bytes());
+            }
+            head.extend_from_slice(b"\r\n");
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut slots);
+            let parsed = req.parse(&head);
+            prop_assert!(
+                matches!(parsed, Ok(httparse::Status::Complete(n)) if n == head.len()),
+                "{:?}: {}", parsed, String::from_utf8_lossy(&head)
+            );
+            let count = |name: &str| req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+            prop_assert_eq!(count("host"), 1);
+            prop_assert_eq!(count("x-forwarded-for"), 1);
+            prop_assert_eq!(count("x-request-id"), 1);
+            prop_assert!(count("content-length") + count("transfer-encoding") <= 1);
+            prop_assert!(count("cookie") <= 1);
+            for hop_field in ["te", "connection", "keep-alive", "upgrade", "expect", "trailer"] {
+                prop_assert_eq!(count(hop_field), 0, "{} went on", hop_field);
+            }
+            if host_header {
+                let host = req.headers.iter().find(|h| h.name == "host").unwrap();
+                prop_assert_eq!(host.value, b"pod.internal");
+            }
+        }
     }
 }
