@@ -499,7 +499,7 @@ async fn attempt(
     upstream.record(backend, resp.status < 500);
     out.status = resp.status;
 
-    let mut data = take(&mut framing, &mut up.buf).map_err(|why| bad_answer(why))?;
+    let mut data = take(&mut framing, &mut up.buf).map_err(bad_answer)?;
     let mut done = data.1;
     let ended_at_once = done && data.0.is_empty();
     if s.write_response_header(Box::new(answer), ended_at_once)
