@@ -15,6 +15,9 @@ use bytes::BytesMut;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Request bodies up to this size are read whole before the Pod is chosen (on the h2 path too).
+pub const BUFFERED_BODY: u64 = 64 * 1024;
+
 /// How a message body is delimited.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Framing {

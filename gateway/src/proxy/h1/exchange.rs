@@ -457,7 +457,10 @@ impl<F> Engine<F> {
 
 /// Reads a response head from the Pod, within `timeout` for each read. A head that does not
 /// parse is `InvalidData`.
-async fn read_response(up: &mut pool::Conn, timeout: Duration) -> std::io::Result<Response> {
+pub(crate) async fn read_response(
+    up: &mut pool::Conn,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     loop {
         if !up.buf.is_empty() {
             match parse_response(&mut up.buf) {

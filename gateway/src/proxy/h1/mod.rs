@@ -5,8 +5,9 @@
 //! HTTP/1.1 connections (plain, or TLS without h2) directly: parse the request head in place,
 //! route, pick a Pod, write one head that podgate framed itself to a pooled connection, relay
 //! the answer under framing podgate writes itself, with a lock-free per-thread connection pool
-//! and no task but the connection's own. h2 connections (TLS with ALPN h2) go to Pingora's
-//! proxy, which shares routing, selection, metrics and the access log with this path.
+//! and no task but the connection's own. h2 connections (TLS with ALPN h2, or the preface on
+//! `h2c: true` listeners) go to `proxy/h2/serve.rs`, which serves streams to HTTP/1.1 Pods the
+//! same way and hands the others (gRPC, h2 Pods) to Pingora's proxy.
 //!
 //! Files: `head.rs` parses heads and decides body lengths (pure, fuzzed); `body.rs` decodes and
 //! re-frames bodies; `exchange.rs` serves one request (route, Pod, answer); `pool.rs` holds Pod
@@ -22,11 +23,11 @@
 
 pub mod body;
 mod client_io;
-mod exchange;
+pub(crate) mod exchange;
 pub mod head;
 #[cfg(test)]
 mod props;
-mod rewrite;
+pub(crate) mod rewrite;
 pub mod sniff;
 pub mod spread;
 mod to_h2;
@@ -38,7 +39,7 @@ use bytes::BytesMut;
 use client_io::ClientIo;
 use head::{parse_request, Request};
 use http::Method;
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpServerApp, ServerApp};
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use std::net::SocketAddr;
@@ -47,8 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Request bodies up to this size are read whole before the Pod is chosen.
-pub const BUFFERED_BODY: u64 = 64 * 1024;
+pub use body::BUFFERED_BODY;
 /// The first buffer for a request head (nginx's `client_header_buffer_size`).
 const FIRST_HEAD_BUFFER: usize = 1024;
 
@@ -163,13 +163,14 @@ impl<F> Engine<F> {
 }
 
 #[async_trait]
-impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
+impl<F: HttpServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         if self.h2c {
             match sniff::sniff(&io, self.limits.header_timeout).await {
                 sniff::Sniffed::H2 => {
                     let _open = self.spread.open_here();
-                    return self.h2.process_new(io, shutdown).await;
+                    self.serve_h2(io, shutdown).await;
+                    return None;
                 }
                 sniff::Sniffed::Http1 => {}
                 sniff::Sniffed::Gone => return None,
@@ -177,7 +178,8 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
         }
         if io.selected_alpn_proto() == Some(ALPN::H2) {
             let _open = self.spread.open_here();
-            return self.h2.process_new(io, shutdown).await;
+            self.serve_h2(io, shutdown).await;
+            return None;
         }
         // Every plain-TCP connection continues in a task of its own on the least busy thread,
         // and Pingora's task for it ends here: that task carries a TLS handshake's state inline
@@ -216,6 +218,21 @@ impl<F: ServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
         // instant before the listeners closed the same time as HTTP/1.1 ones get.
         tokio::time::sleep(self.linger).await;
         self.h2.cleanup().await;
+    }
+}
+
+impl<F: HttpServerApp + Send + Sync + 'static> Engine<F> {
+    /// An h2 connection: streams to HTTP/1.1 Pods are served in its task, the others by
+    /// Pingora's proxy (`proxy/h2/serve.rs`).
+    async fn serve_h2(&self, io: Stream, shutdown: &ShutdownWatch) {
+        crate::proxy::h2::serve::connection(
+            &self.gateway,
+            &self.h2,
+            io,
+            shutdown,
+            self.limits.body_timeout,
+        )
+        .await
     }
 }
 

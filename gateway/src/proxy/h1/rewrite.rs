@@ -115,7 +115,7 @@ pub(super) fn upstream_head(
     out
 }
 
-pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -126,27 +126,27 @@ pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// parse is `InvalidData`.
 /// What the head sent to the client says of the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Declared {
+pub(crate) enum Declared {
     Length(u64),
     Chunked,
     Nothing,
 }
 
 /// How an answer's body travels to the client.
-pub(super) struct AnswerFraming {
+pub(crate) struct AnswerFraming {
     /// How the Pod's body is read.
-    pub(super) framing: Framing,
+    pub(crate) framing: Framing,
     /// How a chunked body is written on.
-    pub(super) how: Out,
+    pub(crate) how: Out,
     /// What the head sent to the client says of the body.
-    pub(super) declared: Declared,
+    pub(crate) declared: Declared,
     /// Only the end of the connection ends the body for the client.
-    pub(super) ends_with_close: bool,
+    pub(crate) ends_with_close: bool,
 }
 
 /// Decides the framing of an answer with `status` and the Pod's `length`, to a request that
 /// was `head_only` from a client speaking HTTP/1.`minor`.
-pub(super) fn answer_framing(
+pub(crate) fn answer_framing(
     status: u16,
     length: BodyLength,
     head_only: bool,

@@ -10,3 +10,5 @@
 //! `grpc-status` and `grpc-message` in trailers) rather than with a JSON body.
 
 pub mod grpc;
+pub mod serve;
+mod to_h1;

@@ -1,0 +1,192 @@
+//! h2 client connections (TLS with ALPN h2, or the h2 preface on `h2c: true` listeners): the
+//! connection's task accepts streams and serves those bound for HTTP/1.1 Pods itself
+//! (`to_h1.rs`), all in that one task; gRPC calls and streams bound for h2/h2c Pods go to
+//! Pingora's proxy (`proxy/pingora.rs`), one task each, as before.
+//!
+//! Why not Pingora's h2 path for everything: measured with `benches/load/h2.sh` (h2load, 32
+//! connections × 10 streams, one pinned worker), Pingora's path ran HTTP/1.1-bound h2 traffic at
+//! 0.50–0.70× nginx (h2c) and 0.49–0.57× (TLS), at 1.5–2.4× nginx's CPU per request; perf put
+//! the difference in its per-stream shape (a spawned task per stream whose large future is
+//! moved, a session and header copy per request, its HTTP/1.1 client relay with zeroed
+//! allocations), none of it in podgate's logic. Here the same requests cost no task, no
+//! Pingora HTTP/1.1 session and no header map toward the Pod: podgate writes the HTTP/1.1 head
+//! itself, over its own per-thread pool (`upstream/pool.rs`), with the HTTP/1.1 path's parsers for
+//! the Pod's answer. The measurement after the change is in `benches/RESULTS.md` ("h2 and gRPC
+//! clients").
+//!
+//! Accepting stays Pingora's (`HttpSession::from_h2_conn` on an `h2` crate connection built with
+//! the limits below): its checks of each new stream (forbidden bytes in `:path`, conflicting
+//! `content-length`, ambiguous authority) apply to both paths, and a stream it hands to
+//! Pingora's proxy is exactly what Pingora's own accept loop would have spawned. The `h2` crate
+//! itself refuses uppercase names, connection-specific fields, `te` other than `trailers`,
+//! pseudo-headers after regular ones and values with CR, LF or NUL (malformed: stream error),
+//! and checks DATA against `content-length`.
+//!
+//! Graceful shutdown: on Pingora's shutdown signal the connection sends GOAWAY and keeps serving
+//! the streams it accepted (and those the client had already sent) until they end, within the
+//! server's grace period.
+
+use super::grpc;
+use super::to_h1::{self, Conn};
+use crate::config::Protocol;
+use crate::proxy::routing::Match;
+use crate::proxy::Gateway;
+use futures::stream::{FuturesUnordered, StreamExt};
+use pingora_core::apps::HttpServerApp;
+use pingora_core::protocols::http::v2::server::{handshake, H2Accept, H2Options, HttpSession};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{Digest, Stream};
+use pingora_core::server::ShutdownWatch;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Streams a client may have open at once (nginx's `http2_max_concurrent_streams` default).
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// The largest decoded header list accepted (nginx's `large_client_header_buffers` total).
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Streams the client resets before they are accepted, at once, before the connection is
+/// cut off with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487; the `h2` default).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams podgate itself resets for protocol errors per connection before it ends the
+/// connection (the `h2` default).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Flow-control windows offered to the client: RFC 9113's initial 64 KiB, so a client that is
+/// never read from holds at most that much per stream and per connection.
+const WINDOW: u32 = 65_535;
+/// Streams Pingora's checks rejected (bad `:path`, conflicting lengths, authority) before the
+/// connection is closed, as Pingora's own accept loop bounds them.
+const MAX_MALFORMED_STREAMS: usize = 32;
+
+/// The `h2` settings of client connections.
+pub fn options() -> H2Options {
+    let mut o = H2Options::default();
+    o.max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW);
+    o
+}
+
+/// Serves one h2 client connection until it ends. `app` is Pingora's proxy, which takes the
+/// streams this path does not serve itself.
+pub async fn connection<F>(
+    gateway: &Gateway,
+    app: &Arc<F>,
+    io: Stream,
+    shutdown: &ShutdownWatch,
+    body_timeout: Duration,
+) where
+    F: HttpServerApp + Send + Sync + 'static,
+{
+    let digest = Arc::new(Digest {
+        ssl_digest: io.get_ssl_digest(),
+        timing_digest: io.get_timing_digest(),
+        proxy_digest: io.get_proxy_digest(),
+        socket_digest: io.get_socket_digest(),
+    });
+    let cx = Conn {
+        gateway,
+        client: digest
+            .socket_digest
+            .as_ref()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied()),
+        tls: digest.ssl_digest.is_some(),
+        body_timeout,
+    };
+    let mut conn = match handshake(io, Some(options())).await {
+        Ok(c) => c,
+        Err(e) => {
+            log::debug!("client {:?}: h2 handshake: {e}", cx.client);
+            return;
+        }
+    };
+    let mut shutdown = shutdown.clone();
+    let mut draining = false;
+    let mut malformed = 0usize;
+    let mut streams = FuturesUnordered::new();
+    loop {
+        if !draining && *shutdown.borrow() {
+            conn.graceful_shutdown();
+            draining = true;
+        }
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.changed(), if !draining => continue,
+            Some(()) = streams.next(), if !streams.is_empty() => continue,
+            // Cancel-safe: polled again on the next turn. Polling it is also what moves the
+            // connection's frames both ways for the streams served here.
+            a = HttpSession::from_h2_conn(&mut conn, digest.clone()) => a,
+        };
+        let session = match accepted {
+            Ok(Some(H2Accept::Session(s))) => s,
+            Ok(Some(H2Accept::Rejected)) => {
+                malformed += 1;
+                if malformed >= MAX_MALFORMED_STREAMS {
+                    log::warn!(
+                        "client {:?}: {malformed} malformed h2 requests; closing",
+                        cx.client
+                    );
+                    break;
+                }
+                continue;
+            }
+            // The client closed, or after GOAWAY the last stream ended.
+            Ok(None) => break,
+            Err(e) => {
+                log::debug!("client {:?}: h2 connection: {e}", cx.client);
+                break;
+            }
+        };
+        match dispatch(&cx, session) {
+            Dispatch::Here(session, route, host) => {
+                streams.push(to_h1::serve(&cx, session, route, host))
+            }
+            Dispatch::Pingora(session) => {
+                let (app, shutdown) = (app.clone(), shutdown.clone());
+                pingora_runtime::current_handle().spawn(async move {
+                    app.process_new_http(ServerSession::new_http2(session), &shutdown)
+                        .await;
+                });
+            }
+            Dispatch::Gone => {}
+        }
+    }
+    // The connection failed or closed: what is left of its streams cannot reach the client.
+    drop(streams);
+}
+
+/// Where a stream goes.
+enum Dispatch {
+    /// To an HTTP/1.1 Pod, served in the connection's task.
+    Here(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
+    /// To Pingora's proxy: gRPC calls, h2/h2c Pods, CONNECT, and requests that match no route
+    /// (answered there as before).
+    Pingora(HttpSession),
+    /// The client reset it before it was looked at.
+    Gone,
+}
+
+fn dispatch(cx: &Conn<'_>, mut session: HttpSession) -> Dispatch {
+    use futures::FutureExt;
+    // A stream the client already cancelled (rapid reset) costs nothing more.
+    if session.idle().now_or_never().is_some() {
+        return Dispatch::Gone;
+    }
+    let req = session.req_header();
+    if req.method == http::Method::CONNECT
+        || grpc::is_grpc(req.headers.get("content-type").map(|v| v.as_bytes()))
+    {
+        return Dispatch::Pingora(session);
+    }
+    let host = crate::proxy::pingora::request_host(req);
+    let router = cx.gateway.router.load();
+    let route = match router.find(&host, req.uri.path(), &req.method) {
+        Match::Found(route) if route.upstream.upstream.conf.protocol == Protocol::Http1 => {
+            route.clone()
+        }
+        _ => return Dispatch::Pingora(session),
+    };
+    Dispatch::Here(session, route, host)
+}
