@@ -470,9 +470,8 @@ async fn h2_get(gw: SocketAddr, path: &str) -> (u16, String) {
 
 /// A Pod that leaves its Service has its h2 connection from podgate drained: the call running on
 /// it finishes, then podgate sends GOAWAY (NO_ERROR) and closes, well before the 60 s idle
-/// timeout of HTTP/1.1 connections; no stream is reset. `h2_clients`: the clients speak h2
-/// (prior knowledge; Pingora's proxy and pool), else HTTP/1.1 (the bridge, whose connection to
-/// the Pod that stays is kept).
+/// timeout of HTTP/1.1 connections; no stream is reset. The Pod that stays keeps its
+/// connection. `h2_clients`: the clients speak h2 (prior knowledge), else HTTP/1.1.
 async fn a_leaving_pod_is_drained(h2_clients: bool) {
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     let release = Arc::new(tokio::sync::Notify::new());
@@ -558,17 +557,11 @@ async fn a_leaving_pod_is_drained(h2_clients: bool) {
     })
     .await;
     let ended = ended.lock().unwrap().clone();
-    if !h2_clients {
-        // The bridge drains exactly the Pods that left; Pingora's pool (h2 clients) closes every
-        // h2 connection idle for 5 s, so the staying Pod's may end too there.
-        assert_eq!(
-            ended.len(),
-            1,
-            "only the leaving Pod's connection ends: {ended:?}"
-        );
-    }
-    let ended: Vec<_> = ended.iter().filter(|(n, _)| n == leaving).collect();
-    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(
+        ended.len(),
+        1,
+        "only the leaving Pod's connection ends: {ended:?}"
+    );
     let frames = &ended[0].1;
     assert!(
         frames.contains(&(7, Some(0))),

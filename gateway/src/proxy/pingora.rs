@@ -4,16 +4,16 @@
 //! or internal errors reaches the client (they go to the log). gRPC calls get theirs the gRPC way
 //! instead (`h2/grpc.rs`): HTTP 200, then `grpc-status` and `grpc-message` in trailers.
 //!
-//! Toward Pods this path speaks what the upstream's `protocol` says: HTTP/1.1, or h2 (ALPN over
-//! TLS) / h2c (prior knowledge) with up to [`H2_STREAMS_PER_CONNECTION`] calls multiplexed on one
-//! pooled connection. gRPC needs no more than that from Pingora: an h2 client's `te: trailers`
-//! is passed on as sent (Pingora strips hop-by-hop fields only from requests that arrived as
-//! HTTP/1.x), and response trailers are relayed as trailers.
+//! What still comes this way (`proxy/h2/serve.rs` decides): h2 streams that match no route
+//! (answered 404/405 here, the gRPC way for gRPC calls), CONNECT, and gRPC calls routed to an
+//! `http1` upstream. Streams for routed HTTP/1.1 and h2/h2c Pods are served by podgate's own h2
+//! path (`proxy/h2/to_h1.rs`, `to_h2.rs`), and HTTP/1.x clients by `proxy/h1/`; toward Pods this
+//! path now only speaks HTTP/1.1.
 
 use super::h2::grpc;
 use super::routing::{normalize_host, Match};
 use super::{access_line, error_json, Gateway, GatewayRoute, LogFields};
-use crate::config::{Protocol, Scheme};
+use crate::config::Scheme;
 use crate::telemetry::access_log;
 use crate::upstream::balance::Backend;
 use crate::upstream::Upstream;
@@ -30,13 +30,6 @@ use std::time::Instant;
 
 /// How long an idle pooled connection to a Pod is kept.
 pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// How long an idle pooled h2 connection to a Pod is kept on this path: the longest a Pod that
-/// left waits for its GOAWAY once its last call ended.
-pub const H2_POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Streams opened on one h2 connection to a Pod before another connection is opened (the
-/// usual `SETTINGS_MAX_CONCURRENT_STREAMS` of gRPC servers and nginx is 100; a Pod that allows
-/// fewer is respected).
-pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// Per-request state.
 pub struct Ctx {
@@ -63,11 +56,6 @@ pub struct Ctx {
     grpc_status: Option<usize>,
     /// Counts the current attempt in flight (least request) until the next attempt or the end.
     in_flight: Option<crate::upstream::policy::least::InFlight>,
-    /// An h2 Pod refused the current attempt's stream unprocessed (GOAWAY, REFUSED_STREAM): the
-    /// next attempt goes to the same Pod on a new stream, once per request, outside the budget.
-    again: Option<Backend>,
-    /// Whether that once was used.
-    refused: bool,
 }
 
 impl Ctx {
@@ -211,8 +199,6 @@ impl ProxyHttp for Gateway {
             deadline: None,
             grpc_status: None,
             in_flight: None,
-            again: None,
-            refused: false,
         }
     }
 
@@ -260,32 +246,22 @@ impl ProxyHttp for Gateway {
         let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
-        let backend = match ctx.again.take() {
-            // The same Pod again, still counted in flight (see `error_while_proxy`).
-            Some(backend) => backend,
-            None => {
-                ctx.in_flight = None;
-                let req = session.req_header();
-                let hashed = crate::proxy::HashParts {
-                    headers: &req.headers,
-                    path: req.uri.path(),
-                    client: session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip()),
-                };
-                let key = upstream.hash_key(&hashed);
-                let Some((backend, in_flight)) = upstream.pick(&ctx.tried, key) else {
-                    return Error::e_explain(
-                        ErrorType::HTTPStatus(503),
-                        "upstream has no endpoint",
-                    );
-                };
-                ctx.in_flight = in_flight;
-                ctx.tried.push(backend.addr);
-                backend
-            }
+        ctx.in_flight = None;
+        let req = session.req_header();
+        let hashed = crate::proxy::HashParts {
+            headers: &req.headers,
+            path: req.uri.path(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
         };
+        let key = upstream.hash_key(&hashed);
+        let Some((backend, in_flight)) = upstream.pick(&ctx.tried, key) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "upstream has no endpoint");
+        };
+        ctx.in_flight = in_flight;
+        ctx.tried.push(backend.addr);
         let conf = &upstream.conf;
         let tls = conf.scheme == Scheme::Https;
         // With verification on, the config guarantees a name. Without one (verify: false) the
@@ -311,22 +287,9 @@ impl ProxyHttp for Gateway {
             None => conf.read_timeout,
         };
         peer.options.read_timeout = Some(read_timeout);
-        if conf.protocol != Protocol::Http1 {
-            // h2 only (min and max version 2): over TLS ALPN offers just h2, and without TLS
-            // Pingora then speaks h2c by prior knowledge.
-            peer.options.set_http_version(2, 2);
-            peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
-        }
         // Idle pooled connections are dropped after this long, so none lingers toward a Pod
         // that left the set (a Pod that exits closes its side anyway, which the pool notices).
-        // h2 connections sooner: Pingora's pool cannot be told that a Pod left, and closing an
-        // idle h2 connection is how it gets its GOAWAY; one connection per Pod and thread is
-        // cheap to open again after a quiet spell.
-        peer.options.idle_timeout = Some(if conf.protocol == Protocol::Http1 {
-            POOL_IDLE_TIMEOUT
-        } else {
-            H2_POOL_IDLE_TIMEOUT
-        });
+        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
         if tls {
             peer.options.verify_cert = conf.tls.verify;
             peer.options.verify_hostname = conf.tls.verify;
@@ -422,21 +385,6 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
-        // A stream the Pod refused unprocessed goes again to the same Pod (Pingora opens a new
-        // connection when the pooled one is going away), once, for any method: it is not a
-        // failure of the Pod, nor a retry of the request.
-        let refused = e
-            .root_cause()
-            .downcast_ref::<h2::Error>()
-            .is_some_and(crate::upstream::h2_pool::refused);
-        if refused && !ctx.refused && !ctx.responded && !session.as_ref().retry_buffer_truncated() {
-            log::debug!("{peer} refused a stream unprocessed ({e}); again on a new stream");
-            ctx.refused = true;
-            ctx.again = ctx.current.clone();
-            let mut e = e;
-            e.set_retry(true);
-            return e;
-        }
         ctx.record(false);
         let mut e = e.more_context(format!("peer: {peer}"));
         // Only idempotent requests with an intact body buffer, within the budget. Pingora retries

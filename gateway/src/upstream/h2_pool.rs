@@ -71,6 +71,30 @@ pub fn discard(connector: &Connector, addr: SocketAddr) {
     CONNS.with(|c| c.borrow_mut().remove(&(addr, connector.pool_id())));
 }
 
+/// A handle to open a stream to `addr` of `upstream` within its `connect_timeout`, or `None`
+/// (logged) when no connection could be had.
+pub async fn connect(
+    upstream: &Arc<super::Upstream>,
+    addr: SocketAddr,
+) -> Option<SendRequest<Bytes>> {
+    let conf = &upstream.conf;
+    let ready = ready(&upstream.connector, addr, upstream);
+    match tokio::time::timeout(conf.connect_timeout, ready).await {
+        Ok(Ok(send)) => Some(send),
+        Ok(Err(e)) => {
+            log::warn!("upstream {}: cannot connect to {addr}: {e}", conf.name);
+            None
+        }
+        Err(_) => {
+            log::warn!(
+                "upstream {}: cannot connect to {addr}: timed out",
+                conf.name
+            );
+            None
+        }
+    }
+}
+
 /// A handle to open a stream to `addr`, on this thread's connection to it or a new one
 /// (connected within the connector's timeout, over TLS for `scheme: https`). A new connection
 /// is drained once `addr` leaves `members` (see the module comment).

@@ -20,11 +20,9 @@ use super::rewrite::{push_header, HashView, RequestCtx};
 use super::{error_answer, Client, Engine, Outcome};
 use crate::proxy::GatewayRoute;
 use crate::upstream::balance::Backend;
-use crate::upstream::{h2_pool, Upstream};
+use crate::upstream::h2_pool;
 use bytes::Bytes;
-use h2::client::SendRequest;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 impl<F> Engine<F> {
@@ -121,30 +119,6 @@ impl<F> Engine<F> {
         }
     }
 
-    /// A stream to `addr` on this thread's pooled connection, or on a new one.
-    async fn h2_stream(
-        &self,
-        upstream: &Arc<Upstream>,
-        addr: SocketAddr,
-    ) -> Result<SendRequest<Bytes>, H2Failure> {
-        let conf = &upstream.conf;
-        let connect = h2_pool::ready(&upstream.connector, addr, upstream);
-        match tokio::time::timeout(conf.connect_timeout, connect).await {
-            Ok(Ok(send)) => Ok(send),
-            Ok(Err(e)) => {
-                log::warn!("upstream {}: cannot connect to {addr}: {e}", conf.name);
-                Err(H2Failure::Connect)
-            }
-            Err(_) => {
-                log::warn!(
-                    "upstream {}: cannot connect to {addr}: timed out",
-                    conf.name
-                );
-                Err(H2Failure::Connect)
-            }
-        }
-    }
-
     /// One attempt on `backend` over h2. `Ok` once an answer head came (it is then relayed).
     #[allow(clippy::too_many_arguments)]
     async fn h2_attempt(
@@ -165,7 +139,9 @@ impl<F> Engine<F> {
         // Whether the client's body was not read to its end (the Pod answered before it).
         let mut body_left = false;
         let resp = loop {
-            let mut send = self.h2_stream(upstream, backend.addr).await?;
+            let mut send = h2_pool::connect(upstream, backend.addr)
+                .await
+                .ok_or(H2Failure::Connect)?;
             let req = h2_request(ctx, route, c, backend.addr, sent.length)
                 .ok_or(H2Failure::Unrepresentable)?;
             let end = sent.body.is_empty() && !streaming;

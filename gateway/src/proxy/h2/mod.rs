@@ -12,3 +12,4 @@
 pub mod grpc;
 pub mod serve;
 mod to_h1;
+mod to_h2;

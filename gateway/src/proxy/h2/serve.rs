@@ -28,9 +28,11 @@
 
 use super::grpc;
 use super::to_h1::{self, Conn};
+use super::to_h2;
 use crate::config::Protocol;
 use crate::proxy::routing::Match;
 use crate::proxy::Gateway;
+use futures::future::{Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use pingora_core::apps::HttpServerApp;
 use pingora_core::protocols::http::v2::server::{handshake, H2Accept, H2Options, HttpSession};
@@ -141,7 +143,10 @@ pub async fn connection<F>(
         };
         match dispatch(&cx, session) {
             Dispatch::Here(session, route, host) => {
-                streams.push(to_h1::serve(&cx, session, route, host))
+                streams.push(Either::Left(to_h1::serve(&cx, session, route, host)))
+            }
+            Dispatch::ToH2(session, route, host) => {
+                streams.push(Either::Right(to_h2::serve(&cx, session, route, host)))
             }
             Dispatch::Pingora(session) => {
                 let (app, shutdown) = (app.clone(), shutdown.clone());
@@ -161,6 +166,8 @@ pub async fn connection<F>(
 enum Dispatch {
     /// To an HTTP/1.1 Pod, served in the connection's task.
     Here(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
+    /// To an h2/h2c Pod (gRPC calls among them), served in the connection's task.
+    ToH2(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
     /// To Pingora's proxy: gRPC calls, h2/h2c Pods, CONNECT, and requests that match no route
     /// (answered there as before).
     Pingora(HttpSession),
@@ -169,24 +176,24 @@ enum Dispatch {
 }
 
 fn dispatch(cx: &Conn<'_>, mut session: HttpSession) -> Dispatch {
-    use futures::FutureExt;
     // A stream the client already cancelled (rapid reset) costs nothing more.
     if session.idle().now_or_never().is_some() {
         return Dispatch::Gone;
     }
     let req = session.req_header();
-    if req.method == http::Method::CONNECT
-        || grpc::is_grpc(req.headers.get("content-type").map(|v| v.as_bytes()))
-    {
+    if req.method == http::Method::CONNECT {
         return Dispatch::Pingora(session);
     }
+    let grpc = grpc::is_grpc(req.headers.get("content-type").map(|v| v.as_bytes()));
     let host = crate::proxy::pingora::request_host(req);
     let router = cx.gateway.router.load();
     let route = match router.find(&host, req.uri.path(), &req.method) {
-        Match::Found(route) if route.upstream.upstream.conf.protocol == Protocol::Http1 => {
-            route.clone()
-        }
+        Match::Found(route) => route.clone(),
         _ => return Dispatch::Pingora(session),
     };
-    Dispatch::Here(session, route, host)
+    match route.upstream.upstream.conf.protocol {
+        Protocol::H2 | Protocol::H2c => Dispatch::ToH2(session, route, host),
+        Protocol::Http1 if !grpc => Dispatch::Here(session, route, host),
+        Protocol::Http1 => Dispatch::Pingora(session),
+    }
 }

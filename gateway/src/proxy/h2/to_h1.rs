@@ -86,14 +86,7 @@ pub(super) async fn serve(
     s.set_write_timeout(Some(cx.body_timeout));
     let mut out = Outcome::default();
     let req = s.req_header();
-    let request_id = match req
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(id) if !id.is_empty() && id.len() <= 200 => id.to_string(),
-        _ => access_log::request_id(),
-    };
+    let request_id = request_id_of(req);
     let method = req.method.clone();
     let path = req.uri.path().to_string();
     let head_only = method == Method::HEAD;
@@ -144,6 +137,18 @@ struct Hop<'a> {
     /// The upstream's `host_header`, which replaces the client's.
     host_header: Option<&'a str>,
     request_id: &'a str,
+}
+
+/// The client's `X-Request-Id` when it is usable (1 to 200 bytes of text), else a new one.
+pub(super) fn request_id_of(req: &pingora_http::RequestHeader) -> String {
+    match req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(id) if !id.is_empty() && id.len() <= 200 => id.to_string(),
+        _ => access_log::request_id(),
+    }
 }
 
 /// The HTTP/1.1 head for the Pod up to its framing fields (the caller adds those and the final
