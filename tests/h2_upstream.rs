@@ -612,3 +612,51 @@ async fn an_h2_clients_stream_refused_by_goaway_goes_again_on_a_new_connection()
     assert_eq!(text, b"second connection");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// An h2 client's large upload reaches an h2c Pod whose window is 16 KiB, under both sides'
+/// flow control, with its `content-length`; the answer comes back with the Pod's fields.
+#[tokio::test]
+async fn an_h2_clients_large_body_flows_to_an_h2c_pod_under_flow_control() {
+    let (pod, _task) = h2c_echo_pod_window(Some(16 * 1024)).await;
+    let body = format!(
+        "upstreams:\n  - {{name: h2pod, protocol: h2c, retries: 0, nodes: [{{address: \"{pod}\"}}]}}\n\
+         routes:\n  - {{name: api, path_prefix: /api, strip_prefix: true, upstream: h2pod}}\n"
+    );
+    let gw = Gateway::start_with_listener(tempfile::tempdir().unwrap(), "h2c: true", &body).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post("http://api.test/api/up?x=1")
+        .header("content-length", "300000")
+        .header("x-custom", "yes")
+        .body(())
+        .unwrap();
+    let (answer, mut stream) = client.send_request(req, false).unwrap();
+    let mut left = Bytes::from(vec![b'z'; 300_000]);
+    while !left.is_empty() {
+        stream.reserve_capacity(left.len());
+        let n = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        let part = left.split_to(n.min(left.len()));
+        stream.send_data(part, left.is_empty()).unwrap();
+    }
+    let resp = answer.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-pod"], "h2c-echo");
+    assert!(resp.headers().contains_key("x-request-id"));
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(
+        text,
+        "POST /up?x=1 HTTP/2.0 authority=api.test xff=127.0.0.1 proto=http id=true custom=yes body=300000\n"
+    );
+}
