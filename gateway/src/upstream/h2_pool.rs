@@ -73,7 +73,7 @@ pub fn discard(connector: &Connector, addr: SocketAddr) {
 
 /// A handle to open a stream to `addr` of `upstream` within its `connect_timeout`, or `None`
 /// (logged) when no connection could be had.
-pub async fn connect(
+async fn connect(
     upstream: &Arc<super::Upstream>,
     addr: SocketAddr,
 ) -> Option<SendRequest<Bytes>> {
@@ -91,6 +91,44 @@ pub async fn connect(
                 conf.name
             );
             None
+        }
+    }
+}
+
+/// Why [`open`] opened no stream.
+pub enum NotOpened {
+    /// No connection to the Pod could be had, or it took no stream: nothing reached the Pod.
+    Connect,
+    /// The request cannot be written as h2 (`make` gave `None`).
+    Unrepresentable,
+}
+
+/// Opens a stream to `addr` of `upstream` for the request `make` builds (`end`: without a body),
+/// on this thread's pooled connection, or on a new one when that one takes no more streams (the
+/// Pod closed it or sent GOAWAY), once.
+pub async fn open(
+    upstream: &Arc<super::Upstream>,
+    addr: SocketAddr,
+    make: impl Fn() -> Option<http::Request<()>>,
+    end: bool,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), NotOpened> {
+    let mut again = false;
+    loop {
+        let mut send = connect(upstream, addr).await.ok_or(NotOpened::Connect)?;
+        let req = make().ok_or(NotOpened::Unrepresentable)?;
+        match send.send_request(req, end) {
+            Ok(opened) => return Ok(opened),
+            Err(e) => {
+                log::debug!(
+                    "upstream {}: opening a stream to {addr}: {e}",
+                    upstream.conf.name
+                );
+                discard(&upstream.connector, addr);
+                if again {
+                    return Err(NotOpened::Connect);
+                }
+                again = true;
+            }
         }
     }
 }

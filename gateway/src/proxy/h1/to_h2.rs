@@ -139,29 +139,14 @@ impl<F> Engine<F> {
         // Whether the client's body was not read to its end (the Pod answered before it).
         let mut body_left = false;
         let resp = loop {
-            let mut send = h2_pool::connect(upstream, backend.addr)
-                .await
-                .ok_or(H2Failure::Connect)?;
-            let req = h2_request(ctx, route, c, backend.addr, sent.length)
-                .ok_or(H2Failure::Unrepresentable)?;
+            let make = || h2_request(ctx, route, c, backend.addr, sent.length);
             let end = sent.body.is_empty() && !streaming;
-            let (answer, mut stream) = match send.send_request(req, end) {
-                Ok(opened) => opened,
-                Err(e) => {
-                    // A pooled connection the Pod closed or is closing (GOAWAY): a new one, once.
-                    log::debug!(
-                        "upstream {}: opening a stream to {}: {e}",
-                        conf.name,
-                        backend.addr
-                    );
-                    h2_pool::discard(&upstream.connector, backend.addr);
-                    if !refused {
-                        refused = true;
-                        continue;
-                    }
-                    return Err(H2Failure::Connect);
-                }
-            };
+            let (answer, mut stream) = h2_pool::open(upstream, backend.addr, make, end)
+                .await
+                .map_err(|e| match e {
+                    h2_pool::NotOpened::Connect => H2Failure::Connect,
+                    h2_pool::NotOpened::Unrepresentable => H2Failure::Unrepresentable,
+                })?;
             if !sent.body.is_empty() {
                 // At most BUFFERED_BODY bytes: h2 queues them and sends as the Pod's window allows.
                 stream

@@ -217,35 +217,19 @@ impl Call<'_> {
         let attempt = Instant::now();
         let mut refused = false;
         let (resp, mut to_pod) = loop {
-            let Some(mut send) = h2_pool::connect(upstream, backend.addr).await else {
-                return Err(Failure::Connect);
-            };
-            let req = pod_request(s, self.route, self.cx, &self.request_id, backend.addr)
-                .ok_or(Failure::Unrepresentable)?;
-            let replay = held.as_ref().map(|h| h.bytes.clone().freeze());
-            let Some(replay) = replay else {
+            let Some(replay) = held.as_ref().map(|h| h.bytes.clone().freeze()) else {
                 // Part of the body is gone and cannot be sent again.
                 return Err(Failure::NoAnswer { timed_out: false });
             };
             let client_done = held.as_ref().is_some_and(|h| h.done) || s.is_body_done();
             let ends_now = client_done && replay.is_empty();
-            let (answer, tx) = match send.send_request(req, ends_now) {
-                Ok(opened) => opened,
-                Err(e) => {
-                    // A pooled connection the Pod closed or is closing: a new one, once.
-                    log::debug!(
-                        "upstream {}: opening a stream to {}: {e}",
-                        conf.name,
-                        backend.addr
-                    );
-                    h2_pool::discard(&upstream.connector, backend.addr);
-                    if !refused {
-                        refused = true;
-                        continue;
-                    }
-                    return Err(Failure::Connect);
-                }
-            };
+            let make = || pod_request(s, self.route, self.cx, &self.request_id, backend.addr);
+            let (answer, tx) = h2_pool::open(upstream, backend.addr, make, ends_now)
+                .await
+                .map_err(|e| match e {
+                    h2_pool::NotOpened::Connect => Failure::Connect,
+                    h2_pool::NotOpened::Unrepresentable => Failure::Unrepresentable,
+                })?;
             let mut to_pod = Outgoing::new(tx, replay, client_done, ends_now);
             match self.await_head(s, answer, &mut to_pod, held).await {
                 Ok(resp) => break (resp, to_pod),
