@@ -550,6 +550,68 @@ async fn concurrent_streams_on_one_connection_are_all_served() {
     assert_eq!(seen.len(), 50);
 }
 
+/// A Pod that takes requests and never answers; counts the heads it got and the connections
+/// that were closed on it.
+async fn silent_pod() -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (got, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (g, c) = (got.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut io, _)) = l.accept().await {
+            let (g, c) = (g.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let have = buf.len();
+                    if !fill(&mut io, &mut buf, have + 1).await {
+                        return;
+                    }
+                }
+                g.fetch_add(1, Ordering::SeqCst);
+                let mut rest = [0u8; 64];
+                while matches!(io.read(&mut rest).await, Ok(n) if n > 0) {}
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, got, closed)
+}
+
+/// Rapid reset against a slow Pod (CVE-2023-44487's costly variant): a stream the client cancels
+/// after podgate sent it on stops holding a Pod connection at once, rather than waiting for the
+/// Pod's answer (`read_timeout`) after the client's stream slot was already free again.
+#[tokio::test]
+async fn a_stream_cancelled_while_its_pod_works_releases_the_pod_connection() {
+    use std::sync::atomic::Ordering;
+    let (pod, got, closed) = silent_pod().await;
+    let gw = h2c_gateway(pod).await;
+    let mut send = h2_client(&gw).await;
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        send = send.ready().await.unwrap();
+        let (answer, stream) = send.send_request(get(&format!("/slow/{i}")), true).unwrap();
+        streams.push((answer, stream));
+    }
+    wait_for("the Pod to get 20 requests", || async {
+        got.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    for (_, stream) in &mut streams {
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    wait_for("podgate to close the 20 Pod connections", || async {
+        closed.load(Ordering::SeqCst) == 20
+    })
+    .await;
+}
+
 /// On SIGTERM an h2 client gets GOAWAY, and a request already in flight is answered.
 #[tokio::test]
 async fn shutdown_sends_goaway_and_finishes_streams_in_flight() {

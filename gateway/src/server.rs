@@ -11,7 +11,6 @@ use crate::config::Config;
 use crate::live::{Lifecycle, Live};
 use crate::proxy::Gateway;
 use async_trait::async_trait;
-use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -392,14 +391,9 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             continue;
         }
         let gateway = || Gateway::new(live.router.clone(), access_log.clone());
-        let mut proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
-        if h2c {
-            // Pingora's proxy serves the connections that open with the h2 preface (see
-            // `proxy/h1/sniff.rs`); podgate's own path serves the HTTP/1.1 ones.
-            let mut o = HttpServerOptions::default();
-            o.h2c = true;
-            proxy.server_options = Some(o);
-        }
+        // Pingora's proxy serves only the h2 streams `proxy/h2/serve.rs` hands it (gRPC, h2
+        // Pods); connections, h2c ones included (`proxy/h1/sniff.rs`), are podgate's.
+        let proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
         // Half the grace period at most: what is read while lingering still needs time to be
         // answered before the runtimes stop.
         let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);

@@ -1,5 +1,5 @@
-//! The proxy layer: what the HTTP/1.1 path (`h1/`) and the h2/TLS path on Pingora's `ProxyHttp`
-//! (`pingora.rs`) share: the route table's targets, the access log line and the error answers.
+//! The proxy layer: what the HTTP/1.1 path (`h1/`), the h2 path (`h2/`) and Pingora's `ProxyHttp`
+//! (`pingora.rs`, for gRPC and h2 Pods) share: the route table's targets, the access log line and the error answers.
 //! Routing (`routing.rs`) turns a request into a route; the paths pick a Pod from the route's
 //! upstream (`crate::upstream`) and relay.
 //!

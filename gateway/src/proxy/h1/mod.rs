@@ -129,7 +129,7 @@ pub(super) struct Outcome<'r> {
     pub(super) retries: usize,
 }
 
-/// The proxy application of a listener: HTTP/1.1 here, h2 through Pingora's proxy.
+/// The proxy application of a listener: HTTP/1.1 here, h2 in `proxy/h2/serve.rs`.
 pub struct Engine<F> {
     gateway: Gateway,
     h2: Arc<F>,

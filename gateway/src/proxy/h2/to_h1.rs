@@ -220,7 +220,7 @@ fn request_head<'p>(
             out.extend_from_slice(prev);
             out.extend_from_slice(b", ");
         }
-        out.extend_from_slice(ip.to_string().as_bytes());
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("{ip}"));
         out.extend_from_slice(b"\r\n");
     }
     let proto: &[u8] = if hop.tls { b"https" } else { b"http" };
@@ -443,7 +443,13 @@ async fn attempt(
         Failure::AfterSend { timed_out: false }
     };
     let resp = loop {
-        let resp = match read_response(&mut up, conf.read_timeout).await {
+        // A client that resets the stream meanwhile ends the wait (and the Pod connection):
+        // work for a cancelled stream stops with it (rapid reset against a slow Pod).
+        let read = tokio::select! {
+            r = read_response(&mut up, conf.read_timeout) => r,
+            _ = s.idle() => return Err(Failure::Client),
+        };
+        let resp = match read {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 return Err(bad_answer(&e.to_string()))
@@ -477,15 +483,17 @@ async fn attempt(
     let mut answer = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 2))
         .map_err(|_| bad_answer("a status h2 cannot carry"))?;
     let mut has_id = false;
-    for (name, value) in resp.headers() {
+    for (n, v) in &resp.headers {
+        let name = &resp.raw[n.clone()];
         if name.eq_ignore_ascii_case(b"x-request-id") {
             has_id = true;
         } else if info.drops(name, false) {
             continue;
         }
+        // The value shares the head's buffer (checked, not copied).
         let (Ok(name), Ok(value)) = (
             http::HeaderName::from_bytes(name),
-            http::HeaderValue::from_bytes(value),
+            http::HeaderValue::from_maybe_shared(resp.raw.slice(v.clone())),
         ) else {
             continue;
         };
@@ -523,7 +531,12 @@ async fn attempt(
             if done {
                 break;
             }
-            match read_more(&mut up.io, &mut up.buf, conf.read_timeout).await {
+            let read = tokio::select! {
+                r = read_more(&mut up.io, &mut up.buf, conf.read_timeout) => r,
+                // The client reset the stream: stop reading an answer nobody will get.
+                _ = s.idle() => return Ok(()),
+            };
+            match read {
                 Ok(0) if framing == Framing::UntilClose => {
                     data = (Bytes::new(), true);
                     done = true;
