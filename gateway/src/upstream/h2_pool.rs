@@ -73,10 +73,7 @@ pub fn discard(connector: &Connector, addr: SocketAddr) {
 
 /// A handle to open a stream to `addr` of `upstream` within its `connect_timeout`, or `None`
 /// (logged) when no connection could be had.
-async fn connect(
-    upstream: &Arc<super::Upstream>,
-    addr: SocketAddr,
-) -> Option<SendRequest<Bytes>> {
+async fn connect(upstream: &Arc<super::Upstream>, addr: SocketAddr) -> Option<SendRequest<Bytes>> {
     let conf = &upstream.conf;
     let ready = ready(&upstream.connector, addr, upstream);
     match tokio::time::timeout(conf.connect_timeout, ready).await {

@@ -1,7 +1,8 @@
 //! h2 client connections (TLS with ALPN h2, or the h2 preface on `h2c: true` listeners): the
-//! connection's task accepts streams and serves those bound for HTTP/1.1 Pods itself
-//! (`to_h1.rs`), all in that one task; gRPC calls and streams bound for h2/h2c Pods go to
-//! Pingora's proxy (`proxy/pingora.rs`), one task each, as before.
+//! connection's task accepts streams and serves those of routed requests itself, all in that
+//! one task: to HTTP/1.1 Pods by `to_h1.rs`, to h2/h2c Pods (gRPC calls among them) by
+//! `to_h2.rs`. Streams that match no route, CONNECT and gRPC calls routed to an `http1` upstream
+//! go to Pingora's proxy (`proxy/pingora.rs`), one task each.
 //!
 //! Why not Pingora's h2 path for everything: measured with `benches/load/h2.sh` (h2load, 32
 //! connections × 10 streams, one pinned worker), Pingora's path ran HTTP/1.1-bound h2 traffic at
@@ -170,8 +171,8 @@ enum Dispatch {
     Here(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
     /// To an h2/h2c Pod (gRPC calls among them), served in the connection's task.
     ToH2(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
-    /// To Pingora's proxy: gRPC calls, h2/h2c Pods, CONNECT, and requests that match no route
-    /// (answered there as before).
+    /// To Pingora's proxy: CONNECT, requests that match no route (answered there, the gRPC
+    /// way for gRPC calls), and gRPC calls routed to an `http1` upstream.
     Pingora(HttpSession),
     /// The client reset it before it was looked at.
     Gone,
