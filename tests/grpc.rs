@@ -1008,6 +1008,51 @@ async fn calls_survive_a_pod_rotating_its_connections() {
     );
 }
 
+/// Hundreds of unary calls at once on one Pod connection: each answer is a small DATA frame
+/// (then trailers), and hundreds of those may wait unread in podgate at once. The `h2` crate
+/// closes a connection on which their framing overhead passes half the connection window (with
+/// the 64 KiB default, about 140 frames), which failed every call on it.
+#[tokio::test]
+async fn hundreds_of_concurrent_calls_share_one_pod_connection() {
+    let k = FakeKube::start().await;
+    let listener = listeners_same_port(1).await.remove(0);
+    let pod = GrpcPod::start("busy-1", listener).await;
+    k.apply_service(&service("echo"));
+    k.apply_slice(&slice("echo", "echo", &[&pod]));
+    let gw = gateway_on(&k, GRPC_UPSTREAM).await;
+    wait_for("the Pod", || async {
+        gw.upstreams_json().await["upstreams"][0]["services"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 1)
+    })
+    .await;
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let c = client(&gw).await;
+        for i in 0..150 {
+            let mut c = c.clone();
+            calls.push(tokio::spawn(async move {
+                let mut failed = 0;
+                for j in 0..4 {
+                    if unary(&mut c, &format!("{i}-{j}")).await.is_err() {
+                        failed += 1;
+                    }
+                }
+                failed
+            }));
+        }
+    }
+    let mut failed = 0;
+    for c in calls {
+        failed += c.await.unwrap();
+    }
+    assert_eq!(failed, 0, "{failed} of 2,400 calls failed");
+    assert_eq!(
+        pod.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
 /// A tonic client that reaches podgate's TLS listener with ALPN h2, as gRPC clients do in
 /// production; the certificate is checked against `ca` for `gateway.test`.
 async fn tls_client(gw: &Gateway, ca: &std::path::Path) -> Client {

@@ -508,6 +508,9 @@ async fn read_body(s: &mut HttpSession, timeout: Duration) -> Option<Bytes> {
     }
 }
 
+/// Most bytes waiting for one receiver's window before the sender is read no further.
+const GATHER: usize = 64 * 1024;
+
 /// Bytes on their way into an h2 stream, sent as its flow-control window allows.
 struct Outgoing {
     tx: SendStream<Bytes>,
@@ -532,13 +535,22 @@ impl Outgoing {
         !self.ended && (!self.pending.is_empty() || self.end)
     }
 
-    /// Whether it can take another piece.
+    /// Whether it can take another piece: what waits for the receiver's window is gathered up to
+    /// [`GATHER`], so that the sender's DATA frames are read as they come (the `h2` crate closes
+    /// a connection on which too many small frames wait unread) and go on in fewer, larger ones.
     fn wants_more(&self) -> bool {
-        !self.end && !self.ended && self.pending.is_empty()
+        !self.end && !self.ended && self.pending.len() < GATHER
     }
 
     fn take(&mut self, data: Bytes, end: bool) {
-        self.pending = data;
+        if self.pending.is_empty() {
+            self.pending = data;
+        } else if !data.is_empty() {
+            let mut joined = BytesMut::with_capacity(self.pending.len() + data.len());
+            joined.extend_from_slice(&self.pending);
+            joined.extend_from_slice(&data);
+            self.pending = joined.freeze();
+        }
         self.end = end;
     }
 
