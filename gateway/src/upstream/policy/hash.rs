@@ -76,8 +76,8 @@ impl Index {
     /// one point per hash value), and the backend that made each (a hint for [`owners`]).
     /// `None` when the ring would not fit 32-bit positions.
     fn new(addrs: &[SocketAddr], units: &[u32]) -> Option<(Index, Vec<u16>)> {
-        let total: u64 = units.iter().map(|u| u64::from(*u)).sum::<u64>()
-            * u64::from(DEFAULT_POINT_MULTIPLE);
+        let total: u64 =
+            units.iter().map(|u| u64::from(*u)).sum::<u64>() * u64::from(DEFAULT_POINT_MULTIPLE);
         if total >= u64::from(u32::MAX) || addrs.len() > usize::from(u16::MAX) {
             return None;
         }
@@ -442,7 +442,11 @@ mod tests {
         ];
         for set in &sets {
             let ring = Ring::new(set.iter());
-            assert!(ring.indexed(), "{} backends: the index was refused", set.len());
+            assert!(
+                ring.indexed(),
+                "{} backends: the index was refused",
+                set.len()
+            );
             let plain = Ring::build(set.iter(), false);
             assert!(!plain.indexed());
             assert_eq!(ring.points(), plain.points());
