@@ -377,6 +377,23 @@ async fn zone_from_the_node_label_keeps_traffic_local() {
     .await;
     let c = spread(&gw, 200, &[]).await;
     assert_eq!(sum_with(&c, "a-"), 200, "{c:?}");
+
+    // A reload keeps the zone read at start-up, without asking again.
+    gw.rewrite_config(&body);
+    gw.signal("HUP");
+    wait_for("the reload", || async {
+        gw.log_text().contains("config reloaded")
+    })
+    .await;
+    let doc = gw.upstreams_json().await;
+    assert_eq!(doc["upstreams"][0]["zone"], "a", "{doc}");
+    assert_eq!(
+        doc["upstreams"][0]["zone_source"],
+        "node node-a (cluster home)"
+    );
+    assert_eq!(fake.node_gets(), 1);
+    let c = spread(&gw, 100, &[]).await;
+    assert_eq!(sum_with(&c, "a-"), 100, "{c:?}");
     drop(gw);
 
     // Only the legacy label: it is the zone.
