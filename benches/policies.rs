@@ -9,6 +9,10 @@
 //! again), next to the plain upstream's, as `benches/rebuild.rs` measures it.
 //!
 //! 20 services of 500 endpoints each (5 slices of 100), endpoints in zones `a` and `b`.
+//!
+//! Before the timings it prints the ring's evenness: 1 M keys over rings of 10 and of 10,000
+//! Pods of one weight (160 points each, as nginx), max / mean and min / mean keys per Pod, and
+//! how long building each ring took.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use k8s_openapi::api::core::v1::Service;
@@ -112,7 +116,57 @@ fn upstreams(store: Arc<Store>) -> Arc<Upstreams> {
     Upstreams::new(&config.upstreams, store).unwrap()
 }
 
+/// Keys per Pod over 1 M keys (max / mean, min / mean), the same from the ring's exact arcs,
+/// points, build time.
+fn evenness(pods: u32) -> ((f64, f64), (f64, f64), usize, std::time::Duration) {
+    use podgate_gateway::upstream::balance::Backend;
+    use podgate_gateway::upstream::policy::hash::Ring;
+    let backends: Vec<Backend> = (0..pods)
+        .map(|i| Backend {
+            addr: std::net::SocketAddr::from((
+                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                8080,
+            )),
+            weight: 1,
+            info: Arc::default(),
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let ring = Ring::new(backends.iter());
+    let built = start.elapsed();
+    assert!(ring.indexed());
+    let mut counts: std::collections::HashMap<std::net::SocketAddr, u64> =
+        backends.iter().map(|b| (b.addr, 0)).collect();
+    const KEYS: u64 = 1_000_000;
+    for i in 0..KEYS {
+        let key = format!("user-{i}");
+        let b = ring.pick(key.as_bytes(), |_| false).expect("a Pod");
+        *counts.get_mut(&b.addr).expect("a known Pod") += 1;
+    }
+    let mean = KEYS as f64 / f64::from(pods);
+    let max = *counts.values().max().unwrap() as f64;
+    let min = *counts.values().min().unwrap() as f64;
+    let shares = ring.shares().expect("an indexed ring");
+    let fair = 1.0 / f64::from(pods);
+    let arc_max = shares.iter().map(|s| s.1).fold(0.0, f64::max) / fair;
+    let arc_min = shares.iter().map(|s| s.1).fold(1.0, f64::min) / fair;
+    (
+        (max / mean, min / mean),
+        (arc_max, arc_min),
+        ring.points(),
+        built,
+    )
+}
+
 fn picks(c: &mut Criterion) {
+    for pods in [10, 10_000] {
+        let ((max, min), (arc_max, arc_min), points, built) = evenness(pods);
+        println!(
+            "ring evenness, {pods} Pods: 1M keys max/mean {max:.3}, min/mean {min:.3}; \
+             exact arcs max/mean {arc_max:.3}, min/mean {arc_min:.3} \
+             ({points} points, built in {built:.1?})"
+        );
+    }
     let store = Store::new();
     for s in 0..SERVICES {
         store.set(

@@ -461,3 +461,65 @@ upstreams:
     }
     assert!(!stderr.contains("upstreams[4]"), "{stderr}");
 }
+
+/// `server.zone_from_node` names the Kubernetes cluster asked for podgate's node; it defaults to
+/// the one `in_cluster` cluster; `server.zone` always wins; a manifests folder or an unknown
+/// name is refused with path and line.
+#[test]
+fn zone_from_node_names_a_kubernetes_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cluster")).unwrap();
+    let parse = |server: &str, clusters: &str| {
+        let conf = format!(
+            "listeners:\n  - address: 127.0.0.1:8080\nserver:\n  threads: 1\n{server}\
+             clusters:\n  - {{name: local, manifests: cluster}}\n{clusters}\
+             upstreams:\n  - name: a\n    zone_aware: true\n\
+             \x20   services: [{{cluster: local, service: s, port: 80}}]\n"
+        );
+        podgate_gateway::config::parse("z.yaml", &conf, dir.path())
+    };
+    let self_cluster = "  - {name: self, in_cluster: true}\n";
+    // The in_cluster cluster by default.
+    let c = parse("", self_cluster).expect("valid");
+    assert_eq!(c.server.zone_from_node.as_deref(), Some("self"));
+    assert!(c.upstreams[0].zone_aware);
+    assert_eq!(c.upstreams[0].local_zone, None, "learned at start-up");
+    // Named explicitly.
+    let c = parse("  zone_from_node: self\n", self_cluster).expect("valid");
+    assert_eq!(c.server.zone_from_node.as_deref(), Some("self"));
+    // server.zone wins: nothing to learn.
+    let c = parse("  zone: eu-1a\n  zone_from_node: self\n", self_cluster).expect("valid");
+    assert_eq!(c.server.zone_from_node, None);
+    assert_eq!(c.upstreams[0].local_zone.as_deref(), Some("eu-1a"));
+    assert_eq!(c.upstreams[0].zone_source.as_deref(), Some("server.zone"));
+
+    let errors = |server: &str, clusters: &str| {
+        parse(server, clusters)
+            .expect_err("refused")
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let e = errors("  zone_from_node: local\n", "");
+    assert!(
+        e.contains("z.yaml:5: server.zone_from_node: cluster `local` is a manifests folder"),
+        "{e}"
+    );
+    let e = errors("  zone_from_node: nowhere\n", "");
+    assert!(
+        e.contains("server.zone_from_node: `nowhere` is not a cluster name (clusters: local)"),
+        "{e}"
+    );
+    // No zone and nowhere to learn it from.
+    let e = errors("", "");
+    assert!(
+        e.contains("upstreams[0].zone_aware: needs server.zone"),
+        "{e}"
+    );
+    assert!(
+        e.contains("server.zone_from_node, or an in_cluster cluster"),
+        "{e}"
+    );
+}

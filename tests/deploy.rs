@@ -299,6 +299,16 @@ fn the_deployment_agrees_with_the_conf_and_the_dockerfile() {
     let pod = at(&d, "spec.template.spec");
     let c = container(&d);
 
+    // NODE_NAME comes from the downward API: the node whose zone label podgate reads.
+    let node_name = seq_at(c, "env")
+        .iter()
+        .find(|e| str_at(e, "name") == "NODE_NAME")
+        .expect("env NODE_NAME");
+    assert_eq!(
+        str_at(node_name, "valueFrom.fieldRef.fieldPath"),
+        "spec.nodeName"
+    );
+
     // SIGTERM: /readyz 503 and listeners open for drain_delay, exit within grace_period; the
     // kubelet's SIGKILL comes terminationGracePeriodSeconds after SIGTERM.
     let grace = duration(str_at(conf, "server.grace_period"));
@@ -601,15 +611,40 @@ fn kustomize_renders_the_base() {
     ] {
         assert!(kinds.contains(kind), "{kind} not rendered: {kinds:?}");
     }
-    // Least privilege by default: no cluster-wide grant in the base.
-    assert!(!kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"));
+    // Least privilege by default: the one cluster-wide grant in the base is `get` on nodes
+    // (podgate's zone from its node's label), bound to podgate's ServiceAccount.
+    let cluster_roles: Vec<&YamlOwned> = docs
+        .iter()
+        .filter(|d| str_at(d, "kind") == "ClusterRole")
+        .collect();
+    assert_eq!(cluster_roles.len(), 1, "one ClusterRole in the base");
+    assert_eq!(
+        str_at(cluster_roles[0], "metadata.name"),
+        "podgate-node-reader"
+    );
+    let rules = seq_at(cluster_roles[0], "rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(strings(&rules[0], "verbs"), ["get".to_string()].into());
+    assert_eq!(
+        strings(&rules[0], "resources"),
+        ["nodes".to_string()].into()
+    );
+    let bindings: Vec<&YamlOwned> = docs
+        .iter()
+        .filter(|d| str_at(d, "kind") == "ClusterRoleBinding")
+        .collect();
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(str_at(bindings[0], "roleRef.name"), "podgate-node-reader");
+    let subject = &seq_at(bindings[0], "subjects")[0];
+    assert_eq!(str_at(subject, "name"), "podgate");
+    assert_eq!(str_at(subject, "namespace"), "podgate");
     // Every namespaced object is in podgate's namespace, except the Roles (and their bindings),
     // which are in exactly the namespaces the conf watches.
     let watched = watched_namespaces();
     let mut role_namespaces = BTreeSet::new();
     for d in &docs {
         let kind = str_at(d, "kind");
-        if kind == "Namespace" {
+        if matches!(kind, "Namespace" | "ClusterRole" | "ClusterRoleBinding") {
             continue;
         }
         let ns = str_at(d, "metadata.namespace").to_string();
@@ -807,8 +842,9 @@ fn the_pods_have_resources_and_spread_across_zones() {
     }
 }
 
-/// RBAC: only the verbs podgate uses (it lists and watches; it never calls `get` and writes
-/// nothing), only the resources it reads, bound to its ServiceAccount.
+/// RBAC: only the verbs podgate uses (it lists and watches what it discovers, gets its own
+/// node for its zone, and writes nothing), only the resources it reads, bound to its
+/// ServiceAccount.
 #[test]
 fn rbac_grants_list_and_watch_only() {
     let docs = docs_below(&deploy().join("rbac"));
@@ -826,13 +862,22 @@ fn rbac_grants_list_and_watch_only() {
         match kind {
             "Role" | "ClusterRole" => {
                 for rule in seq_at(d, "rules") {
+                    let verbs = strings(rule, "verbs");
+                    let resources = strings(rule, "resources");
+                    if resources.contains("nodes") {
+                        // Its own Node, once at start-up: `get` only, cluster-scoped.
+                        assert_eq!(kind, "ClusterRole", "nodes are cluster-scoped");
+                        assert_eq!(resources, ["nodes".to_string()].into());
+                        assert_eq!(verbs, ["get".to_string()].into());
+                        continue;
+                    }
                     assert_eq!(
-                        strings(rule, "verbs"),
+                        verbs,
                         ["list".to_string(), "watch".to_string()].into(),
                         "{kind} {}",
                         str_at(d, "metadata.name")
                     );
-                    assert!(strings(rule, "resources").is_subset(&allowed));
+                    assert!(resources.is_subset(&allowed));
                 }
                 let ns = opt(at(d, "metadata"), "namespace").and_then(|n| n.as_str());
                 roles.insert((
@@ -874,8 +919,12 @@ fn rbac_grants_list_and_watch_only() {
     assert!(guide.contains("auth can-i list endpointslices"), "{guide}");
     assert!(guide.contains("auth can-i watch endpointslices"), "{guide}");
     assert!(
-        guide.contains("auth can-i get"),
-        "the guide shows that `get` is refused"
+        guide.contains("auth can-i get endpointslices"),
+        "the guide shows that `get` on what it discovers is refused"
+    );
+    assert!(
+        guide.contains("auth can-i get nodes"),
+        "the guide shows the node grant"
     );
 }
 

@@ -301,6 +301,185 @@ async fn zone_aware_routing_prefers_the_local_zone_while_it_has_capacity() {
     assert_eq!(sum_with(&c, "b-"), 100, "hinted for a: {c:?}");
 }
 
+/// A fake API server with Service `web` (two Pods in zone a, two in zone b) and the nodes
+/// `node-a` (zone label a), `node-legacy` (only the legacy label, b) and `node-bare` (no zone
+/// label); a kubeconfig for it in `dir`, and the config body naming it cluster `home`.
+async fn zone_cluster(dir: &std::path::Path) -> (FakeKube, Vec<support::Pod>, String) {
+    let pods = pods_same_port(&["a-1", "a-2", "b-1", "b-2"]).await;
+    let port = pods[0].addr.port();
+    let fake = FakeKube::start().await;
+    fake.apply_service(
+        &serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"ports": [{"name": "http", "port": 8000, "targetPort": "http"}]},
+        }))
+        .unwrap(),
+    );
+    let eps: Vec<Endpoint<'_>> = (0..4)
+        .map(|i| {
+            let zone = if i < 2 { "a" } else { "b" };
+            (pods[i].name.as_str(), pods[i].ip(), true, zone, None)
+        })
+        .collect();
+    fake.apply_slice_json(slice("web-1", "web", port, &eps));
+    fake.apply_node(
+        "node-a",
+        &[
+            ("kubernetes.io/hostname", "node-a"),
+            ("topology.kubernetes.io/zone", "a"),
+        ],
+    );
+    fake.apply_node(
+        "node-legacy",
+        &[("failure-domain.beta.kubernetes.io/zone", "b")],
+    );
+    fake.apply_node("node-bare", &[("kubernetes.io/hostname", "node-bare")]);
+    fake.write_kubeconfig(&dir.join("home.kubeconfig"), None);
+    let body = "clusters:\n  - {name: home, kubeconfig: home.kubeconfig}\n\
+                upstreams:\n  - name: web\n    zone_aware: true\n\
+                \x20   services: [{cluster: home, service: web, port: 8000}]\n\
+                routes:\n  - {name: web, path_prefix: /, upstream: web}\n"
+        .to_string();
+    (fake, pods, body)
+}
+
+/// Waits until the upstream lists all four Pods.
+async fn four_backends(gw: &Gateway) {
+    wait_for("the four Pods", || async {
+        gw.upstreams_json().await["upstreams"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.len() == 4)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn zone_from_the_node_label_keeps_traffic_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, _pods, body) = zone_cluster(dir.path()).await;
+    let server = "threads: 1\n  grace_period: 1s\n  zone_from_node: home";
+    let gw = Gateway::start_env(dir, server, &body, &[("NODE_NAME", "node-a")]).await;
+    four_backends(&gw).await;
+    let doc = gw.upstreams_json().await;
+    let up = &doc["upstreams"][0];
+    assert_eq!(up["zone"], "a", "{up}");
+    assert_eq!(up["zone_source"], "node node-a (cluster home)", "{up}");
+    assert_eq!(fake.node_gets(), 1);
+    assert!(
+        gw.log_text()
+            .contains("zone a: from the zone label of node node-a (cluster home)"),
+        "{}",
+        gw.log_text()
+    );
+    wait_for("zone a to take everything", || async {
+        (share(&shares(&gw).await, 0, "local") - 1.0).abs() < 1e-3
+    })
+    .await;
+    let c = spread(&gw, 200, &[]).await;
+    assert_eq!(sum_with(&c, "a-"), 200, "{c:?}");
+
+    // A reload keeps the zone read at start-up, without asking again.
+    gw.rewrite_config(&body);
+    gw.signal("HUP");
+    wait_for("the reload", || async {
+        gw.log_text().contains("config reloaded")
+    })
+    .await;
+    let doc = gw.upstreams_json().await;
+    assert_eq!(doc["upstreams"][0]["zone"], "a", "{doc}");
+    assert_eq!(
+        doc["upstreams"][0]["zone_source"],
+        "node node-a (cluster home)"
+    );
+    assert_eq!(fake.node_gets(), 1);
+    let c = spread(&gw, 100, &[]).await;
+    assert_eq!(sum_with(&c, "a-"), 100, "{c:?}");
+    drop(gw);
+
+    // Only the legacy label: it is the zone.
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, _pods, body) = zone_cluster(dir.path()).await;
+    let gw = Gateway::start_env(dir, server, &body, &[("NODE_NAME", "node-legacy")]).await;
+    four_backends(&gw).await;
+    assert_eq!(gw.upstreams_json().await["upstreams"][0]["zone"], "b");
+    wait_for("zone b to take everything", || async {
+        (share(&shares(&gw).await, 0, "local") - 1.0).abs() < 1e-3
+    })
+    .await;
+    let c = spread(&gw, 100, &[]).await;
+    assert_eq!(sum_with(&c, "b-"), 100, "{c:?}");
+}
+
+/// No zone label, no right to read nodes, no NODE_NAME: one log line saying what is wrong,
+/// podgate starts, and the zone-aware upstream sends traffic to every zone.
+#[tokio::test]
+async fn without_a_node_zone_traffic_goes_to_all_zones_and_the_log_says_why() {
+    let server = "threads: 1\n  grace_period: 1s\n  zone_from_node: home";
+    let cases: [(&str, Option<&str>, &str); 3] = [
+        (
+            "no label",
+            Some("node-bare"),
+            "cluster home: node node-bare has no topology.kubernetes.io/zone label \
+             (nor failure-domain.beta.kubernetes.io/zone)",
+        ),
+        (
+            "forbidden",
+            Some("node-a"),
+            "cluster home: not allowed to read node node-a (403 Forbidden): give podgate's \
+             service account `get` on `nodes`",
+        ),
+        (
+            "no NODE_NAME",
+            None,
+            "server.zone is not set and NODE_NAME is not set",
+        ),
+    ];
+    for (case, node, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, _pods, body) = zone_cluster(dir.path()).await;
+        fake.forbid_nodes(case == "forbidden");
+        let env: Vec<(&str, &str)> = node.map(|n| ("NODE_NAME", n)).into_iter().collect();
+        let gw = Gateway::start_env(dir, server, &body, &env).await;
+        four_backends(&gw).await;
+        let log = gw.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("zone-aware upstreams route to all zones"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{case}: {log}");
+        assert!(lines[0].contains(says), "{case}: {}", lines[0]);
+        let doc = gw.upstreams_json().await;
+        let up = &doc["upstreams"][0];
+        assert_eq!(up["zone"], Value::Null, "{case}: {up}");
+        let source = up["zone_source"].as_str().unwrap_or_default();
+        assert!(source.contains(says), "{case}: {source}");
+        let c = spread(&gw, 200, &[]).await;
+        let (a, b) = (sum_with(&c, "a-"), sum_with(&c, "b-"));
+        assert_eq!(a + b, 200, "{case}: {c:?}");
+        assert!(close_to(a, 200, 0.5), "{case}: all zones share: {c:?}");
+    }
+}
+
+/// `server.zone` wins: the node is not even asked.
+#[tokio::test]
+async fn server_zone_overrides_the_node_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, _pods, body) = zone_cluster(dir.path()).await;
+    let server = "threads: 1\n  grace_period: 1s\n  zone: b\n  zone_from_node: home";
+    let gw = Gateway::start_env(dir, server, &body, &[("NODE_NAME", "node-a")]).await;
+    four_backends(&gw).await;
+    let doc = gw.upstreams_json().await;
+    assert_eq!(doc["upstreams"][0]["zone"], "b");
+    assert_eq!(doc["upstreams"][0]["zone_source"], "server.zone");
+    assert_eq!(fake.node_gets(), 0, "server.zone set: no need to ask");
+    wait_for("zone b to take everything", || async {
+        (share(&shares(&gw).await, 0, "local") - 1.0).abs() < 1e-3
+    })
+    .await;
+    let c = spread(&gw, 200, &[]).await;
+    assert_eq!(sum_with(&c, "b-"), 200, "{c:?}");
+}
+
 #[tokio::test]
 async fn consistent_hash_keeps_keys_on_their_pod_and_moves_a_tenth_when_one_of_ten_leaves() {
     let names: Vec<String> = (0..10).map(|i| format!("web-{i}")).collect();

@@ -27,10 +27,12 @@
 
 mod access;
 mod failure;
+mod node;
 mod watch;
 
 use access::{check_token_file, load_config};
 pub use access::{Access, KubeError};
+pub use node::{NodeZoneError, LEGACY_ZONE_LABEL, ZONE_LABEL};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

@@ -25,7 +25,8 @@ mod model;
 mod store;
 
 pub use self::kube::{
-    Access, KubeCluster, KubeError, KubeGuard, KubeOptions, KubeStatus, WatchSpec,
+    Access, KubeCluster, KubeError, KubeGuard, KubeOptions, KubeStatus, NodeZoneError, WatchSpec,
+    LEGACY_ZONE_LABEL, ZONE_LABEL,
 };
 pub use manifests::{ManifestsCluster, ManifestsError, ManifestsStatus, WatchGuard};
 pub use model::{Endpoint, PortRef, ResolveError, ServiceKey, ServiceState};

@@ -46,7 +46,8 @@ fn config_json(c: &crate::config::Config) -> Value {
                    "drain_delay": dur(c.server.drain_delay),
                    "ready_timeout": dur(c.server.ready_timeout),
                    "upgrade_sock": c.server.upgrade_sock.display().to_string(),
-                   "pid_file": c.server.pid_file.display().to_string()},
+                   "pid_file": c.server.pid_file.display().to_string(),
+                   "zone": c.server.zone, "zone_from_node": c.server.zone_from_node.as_deref()},
         "clusters": c.clusters.iter().map(|cl| {
             let kind = match &cl.kind {
                 ClusterKind::Manifests(d) => json!({"manifests": d.display().to_string()}),
@@ -65,7 +66,7 @@ fn config_json(c: &crate::config::Config) -> Value {
             "name": u.name,
             "scheme": if u.scheme == Scheme::Https { "https" } else { "http" },
             "host_header": u.host_header, "tags": u.tags, "retries": u.retries,
-            "balance": u.balance.to_string(), "zone_aware": u.local_zone.is_some(),
+            "balance": u.balance.to_string(), "zone_aware": u.zone_aware,
             "connect_timeout": dur(u.connect_timeout), "read_timeout": dur(u.read_timeout),
             "tls": {"sni": u.tls.sni, "verify": u.tls.verify,
                     "ca_file": u.tls.ca_file.as_ref().map(|p| p.display().to_string())},
@@ -171,6 +172,7 @@ fn upstreams_seq<S: Serializer>(ups: &&[UpstreamDoc<'_>], ser: S) -> Result<S::O
         tags: &u.up.conf.tags,
         balance: Shown(&u.up.conf.balance),
         zone: u.up.conf.local_zone.as_deref(),
+        zone_source: u.up.conf.zone_source.as_deref(),
         traffic: TrafficOut(&u.up.traffic),
         services: Seq(|| {
             u.up.conf
@@ -268,8 +270,12 @@ struct UpstreamOut<'a, Sv, Bk> {
     tags: &'a BTreeMap<String, String>,
     /// `round_robin`, `least_request`, `consistent_hash on header x-user`…
     balance: Shown<'a, crate::config::Balance>,
-    /// podgate's zone when the upstream is zone-aware.
+    /// podgate's zone when the upstream is zone-aware (`null`: not known, all zones get traffic).
     zone: Option<&'a str>,
+    /// Where `zone` came from (`server.zone`, or the node and cluster it was read from), or why
+    /// there is none; `null` when the upstream is not zone-aware.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone_source: Option<&'a str>,
     /// Where traffic goes: the share per tier and zone part, and why.
     traffic: TrafficOut<'a>,
     services: Sv,

@@ -102,6 +102,9 @@ pub struct Live {
     config: ArcSwap<Config>,
     /// One reload at a time.
     reloading: Mutex<()>,
+    /// The zone learned from the node at start-up (zone, source), re-applied to every reloaded
+    /// config; see `server::node_zone`.
+    node_zone: Mutex<Option<(Option<String>, String)>>,
     started: Instant,
 }
 
@@ -234,6 +237,7 @@ impl Live {
             clusters: Mutex::new(clusters),
             config: ArcSwap::from_pointee(config),
             reloading: Mutex::new(()),
+            node_zone: Mutex::new(None),
             started: Instant::now(),
         }))
     }
@@ -332,6 +336,11 @@ impl Live {
         self.config.load_full()
     }
 
+    /// Keeps the zone learned from the node at start-up for the configs reloads bring.
+    pub fn remember_zone(&self, learned: Option<(Option<String>, String)>) {
+        *self.node_zone.lock().unwrap_or_else(|p| p.into_inner()) = learned;
+    }
+
     /// Re-reads the config file and applies it; on any error the running config stays.
     /// Returns a one-line summary, or every error.
     pub fn reload(&self) -> Result<String, Vec<String>> {
@@ -357,8 +366,17 @@ impl Live {
 
     fn try_reload(&self) -> Result<String, Vec<String>> {
         let old = self.config();
-        let new = config::load(&old.source)
+        let mut new = config::load(&old.source)
             .map_err(|errs| errs.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        // The node's zone is read at start-up only (a Pod never changes nodes).
+        match &*self.node_zone.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((zone, source)) => new.learned_zone(zone.as_deref(), source),
+            None => new.learned_zone(
+                None,
+                "none, all zones get traffic: the node's zone is read at start-up only; \
+                 restart podgate to read it",
+            ),
+        }
         for (what, changed) in [
             ("listeners", new.listeners != old.listeners),
             ("admin", new.admin != old.admin),

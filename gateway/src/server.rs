@@ -5,6 +5,9 @@
 //! open. Nothing binds a port before the config and the sources were accepted, and every address
 //! is bound (a busy one stops the start) before any is reported as listening. SIGHUP re-reads
 //! the config ([`Live::reload`]).
+//!
+//! Before all of that, when zone-aware upstreams have no `server.zone`, podgate asks the API
+//! server for its own node (`NODE_NAME`) and takes the node's zone label ([`node_zone`]).
 
 use crate::admin::Admin;
 use crate::config::Config;
@@ -58,6 +61,69 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// How long start-up waits for the node's answer before going on without a zone.
+const NODE_ZONE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The environment variable naming podgate's node (downward API: `fieldRef: spec.nodeName`).
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
+/// podgate's zone read from its node's label, for zone-aware upstreams without `server.zone`:
+/// `(zone, where it came from)`, or `(None, why not)` after one log line that says what to fix
+/// (those upstreams then route to all zones; podgate starts anyway). `None` when there is
+/// nothing to learn: `server.zone` is set, or no upstream is zone-aware.
+fn node_zone(config: &Config) -> Option<(Option<String>, String)> {
+    if config.server.zone.is_some() || !config.upstreams.iter().any(|u| u.zone_aware) {
+        return None;
+    }
+    let failed = |why: String| {
+        log::error!("zone-aware upstreams route to all zones: {why}");
+        Some((None, format!("none, all zones get traffic: {why}")))
+    };
+    // Validation makes a zone-aware upstream without server.zone name a Kubernetes cluster.
+    let Some(cluster) = config.server.zone_from_node.as_deref() else {
+        return failed("server.zone is not set and there is no cluster to read it from".into());
+    };
+    let node = match std::env::var(NODE_NAME_ENV) {
+        Ok(n) if !n.is_empty() => n,
+        _ => {
+            return failed(format!(
+                "server.zone is not set and {NODE_NAME_ENV} is not set, so podgate cannot read \
+                 its node's zone from cluster {cluster}; set {NODE_NAME_ENV} from the downward \
+                 API (fieldRef: spec.nodeName) or set server.zone"
+            ))
+        }
+    };
+    let access = config.clusters.iter().find_map(|c| match &c.kind {
+        crate::config::ClusterKind::Kube(access) if &*c.name == cluster => Some(access.clone()),
+        _ => None,
+    });
+    let Some(access) = access else {
+        return failed(format!("cluster {cluster} is not a Kubernetes cluster"));
+    };
+    let kube =
+        match podgate_discovery::KubeCluster::new(cluster, access, podgate_discovery::Store::new())
+        {
+            Ok(k) => k,
+            Err(e) => return failed(e.to_string()),
+        };
+    // A runtime of its own, for one request, before Pingora's runtimes exist.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return failed(format!("cannot start a runtime to ask for the node: {e}")),
+    };
+    match runtime.block_on(kube.node_zone(&node, NODE_ZONE_TIMEOUT)) {
+        Ok(zone) => {
+            let source = format!("node {node} (cluster {cluster})");
+            log::info!("zone {zone}: from the zone label of {source}");
+            Some((Some(zone), source))
+        }
+        Err(e) => failed(e.to_string()),
     }
 }
 
@@ -339,7 +405,13 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             ));
         }
     }
+    let mut config = config;
+    let learned = node_zone(&config);
+    if let Some((zone, source)) = &learned {
+        config.learned_zone(zone.as_deref(), source);
+    }
     let live = Live::start(config.clone())?;
+    live.remember_zone(learned);
     live.watch();
     crate::telemetry::metrics::init_build_info();
     let access_log = crate::telemetry::access_log::AccessLog::start(&config.access_log)

@@ -10,6 +10,9 @@
 //! 200 changes, then live; older is 410 Gone), BOOKMARKs on demand when `allowWatchBookmarks=true`, closed after
 //! `timeoutSeconds`. An object that starts or stops matching a watch's selector is ADDED to or
 //! DELETED from it, as the real API server does.
+//!
+//! Also `GET /api/v1/nodes/{name}` (a single Node, for podgate's zone), 404 when no such node,
+//! 403 after [`FakeKube::forbid_nodes`].
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -110,6 +113,10 @@ struct State {
     gone_as_http: bool,
     paused: Option<Pause>,
     sinks: Vec<Sink>,
+    /// Nodes by name (cluster-scoped, get only).
+    nodes: BTreeMap<String, Value>,
+    nodes_forbidden: bool,
+    node_gets: u64,
 }
 
 struct Inner {
@@ -341,6 +348,27 @@ impl FakeKube {
         }
     }
 
+    /// Adds (or replaces) Node `name` with `labels`.
+    pub fn apply_node(&self, name: &str, labels: &[(&str, &str)]) {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels, "resourceVersion": "1"},
+        });
+        let mut state = self.inner.state.lock().unwrap();
+        state.nodes.insert(name.to_string(), node);
+    }
+
+    /// Answers 403 to node requests (a ClusterRole without `get` on `nodes`) while `true`.
+    pub fn forbid_nodes(&self, forbidden: bool) {
+        self.inner.state.lock().unwrap().nodes_forbidden = forbidden;
+    }
+
+    /// How many `GET /api/v1/nodes/{name}` requests were answered.
+    pub fn node_gets(&self) -> u64 {
+        self.inner.state.lock().unwrap().node_gets
+    }
+
     /// Closes every open watch stream cleanly (as a server does at `timeoutSeconds`).
     pub fn drop_watches(&self) {
         self.inner.state.lock().unwrap().sinks.clear();
@@ -566,6 +594,20 @@ impl Inner {
             return status_response(405, "MethodNotAllowed", "the fake only serves GET");
         }
         let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+        if let ["api", "v1", "nodes", name] = segments.as_slice() {
+            state.node_gets += 1;
+            if state.nodes_forbidden {
+                let message = format!(
+                    "nodes \"{name}\" is forbidden: User \"system:serviceaccount:podgate:podgate\" \
+                     cannot get resource \"nodes\" in API group \"\" at the cluster scope"
+                );
+                return status_response(403, "Forbidden", &message);
+            }
+            return match state.nodes.get(*name) {
+                Some(node) => json_response(StatusCode::OK, node),
+                None => status_response(404, "NotFound", &format!("nodes \"{name}\" not found")),
+            };
+        }
         let (kind, namespace) = match segments.as_slice() {
             ["api", "v1", "namespaces", ns, "services"] => (Kind::Service, *ns),
             ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, *ns),

@@ -228,7 +228,18 @@ impl Gateway {
         server: &str,
         body: &str,
     ) -> Gateway {
-        Self::start_inner(dir, listener_extra, "", server, body).await
+        Self::start_inner(dir, listener_extra, "", server, body, &[]).await
+    }
+
+    /// Like [`Gateway::start_full`], with environment variables for the process (e.g.
+    /// `NODE_NAME`).
+    pub async fn start_env(
+        dir: tempfile::TempDir,
+        server: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        Self::start_inner(dir, "", "", server, body, env).await
     }
 
     /// Like [`Gateway::start_in`], with `admin_extra` (e.g. `token_file: t`) in `admin:`.
@@ -237,7 +248,15 @@ impl Gateway {
         admin_extra: &str,
         body: &str,
     ) -> Gateway {
-        Self::start_inner(dir, "", admin_extra, "threads: 1\n  grace_period: 1s", body).await
+        Self::start_inner(
+            dir,
+            "",
+            admin_extra,
+            "threads: 1\n  grace_period: 1s",
+            body,
+            &[],
+        )
+        .await
     }
 
     async fn start_inner(
@@ -246,6 +265,7 @@ impl Gateway {
         admin_extra: &str,
         server: &str,
         body: &str,
+        env: &[(&str, &str)],
     ) -> Gateway {
         let admin_extra = if admin_extra.is_empty() {
             String::new()
@@ -284,6 +304,10 @@ impl Gateway {
                 .arg("-c")
                 .arg(&conf_path)
                 .env("RUST_LOG", "info")
+                // Only what the test gives: a NODE_NAME of the machine running tests would
+                // make podgate ask for a node.
+                .env_remove("NODE_NAME")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

@@ -25,6 +25,21 @@ pub struct Config {
     pub access_log: AccessLogSink,
 }
 
+impl Config {
+    /// Gives every zone-aware upstream that has no `server.zone` the zone learned from the
+    /// node, or `None` when it could not be learned (those upstreams then route to all zones),
+    /// and records `source`: where it came from, or why there is none.
+    pub fn learned_zone(&mut self, zone: Option<&str>, source: &str) {
+        for u in &mut self.upstreams {
+            if u.zone_aware && self.server.zone.is_none() {
+                let u = Arc::make_mut(u);
+                u.local_zone = zone.map(String::from);
+                u.zone_source = Some(source.to_owned());
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
     pub address: SocketAddr,
@@ -75,8 +90,12 @@ pub struct ServerSettings {
     /// Bytes that all connections still sending a request head may hold together.
     pub header_memory: usize,
     /// The zone this podgate runs in (`topology.kubernetes.io/zone` of its node), for upstreams
-    /// with `zone_aware: true`.
+    /// with `zone_aware: true`. Always wins over the zone learned from the node.
     pub zone: Option<String>,
+    /// Without `zone`: the cluster whose API server is asked for this podgate's node (named by
+    /// the `NODE_NAME` environment variable) and its zone label. `server.zone_from_node`, or
+    /// else the one `in_cluster: true` cluster; `None` when `zone` is set or neither exists.
+    pub zone_from_node: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,9 +165,14 @@ pub struct UpstreamConf {
     pub slow_start: Option<Duration>,
     /// How a Pod is chosen within the set that tiers and zones leave.
     pub balance: Balance,
-    /// `zone_aware: true`: the zone whose Pods are preferred while it has the capacity, i.e.
-    /// `server.zone` (copied here so that a reload changing it rebuilds the upstream).
+    /// `zone_aware: true`.
+    pub zone_aware: bool,
+    /// When zone-aware, the zone whose Pods are preferred while it has the capacity:
+    /// `server.zone` (copied here so that a reload changing it rebuilds the upstream), or the
+    /// zone learned from the node ([`Config::learned_zone`]). `None` routes to all zones.
     pub local_zone: Option<String>,
+    /// When zone-aware, where `local_zone` came from (or why there is none), for the admin view.
+    pub zone_source: Option<String>,
 }
 
 /// How an upstream picks among its Pods (`balance`, with `hash_on`).

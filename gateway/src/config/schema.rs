@@ -74,6 +74,7 @@ pub struct Server {
     pub keepalive_timeout: Option<Val<Duration>>,
     pub header_memory: Option<Val<Size>>,
     pub zone: Option<Val<String>>,
+    pub zone_from_node: Option<Val<String>>,
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -17,7 +17,7 @@ pub fn upstream(
     s: &Sect<schema::Upstream>,
     path: &str,
     clusters: &[Cluster],
-    zone: Option<&str>,
+    zone: &ServerSettings,
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Option<UpstreamConf> {
     let u = r.sect(s, path)?;
@@ -177,8 +177,9 @@ pub fn upstream(
     }
     let balance = balance(r, u, path);
     let zone_aware = *r.opt(&u.zone_aware, &at("zone_aware")).unwrap_or(&false);
-    if zone_aware && zone.is_none() {
-        let message = "needs server.zone: the zone podgate runs in";
+    if zone_aware && zone.zone.is_none() && zone.zone_from_node.is_none() {
+        let message = "needs server.zone (the zone podgate runs in), or a cluster to learn it \
+                       from podgate's node: server.zone_from_node, or an in_cluster cluster";
         r.error(line(&u.zone_aware), &at("zone_aware"), message);
     }
     if u.services.is_none() && u.nodes.is_none() {
@@ -204,7 +205,10 @@ pub fn upstream(
         health_check,
         slow_start,
         balance,
-        local_zone: zone.filter(|_| zone_aware).map(String::from),
+        zone_aware,
+        local_zone: zone.zone.clone().filter(|_| zone_aware),
+        // Learned from the node later (`Config::learned_zone`), when not configured.
+        zone_source: (zone_aware && zone.zone.is_some()).then(|| "server.zone".to_owned()),
     })
 }
 

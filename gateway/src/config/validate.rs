@@ -78,12 +78,13 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         }
     }
 
+    let mut server = server;
+    server.zone_from_node = zone_from_node(r, file.server.as_ref(), &server, &clusters);
+
     let mut upstreams: Vec<Arc<UpstreamConf>> = Vec::new();
     let items = file.upstreams.as_ref().map(|l| r.list(l, "upstreams"));
     for (path, u) in items.unwrap_or_default() {
-        if let Some(new) =
-            upstreams::upstream(r, u, &path, &clusters, server.zone.as_deref(), resolve)
-        {
+        if let Some(new) = upstreams::upstream(r, u, &path, &clusters, &server, resolve) {
             if upstreams.iter().any(|x| x.name == new.name) {
                 let message = format!("duplicate upstream name `{}`", new.name);
                 r.error(Some(u.line), &child(&path, "name"), message);
@@ -237,6 +238,56 @@ fn admin(r: &mut Report, s: Option<&Sect<schema::Admin>>, resolve: Resolve) -> A
     }
 }
 
+/// The cluster to learn podgate's zone from (its node's label): `server.zone_from_node`, which
+/// must name a Kubernetes cluster, or else the one `in_cluster: true` cluster. `None` when
+/// `server.zone` is set (it always wins).
+fn zone_from_node(
+    r: &mut Report,
+    sect: Option<&Sect<schema::Server>>,
+    server: &ServerSettings,
+    clusters: &[Cluster],
+) -> Option<Arc<str>> {
+    let given = sect
+        .and_then(|s| s.value.as_ref().ok())
+        .and_then(|f| f.zone_from_node.as_ref());
+    if let Some(v) = given {
+        let at = "server.zone_from_node";
+        let name = r.val(v, at)?.clone();
+        let Some(c) = clusters.iter().find(|c| *c.name == name) else {
+            let names: Vec<&str> = clusters.iter().map(|c| &*c.name).collect();
+            let message = format!(
+                "`{name}` is not a cluster name (clusters: {})",
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            );
+            r.error(Some(v.line), at, message);
+            return None;
+        };
+        if !matches!(c.kind, ClusterKind::Kube(_)) {
+            let message = format!(
+                "cluster `{name}` is a manifests folder, which has no nodes; name a Kubernetes \
+                 cluster (kubeconfig, in_cluster or server)"
+            );
+            r.error(Some(v.line), at, message);
+            return None;
+        }
+        return server.zone.is_none().then(|| c.name.clone());
+    }
+    if server.zone.is_some() {
+        return None;
+    }
+    let mut in_cluster = clusters
+        .iter()
+        .filter(|c| c.kind == ClusterKind::Kube(Access::InCluster));
+    match (in_cluster.next(), in_cluster.next()) {
+        (Some(c), None) => Some(c.name.clone()),
+        _ => None,
+    }
+}
+
 fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve) -> ServerSettings {
     let threads_default = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -253,6 +304,7 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
         keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         header_memory: DEFAULT_HEADER_MEMORY,
         zone: None,
+        zone_from_node: None,
     };
     let Some(f) = sect.and_then(|x| r.sect(x, "server")) else {
         return s;

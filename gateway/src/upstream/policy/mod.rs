@@ -389,10 +389,11 @@ impl Traffic {
             return self.pick_in(main, None, key, skip).map(|b| self.picked(b));
         }
         let plan = self.plan.load();
+        // One slot: nothing to draw (a hashed pick skips hashing the key a second time).
         let draw = match key {
+            _ if plan.bounds.len() <= 1 => 0,
             Some(k) => fnv32(k.as_bytes()),
-            None if plan.bounds.len() > 1 => least::random() as u32,
-            None => 0,
+            None => least::random() as u32,
         };
         let first = plan.bounds.iter().position(|b| draw < *b).unwrap_or(0);
         let n = plan.slots.len().max(1);
