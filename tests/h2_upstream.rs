@@ -660,3 +660,50 @@ async fn an_h2_clients_large_body_flows_to_an_h2c_pod_under_flow_control() {
         "POST /up?x=1 HTTP/2.0 authority=api.test xff=127.0.0.1 proto=http id=true custom=yes body=300000\n"
     );
 }
+
+/// A call the h2 client cancels while its Pod works is cancelled at the Pod too: the Pod's
+/// stream is reset, so the Pod can stop (no answer nobody waits for, no stream left open).
+#[tokio::test]
+async fn an_h2_client_cancelling_a_call_resets_the_pods_stream() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pod = l.local_addr().unwrap();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (reset_tx, mut reset) = tokio::sync::mpsc::unbounded_channel::<h2::Reason>();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (started_tx, reset_tx) = (started_tx.clone(), reset_tx.clone());
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tcp).await.unwrap();
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let (started_tx, reset_tx) = (started_tx.clone(), reset_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = started_tx.send(());
+                        // Never answers: waits for the stream's reset.
+                        if let Ok(reason) = std::future::poll_fn(|cx| respond.poll_reset(cx)).await
+                        {
+                            let _ = reset_tx.send(reason);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    let body = format!(
+        "upstreams:\n  - {{name: h2pod, protocol: h2c, read_timeout: 30s, nodes: [{{address: \"{pod}\"}}]}}\n\
+         routes:\n  - {{name: api, path_prefix: /, upstream: h2pod}}\n"
+    );
+    let gw = Gateway::start_with_listener(tempfile::tempdir().unwrap(), "h2c: true", &body).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get("http://api.test/slow").body(()).unwrap();
+    let (_answer, mut stream) = client.send_request(req, true).unwrap();
+    started.recv().await.unwrap();
+    stream.send_reset(h2::Reason::CANCEL);
+    let reason = tokio::time::timeout(DEADLINE, reset.recv())
+        .await
+        .expect("the Pod's stream was not reset")
+        .unwrap();
+    assert_eq!(reason, h2::Reason::CANCEL);
+}

@@ -316,6 +316,7 @@ impl Call<'_> {
         let mut timer = timer;
         let mut stopped = false;
         loop {
+            let read = to_pod.wants_more() && !stopped;
             tokio::select! {
                 r = &mut answer => return match r {
                     Ok(resp) => Ok(resp),
@@ -333,7 +334,7 @@ impl Call<'_> {
                     // The Pod stopped taking the body: its answer (or reset) will say why.
                     stopped = r.is_err();
                 }
-                r = read_body(s, self.cx.body_timeout), if to_pod.wants_more() && !stopped => {
+                r = client_event(s, self.cx.body_timeout, read) => {
                     let Some(data) = r else {
                         to_pod.tx.send_reset(h2::Reason::CANCEL);
                         return Err(Head::Failed(Failure::Client));
@@ -380,6 +381,7 @@ impl Call<'_> {
                 }
                 return;
             }
+            let read = to_pod.wants_more() && !pod_stopped;
             tokio::select! {
                 d = recv.data(), if !answer_done && to_client.wants_more() => match d {
                     Some(Ok(data)) => {
@@ -408,7 +410,7 @@ impl Call<'_> {
                         return;
                     }
                 },
-                r = to_client.push(), if to_client.busy() => {
+                r = deliver(&mut to_client) => {
                     if r.is_err() {
                         // The client went away or reset the stream: so does the call.
                         to_pod.tx.send_reset(h2::Reason::CANCEL);
@@ -416,9 +418,7 @@ impl Call<'_> {
                     }
                 }
                 r = to_pod.push(), if to_pod.busy() && !pod_stopped => pod_stopped = r.is_err(),
-                r = read_body(s, self.cx.body_timeout),
-                    if to_pod.wants_more() && !pod_stopped =>
-                {
+                r = read_body(s, self.cx.body_timeout), if read => {
                     match r {
                         Some(data) => to_pod.take(data, s.is_body_done()),
                         None => {
@@ -493,6 +493,33 @@ struct Held {
     bytes: BytesMut,
     /// Whether that is all of it.
     done: bool,
+}
+
+/// The next piece of the client's body when `read`, else nothing until the client resets the
+/// stream; `None` when it reset the stream, failed or was silent for `timeout`. So a cancelled
+/// call stops its Pod stream too, also while no byte moves (a unary call waiting for its answer,
+/// a quiet server stream).
+///
+/// Only before the answer head: after it, the session's reset watch fails at once (the `h2`
+/// crate's `PollResetAfterSendResponse`), and [`deliver`] watches the answer's stream instead.
+async fn client_event(s: &mut HttpSession, timeout: Duration, read: bool) -> Option<Bytes> {
+    if read {
+        return read_body(s, timeout).await;
+    }
+    let reason = s.idle().await;
+    log::debug!("h2 client: the stream was reset ({reason:?})");
+    None
+}
+
+/// Sends what `out` holds as its receiver's window allows; with nothing to send, waits until the
+/// receiver resets the stream. `Err` when it did, or the stream failed.
+async fn deliver(out: &mut Outgoing) -> Result<(), ()> {
+    if out.busy() {
+        return out.push().await.map_err(drop);
+    }
+    let reason = std::future::poll_fn(|cx| out.tx.poll_reset(cx)).await;
+    log::debug!("h2 client: the stream was reset ({reason:?})");
+    Err(())
 }
 
 /// The next piece of the client's body; `None` when the client reset the stream, failed or was
