@@ -463,8 +463,9 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             continue;
         }
         let gateway = || Gateway::new(live.router.clone(), access_log.clone());
-        // Pingora's proxy serves only the h2 streams `proxy/h2/serve.rs` hands it (gRPC, h2
-        // Pods); connections, h2c ones included (`proxy/h1/sniff.rs`), are podgate's.
+        // Pingora's proxy serves only the h2 streams `proxy/h2/serve.rs` hands it (no route,
+        // CONNECT, gRPC to http1 upstreams); connections, h2c ones included
+        // (`proxy/h1/sniff.rs`), are podgate's.
         let proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
         // Half the grace period at most: what is read while lingering still needs time to be
         // answered before the runtimes stop.

@@ -1,5 +1,6 @@
 //! The proxy layer: what the HTTP/1.1 path (`h1/`), the h2 path (`h2/`) and Pingora's `ProxyHttp`
-//! (`pingora.rs`, for gRPC and h2 Pods) share: the route table's targets, the access log line and the error answers.
+//! (`pingora.rs`: h2 streams without a route, CONNECT, gRPC to http1 upstreams) share: the route
+//! table's targets, the access log line and the error answers.
 //! Routing (`routing.rs`) turns a request into a route; the paths pick a Pod from the route's
 //! upstream (`crate::upstream`) and relay.
 //!

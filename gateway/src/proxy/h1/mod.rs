@@ -7,7 +7,7 @@
 //! the answer under framing podgate writes itself, with a lock-free per-thread connection pool
 //! and no task but the connection's own. h2 connections (TLS with ALPN h2, or the preface on
 //! `h2c: true` listeners) go to `proxy/h2/serve.rs`, which serves streams to HTTP/1.1 Pods the
-//! same way and hands the others (gRPC, h2 Pods) to Pingora's proxy.
+//! same way, and to h2/h2c Pods (gRPC) over `upstream/h2_pool.rs`.
 //!
 //! Files: `head.rs` parses heads and decides body lengths (pure, fuzzed); `body.rs` decodes and
 //! re-frames bodies; `exchange.rs` serves one request (route, Pod, answer); `pool.rs` holds Pod
