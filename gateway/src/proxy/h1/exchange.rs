@@ -354,29 +354,10 @@ impl<F> Engine<F> {
             );
             Failure::AfterSend { timed_out: false }
         };
-        let resp = loop {
-            let resp = match read_response(&mut up, conf.read_timeout).await {
-                Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    return Err(bad_answer(&e.to_string()))
-                }
-                Err(e) => {
-                    let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
-                    log::warn!(
-                        "upstream {}: no answer from {}: {e}",
-                        conf.name,
-                        backend.addr
-                    );
-                    return Err(Failure::AfterSend { timed_out });
-                }
-            };
-            if (100..200).contains(&resp.status) && resp.status != 101 {
-                continue;
-            }
-            if resp.status == 101 && !ctx.upgrading {
-                return Err(bad_answer("101 to a request that asked for no upgrade"));
-            }
-            break resp;
+        let resp = match final_response(&mut up, conf, backend.addr, ctx.upgrading).await {
+            Ok(resp) => resp,
+            Err(NoHead::Malformed(why)) => return Err(bad_answer(&why)),
+            Err(NoHead::Failed { timed_out }) => return Err(Failure::AfterSend { timed_out }),
         };
         let resp_info = HeadInfo::gather(resp.headers());
         let length = resp_info.response_length(resp.minor).map_err(bad_answer)?;
@@ -455,12 +436,50 @@ impl<F> Engine<F> {
     }
 }
 
+/// Why no final answer head came from a Pod.
+pub(crate) enum NoHead {
+    /// What came is not a head podgate relays (it does not parse, or is an unasked-for 101).
+    Malformed(String),
+    /// The Pod closed, failed or was silent past its `read_timeout` (logged).
+    Failed { timed_out: bool },
+}
+
+/// The Pod's final answer head, read on `up`: 1xx other than 101 are dropped (a 100-continue was
+/// answered by podgate already); a 101 is one only when `upgrading`. Shared by the HTTP/1.1 and
+/// h2 clients' paths to HTTP/1.1 Pods.
+pub(crate) async fn final_response(
+    up: &mut pool::Conn,
+    conf: &crate::config::UpstreamConf,
+    addr: SocketAddr,
+    upgrading: bool,
+) -> Result<Response, NoHead> {
+    loop {
+        let resp = match read_response(up, conf.read_timeout).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(NoHead::Malformed(e.to_string()))
+            }
+            Err(e) => {
+                let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
+                log::warn!("upstream {}: no answer from {addr}: {e}", conf.name);
+                return Err(NoHead::Failed { timed_out });
+            }
+        };
+        if (100..200).contains(&resp.status) && resp.status != 101 {
+            continue;
+        }
+        if resp.status == 101 && !upgrading {
+            return Err(NoHead::Malformed(
+                "101 to a request that asked for no upgrade".into(),
+            ));
+        }
+        return Ok(resp);
+    }
+}
+
 /// Reads a response head from the Pod, within `timeout` for each read. A head that does not
 /// parse is `InvalidData`.
-pub(crate) async fn read_response(
-    up: &mut pool::Conn,
-    timeout: Duration,
-) -> std::io::Result<Response> {
+async fn read_response(up: &mut pool::Conn, timeout: Duration) -> std::io::Result<Response> {
     loop {
         if !up.buf.is_empty() {
             match parse_response(&mut up.buf) {

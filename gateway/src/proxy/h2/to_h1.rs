@@ -18,7 +18,7 @@
 //! podgate's own chunked coding. Request trailers are not passed on.
 
 use crate::proxy::h1::body::{read_more, Framing, Out, BUFFERED_BODY};
-use crate::proxy::h1::exchange::read_response;
+use crate::proxy::h1::exchange::{final_response, NoHead};
 use crate::proxy::h1::head::{BodyLength, HeadInfo};
 use crate::proxy::h1::rewrite::{answer_framing, push_header, AnswerFraming, Declared};
 use crate::proxy::{access_line, error_json, GatewayRoute, HashParts, LogFields};
@@ -442,35 +442,16 @@ async fn attempt(
         );
         Failure::AfterSend { timed_out: false }
     };
-    let resp = loop {
-        // A client that resets the stream meanwhile ends the wait (and the Pod connection):
-        // work for a cancelled stream stops with it (rapid reset against a slow Pod).
-        let read = tokio::select! {
-            r = read_response(&mut up, conf.read_timeout) => r,
-            _ = s.idle() => return Err(Failure::Client),
-        };
-        let resp = match read {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(bad_answer(&e.to_string()))
-            }
-            Err(e) => {
-                let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
-                log::warn!(
-                    "upstream {}: no answer from {}: {e}",
-                    conf.name,
-                    backend.addr
-                );
-                return Err(Failure::AfterSend { timed_out });
-            }
-        };
-        if (100..200).contains(&resp.status) && resp.status != 101 {
-            continue;
-        }
-        if resp.status == 101 {
-            return Err(bad_answer("101 to a request that asked for no upgrade"));
-        }
-        break resp;
+    // A client that resets the stream meanwhile ends the wait (and the Pod connection): work
+    // for a cancelled stream stops with it (rapid reset against a slow Pod).
+    let read = tokio::select! {
+        r = final_response(&mut up, conf, backend.addr, false) => r,
+        _ = s.idle() => return Err(Failure::Client),
+    };
+    let resp = match read {
+        Ok(resp) => resp,
+        Err(NoHead::Malformed(why)) => return Err(bad_answer(&why)),
+        Err(NoHead::Failed { timed_out }) => return Err(Failure::AfterSend { timed_out }),
     };
     let info = HeadInfo::gather(resp.headers());
     let length = info.response_length(resp.minor).map_err(bad_answer)?;
