@@ -219,7 +219,9 @@ pub async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) 
             CHECKS.with_label_values(&[&up.conf.name, label]).inc();
             let flipped = b.info.health.active.observe(result.is_ok(), &conf);
             if flipped.is_some() {
-                // Healthy capacity changed: tiers and zones re-divide the traffic.
+                // Healthy capacity changed: picks look at health records again (or stop), and
+                // tiers and zones re-divide the traffic.
+                up.recount_down();
                 up.replan();
             }
             match (flipped, &result) {

@@ -80,6 +80,12 @@ pub struct Upstream {
     pub connector: crate::upstream::pool::Connector,
     /// `outlier::now_ms()` until which some ejection may run; 0 when none can.
     eject_horizon: AtomicU64,
+    /// Whether some endpoint of the selection fails its active checks (see `recount_down`):
+    /// while none does, a pick does not read any endpoint's health record, which at 10k
+    /// endpoints is a cache miss per pick (measured: 28 % of a consistent-hash pick).
+    checks_down: AtomicBool,
+    /// Serialises `recount_down`, so the last count written saw every flip before it.
+    recount: Mutex<()>,
     /// What the last rebuild built (see `rebuild`).
     built_services: Mutex<Built>,
     /// Endpoints per cluster and state as of the last rebuild (see `refresh_state_gauges`).
@@ -135,6 +141,8 @@ impl Upstream {
             endpoint_gauges: Mutex::new(Vec::new()),
             built_services: Mutex::new(Built::default()),
             eject_horizon: AtomicU64::new(0),
+            checks_down: AtomicBool::new(false),
+            recount: Mutex::new(()),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
             metrics,
@@ -189,11 +197,25 @@ impl Upstream {
                 now
             }
         };
-        let skip = |b: &Backend| tried.contains(&b.addr) || b.info.health.avoid(now);
+        // Health is read only while it can refuse someone: an ejection may run (`now`), or an
+        // endpoint fails its active checks.
+        let health = now != 0 || self.checks_down.load(Ordering::Relaxed);
+        let skip = |b: &Backend| tried.contains(&b.addr) || (health && b.info.health.avoid(now));
         if self.traffic.is_plain() {
             return self.balancer.pick(skip).map(|b| (b, None));
         }
         self.traffic.pick(&self.balancer, key, &skip)
+    }
+
+    /// Notes whether any endpoint of the selection is down by active checks; after every new
+    /// selection and every check that flipped. O(endpoints), on those events only.
+    pub fn recount_down(&self) {
+        let _serial = self.recount.lock().unwrap_or_else(|p| p.into_inner());
+        let down = self
+            .selection()
+            .iter()
+            .any(|b| b.info.health.active.is_down());
+        self.checks_down.store(down, Ordering::Relaxed);
     }
 
     /// Recomputes the traffic shares after a change of health (active check flip, ejection):

@@ -221,6 +221,7 @@ impl Upstream {
             );
         }
         self.balancer.swap(selection);
+        self.recount_down();
         self.changed.send_replace(());
         if !self.traffic.is_plain() {
             let inputs = self.slot_inputs(&views, &segments, overlaps, &hints);
