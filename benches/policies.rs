@@ -180,6 +180,7 @@ fn picks(c: &mut Criterion) {
         assert_eq!(ups.by_name[name].selection().len(), total, "{name}");
     }
     let keys: Vec<String> = (0..4096).map(|i| format!("user-{i}")).collect();
+    interleaved(&ups, &keys);
     let mut g = c.benchmark_group("policy_pick_10k");
     for name in ["wrr", "least", "tiers", "zones"] {
         let up = ups.by_name[name].clone();
@@ -219,6 +220,57 @@ fn picks(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// Each policy's pick time over WRR's, measured in alternation: 41 rounds, each timing a batch
+/// of WRR picks and a batch of every other policy's picks back to back (in turn first), so a
+/// slower or busier stretch of the machine weighs on both sides of a ratio alike. Criterion's
+/// figures below come from separate stretches of time; on this shared 2-core machine they
+/// drifted by up to 1.5x from one run to the next.
+fn interleaved(ups: &Upstreams, keys: &[String]) {
+    const ROUNDS: usize = 41;
+    const BATCH: usize = 100_000;
+    let time = |name: &str| {
+        let up = &ups.by_name[name];
+        let hashed = name.starts_with("hash");
+        let start = std::time::Instant::now();
+        for i in 0..BATCH {
+            let key = hashed.then(|| Key::Bytes(keys[i & 4095].as_bytes()));
+            black_box(up.pick(&[], key));
+        }
+        start.elapsed().as_secs_f64()
+    };
+    let others = ["hash", "least", "tiers", "zones", "hash1k"];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); others.len()];
+    let mut wrr_ns: Vec<f64> = Vec::new();
+    time("wrr");
+    for round in 0..ROUNDS {
+        for (i, name) in others.iter().enumerate() {
+            let (wrr, other) = if round % 2 == 0 {
+                let w = time("wrr");
+                wrr_ns.push(w);
+                (w, time(name))
+            } else {
+                let o = time(name);
+                (time("wrr"), o)
+            };
+            ratios[i].push(other / wrr);
+        }
+    }
+    wrr_ns.sort_by(f64::total_cmp);
+    println!(
+        "interleaved WRR pick: median {:.1} ns",
+        wrr_ns[wrr_ns.len() / 2] * 1e9 / BATCH as f64
+    );
+    for (name, mut r) in others.iter().zip(ratios) {
+        r.sort_by(f64::total_cmp);
+        println!(
+            "interleaved pick time / WRR's, {name}: median {:.2} (10th..90th percentile {:.2}..{:.2}, {ROUNDS} rounds of {BATCH} picks)",
+            r[ROUNDS / 2],
+            r[ROUNDS / 10],
+            r[ROUNDS * 9 / 10]
+        );
+    }
 }
 
 criterion_group!(benches, picks);
