@@ -42,16 +42,26 @@ enum SignalCmd {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps this process off transparent huge pages. mimalloc reserves its arenas as large aligned
-/// regions, and with THP each touched 2 MiB of them becomes resident whole: with 10,000
-/// endpoints RSS was 68 MiB with THP and 38 MiB without, at no measured cost in req/s
-/// (benches/RESULTS.md). The `no_thp` feature stops mimalloc from asking for huge pages on hosts
-/// where THP is `madvise`; this covers hosts where it is `always`.
+/// Keeps this process off transparent huge pages, except where it asks for them. mimalloc
+/// reserves its arenas as large aligned regions, and with THP each touched 2 MiB of them becomes
+/// resident whole: with 10,000 endpoints RSS was 68 MiB with THP and 38 MiB without, at no
+/// measured cost in req/s (benches/RESULTS.md). The `no_thp` feature stops mimalloc from asking
+/// for huge pages on hosts where THP is `madvise`; this covers hosts where it is `always`.
+/// The one region podgate does ask for (`MADV_HUGEPAGE`: a consistent-hash ring's points, read
+/// at random, see `upstream/policy/hash.rs`) keeps them where the kernel can tell the two apart
+/// (`PR_THP_DISABLE_EXCEPT_ADVISED`, Linux 6.18); older kernels refuse that flag, and then THP is
+/// off for everything, as before.
 #[cfg(target_os = "linux")]
 fn no_transparent_huge_pages() {
+    /// `PR_THP_DISABLE_EXCEPT_ADVISED` of linux/prctl.h (not in the libc crate yet).
+    const EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
     // SAFETY: PR_SET_THP_DISABLE takes integers only and sets a flag on this process; it
     // touches no memory of ours. Failure (an old kernel) leaves THP as the host has it.
-    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, EXCEPT_ADVISED, 0, 0) };
+    if r != 0 {
+        // SAFETY: as above.
+        let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
 }
 
 /// EX_USAGE from sysexits.h, as for a bad command line.
