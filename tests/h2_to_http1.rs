@@ -689,3 +689,107 @@ async fn shutdown_sends_goaway_and_finishes_streams_in_flight() {
 }
 
 use std::future::Future;
+
+/// How an HPACK header block (RFC 7541 §6) represents each field, in order: `'i'` indexed,
+/// `'+'` literal added to the dynamic table, `'n'` literal never indexed, `'-'` literal without
+/// indexing, `'s'` a table size update. Strings are skipped by length (Huffman or not).
+fn representations(block: &[u8]) -> String {
+    fn int(b: &[u8], at: &mut usize, prefix: u32) -> usize {
+        let mask = (1usize << prefix) - 1;
+        let mut v = usize::from(b[*at]) & mask;
+        *at += 1;
+        if v == mask {
+            let mut shift = 0;
+            loop {
+                let next = b[*at];
+                *at += 1;
+                v += usize::from(next & 0x7f) << shift;
+                shift += 7;
+                if next & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+    fn string(b: &[u8], at: &mut usize) {
+        let len = int(b, at, 7);
+        *at += len;
+    }
+    let mut kinds = String::new();
+    let mut at = 0;
+    while at < block.len() {
+        let first = block[at];
+        let (kind, prefix) = match first {
+            f if f & 0x80 != 0 => ('i', 7),
+            f if f & 0xc0 == 0x40 => ('+', 6),
+            f if f & 0xe0 == 0x20 => ('s', 5),
+            f if f & 0xf0 == 0x10 => ('n', 4),
+            _ => ('-', 4),
+        };
+        let index = int(block, &mut at, prefix);
+        if matches!(kind, '+' | 'n' | '-') {
+            if index == 0 {
+                string(block, &mut at);
+            }
+            string(block, &mut at);
+        }
+        kinds.push(kind);
+    }
+    kinds
+}
+
+/// Every answer carries its own `x-request-id`, which never recurs: it is sent as a literal
+/// never indexed, so that ids do not fill the client's HPACK table (pushing out the fields that
+/// do recur) nor cost the encoder a comparison with every id before. Three requests on one
+/// connection: each answer block has exactly one never-indexed field, and the third has no
+/// field added to the table but, at most, a new `date`.
+#[tokio::test]
+async fn request_ids_in_answers_are_never_indexed() {
+    let (pod, _log) = recording_pod().await;
+    let gw = h2c_gateway(pod).await;
+    let mut io = TcpStream::connect(gw.addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(frame(SETTINGS, ACK, 0, &[]));
+    io.write_all(&hello).await.unwrap();
+    let mut blocks = Vec::new();
+    for stream in [1u32, 3, 5] {
+        let req = frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            stream,
+            &pseudo(false, b"/id"),
+        );
+        io.write_all(&req).await.unwrap();
+        let block = tokio::time::timeout(DEADLINE, async {
+            let mut head = [0u8; 9];
+            loop {
+                io.read_exact(&mut head).await.expect("an answer");
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                io.read_exact(&mut payload).await.expect("a whole frame");
+                if head[3] == HEADERS && id == stream {
+                    assert_eq!(head[4] & 0x28, 0, "no padding or priority in {head:?}");
+                    assert_ne!(head[4] & END_HEADERS, 0, "one HEADERS frame per block");
+                    return payload;
+                }
+            }
+        })
+        .await
+        .expect("an answer in time");
+        blocks.push(representations(&block));
+    }
+    for (i, kinds) in blocks.iter().enumerate() {
+        assert_eq!(
+            kinds.matches('n').count(),
+            1,
+            "answer {i}: the id, and only it, never indexed: {blocks:?}"
+        );
+    }
+    assert!(
+        blocks[2].matches('+').count() <= 1,
+        "the third answer adds nothing to the table but perhaps a new date: {blocks:?}"
+    );
+}

@@ -165,7 +165,7 @@ def bench(mode):
                     if os.environ.get("PROFILE") == n and r == 1:
                         # Where the proxy's CPU time goes while h2load runs (perf report -i).
                         perf = subprocess.Popen(
-                            ["perf", "record", "-F", "499", "-g", "-o",
+                            ["perf", "record", "-F", "499", *os.environ.get("PERF_ARGS", "-g").split(), "-o",
                              f"{run.TARGET}/perf-h2-{mode}-{n}.data", "-p", str(procs[n].pid),
                              "--", "sleep", str(DURATION)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -93,7 +93,9 @@ async fn send_grpc_error(session: &mut Session, ctx: &mut Ctx, status: u16) -> R
     let (code, message) = grpc::status_for(status);
     let mut resp = ResponseHeader::build(200, Some(2))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(id) = crate::proxy::request_id_value(&ctx.request_id) {
+        resp.insert_header("x-request-id", id)?;
+    }
     ctx.grpc_status = Some(code as usize);
     session.write_response_header(Box::new(resp), false).await?;
     let mut trailers = http::HeaderMap::with_capacity(2);
@@ -450,8 +452,11 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if resp.headers.get("x-request-id").is_none() {
-            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let (None, Some(id)) = (
+            resp.headers.get("x-request-id"),
+            crate::proxy::request_id_value(&ctx.request_id),
+        ) {
+            resp.insert_header("x-request-id", id)?;
         }
         Ok(())
     }

@@ -421,7 +421,7 @@ fn h2_request(
     }
     b = b.header(
         "x-request-id",
-        http::HeaderValue::from_str(ctx.request_id).ok()?,
+        crate::proxy::request_id_value(ctx.request_id)?,
     );
     if let Some(n) = length {
         b = b.header(http::header::CONTENT_LENGTH, n);

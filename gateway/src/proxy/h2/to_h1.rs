@@ -478,10 +478,11 @@ async fn attempt(
         ) else {
             continue;
         };
+        let value = crate::proxy::unindexed_id(name.as_str().as_bytes(), value);
         let _ = answer.append_header(name, value);
     }
-    if !has_id {
-        let _ = answer.append_header("x-request-id", request_id);
+    if let (false, Some(id)) = (has_id, crate::proxy::request_id_value(request_id)) {
+        let _ = answer.append_header("x-request-id", id);
     }
     if let Declared::Length(n) = said {
         let _ = answer.insert_header(http::header::CONTENT_LENGTH, n);
@@ -654,7 +655,9 @@ async fn answer_error(s: &mut HttpSession, status: u16, request_id: &str, head_o
     };
     let _ = resp.append_header(http::header::CONTENT_TYPE, "application/json");
     let _ = resp.append_header(http::header::CONTENT_LENGTH, body.len());
-    let _ = resp.append_header("x-request-id", request_id);
+    if let Some(id) = crate::proxy::request_id_value(request_id) {
+        let _ = resp.append_header("x-request-id", id);
+    }
     if s.write_response_header(Box::new(resp), head_only).is_ok() && !head_only {
         let _ = s.write_body(Bytes::from(body), true).await;
     }

@@ -285,10 +285,14 @@ impl Call<'_> {
             return Ok(());
         };
         for (name, value) in &parts.headers {
-            let _ = answer.append_header(name.clone(), value.clone());
+            let value = crate::proxy::unindexed_id(name.as_str().as_bytes(), value.clone());
+            let _ = answer.append_header(name.clone(), value);
         }
-        if !parts.headers.contains_key("x-request-id") {
-            let _ = answer.insert_header("x-request-id", self.request_id.as_str());
+        if let (false, Some(id)) = (
+            parts.headers.contains_key("x-request-id"),
+            crate::proxy::request_id_value(&self.request_id),
+        ) {
+            let _ = answer.insert_header("x-request-id", id);
         }
         let ended = recv.is_end_stream() || self.head_only;
         if s.write_response_header(Box::new(answer), ended).is_err() || ended {
@@ -451,7 +455,9 @@ impl Call<'_> {
             };
             let _ = resp.append_header(http::header::CONTENT_TYPE, "application/json");
             let _ = resp.append_header(http::header::CONTENT_LENGTH, body.len());
-            let _ = resp.append_header("x-request-id", self.request_id.as_str());
+            if let Some(id) = crate::proxy::request_id_value(&self.request_id) {
+                let _ = resp.append_header("x-request-id", id);
+            }
             if s.write_response_header(Box::new(resp), self.head_only)
                 .is_ok()
                 && !self.head_only
@@ -469,7 +475,9 @@ impl Call<'_> {
             return;
         };
         let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/grpc");
-        let _ = resp.insert_header("x-request-id", self.request_id.as_str());
+        if let Some(id) = crate::proxy::request_id_value(&self.request_id) {
+            let _ = resp.insert_header("x-request-id", id);
+        }
         if s.write_response_header(Box::new(resp), false).is_err() {
             return;
         }
@@ -676,9 +684,6 @@ fn pod_request(
         let host = client_host.to_ascii_lowercase();
         headers.insert("x-forwarded-host", http::HeaderValue::from_str(&host).ok()?);
     }
-    headers.insert(
-        "x-request-id",
-        http::HeaderValue::from_str(request_id).ok()?,
-    );
+    headers.insert("x-request-id", crate::proxy::request_id_value(request_id)?);
     Some(out)
 }
