@@ -72,6 +72,7 @@ fn main() -> ExitCode {
     no_transparent_huge_pages();
     let cli = Cli::parse();
     podgate::logging::RateLimited::init();
+    podgate::logging::TracingToLog::init();
 
     let config = match podgate_gateway::config::load(&cli.conf) {
         Ok(c) => c,
