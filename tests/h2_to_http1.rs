@@ -793,3 +793,109 @@ async fn request_ids_in_answers_are_never_indexed() {
         "the third answer adds nothing to the table but perhaps a new date: {blocks:?}"
     );
 }
+
+/// An HTTP/1.1 Pod whose every answer is `len` bytes (`i % 251` at offset `i`), read whole by
+/// podgate in one or two reads.
+async fn big_answer_pod(len: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+    answer.extend_from_slice(&body);
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut io, _)) = l.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let have = buf.len();
+                        if !fill(&mut io, &mut buf, have + 1).await {
+                            return;
+                        }
+                        continue;
+                    };
+                    buf.drain(..end + 4);
+                    if io.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An h2 client whose streams start with a 1 KiB window (`initial_window_size`).
+async fn narrow_client(gw: &Gateway) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send.ready().await.unwrap()
+}
+
+/// An answer larger than the client's window goes out as the client opens it, byte for byte;
+/// a client that never opens it has the stream given up at `client_body_timeout`, and its
+/// connection serves the next request.
+#[tokio::test]
+async fn answers_wait_for_the_clients_window_until_the_body_timeout() {
+    const LEN: usize = 48 * 1024;
+    let pod = big_answer_pod(LEN).await;
+    let conf = format!(
+        "upstreams:\n  - {{name: web, retries: 0, nodes: [{{address: \"{pod}\"}}]}}\n\
+         routes:\n  - {{name: web, path_prefix: /, upstream: web}}\n"
+    );
+    let gw = Gateway::start_full(
+        tempfile::tempdir().unwrap(),
+        "h2c: true",
+        "threads: 1\n  grace_period: 1s\n  client_body_timeout: 1s",
+        &conf,
+    )
+    .await;
+    let mut send = narrow_client(&gw).await;
+    let (status, body, _) = call(&mut send, get("/big"), None).await;
+    assert_eq!(status, 200);
+    let expected: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    assert!(
+        body[..] == expected[..],
+        "{} bytes came, not the Pod's",
+        body.len()
+    );
+
+    // Never opening the window: the first KiB, then the stream is reset at the body timeout.
+    let (answer, _) = send.send_request(get("/stuck"), true).unwrap();
+    let resp = tokio::time::timeout(DEADLINE, answer)
+        .await
+        .expect("a head in time")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut recv = resp.into_body();
+    let mut got = 0;
+    let end = tokio::time::timeout(DEADLINE, async {
+        while let Some(chunk) = recv.data().await {
+            match chunk {
+                Ok(c) => got += c.len(), // not released: the window stays shut
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    })
+    .await
+    .expect("the stream ends within the deadline");
+    assert_eq!(got, 1024, "exactly the window's worth came");
+    assert!(
+        end.as_ref().is_some_and(|e| e.is_reset()),
+        "the stream was reset: {end:?}"
+    );
+    let (status, body, _) = call(&mut send, get("/after"), None).await;
+    assert_eq!(
+        (status, body.len()),
+        (200, LEN),
+        "the connection still serves"
+    );
+}
