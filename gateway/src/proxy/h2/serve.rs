@@ -149,7 +149,11 @@ pub async fn connection<F>(
                 streams.push(Either::Left(to_h1::serve(&cx, session, route, host)))
             }
             Dispatch::ToH2(session, route, host) => {
-                streams.push(Either::Right(to_h2::serve(&cx, session, route, host)))
+                // Boxed: its future (3.9 KB) would otherwise set the size of every stream's,
+                // which is moved and allocated once per stream.
+                streams.push(Either::Right(Box::pin(to_h2::serve(
+                    &cx, session, route, host,
+                ))))
             }
             Dispatch::Pingora(session) => {
                 let (app, shutdown) = (app.clone(), shutdown.clone());

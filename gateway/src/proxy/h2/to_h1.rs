@@ -104,7 +104,7 @@ pub(super) async fn serve(
         Err(why) => {
             log::debug!("client {:?}: h2 request refused: {why}", cx.client);
             out.status = 400;
-            answer_error(&mut s, 400, &request_id, head_only).await;
+            answer_error(&mut s, 400, &request_id, head_only, cx.body_timeout).await;
         }
     }
 
@@ -293,7 +293,7 @@ async fn proxy(
                     cx.client
                 );
                 out.status = 400;
-                answer_error(s, 400, request_id, head_only).await;
+                answer_error(s, 400, request_id, head_only, cx.body_timeout).await;
                 return;
             }
             if !data.is_empty() || declared.is_some() {
@@ -331,7 +331,7 @@ async fn proxy(
         // `_in_flight` counts the attempt for least request until this iteration ends.
         let Some((backend, _in_flight)) = picked else {
             out.status = last_failure;
-            answer_error(s, last_failure, request_id, head_only).await;
+            answer_error(s, last_failure, request_id, head_only, cx.body_timeout).await;
             return;
         };
         tried.push(backend.addr);
@@ -351,7 +351,7 @@ async fn proxy(
             Failure::Client => return,
             Failure::BadBody => {
                 out.status = 400;
-                answer_error(s, 400, request_id, head_only).await;
+                answer_error(s, 400, request_id, head_only, cx.body_timeout).await;
                 return;
             }
             Failure::Upstream => (502, false),
@@ -363,7 +363,7 @@ async fn proxy(
             continue;
         }
         out.status = status;
-        answer_error(s, status, request_id, head_only).await;
+        answer_error(s, status, request_id, head_only, cx.body_timeout).await;
         return;
     }
 }
@@ -387,7 +387,9 @@ async fn attempt(
     let started = Instant::now();
     let (mut up, reused) = match upstream.connector.reuse(backend.addr) {
         Some(conn) => (conn, true),
-        None => match upstream.connector.connect(backend.addr).await {
+        // Boxed: a connect's future is 1.4 KB, and inline it set the size of every stream's
+        // future, which is moved and allocated per stream (most streams reuse a connection).
+        None => match Box::pin(upstream.connector.connect(backend.addr)).await {
             Ok(conn) => (conn, false),
             Err(e) => {
                 log::warn!(
@@ -689,7 +691,13 @@ async fn stream_body(
 }
 
 /// An error answer podgate makes itself: the JSON body of the other paths.
-async fn answer_error(s: &mut HttpSession, status: u16, request_id: &str, head_only: bool) {
+async fn answer_error(
+    s: &mut HttpSession,
+    status: u16,
+    request_id: &str,
+    head_only: bool,
+    timeout: Duration,
+) {
     if s.response_written().is_some() {
         return;
     }
@@ -703,7 +711,7 @@ async fn answer_error(s: &mut HttpSession, status: u16, request_id: &str, head_o
         let _ = resp.append_header("x-request-id", id);
     }
     if s.write_response_header(Box::new(resp), head_only).is_ok() && !head_only {
-        let _ = s.write_body(Bytes::from(body), true).await;
+        send_last(s, Bytes::from(body), timeout).await;
     }
 }
 
