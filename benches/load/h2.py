@@ -16,7 +16,8 @@ The proxies run one worker pinned to CPU 1; h2load and the upstreams share CPU 0
 runs nginx, then podgate; ratios are taken within a round, and the median across rounds reported.
 nginx keeps 512 idle connections to each upstream group (more than the 320 requests in flight,
 so that it never closes one it will need again; podgate's pool keeps 1024 per thread).
-PROFILE=podgate (or nginx) records `perf` samples of that proxy in round 1 into target/.
+PROFILE=podgate (or nginx) records `perf` samples of that proxy in round 1 into target/;
+PERF_ARGS replaces perf's call-graph option (default `-g`; Rust frames need `--call-graph dwarf,16384`).
 """
 import os, re, statistics, subprocess, sys, tempfile, time
 
