@@ -1,7 +1,7 @@
 //! The gateway crate's layers, checked from its own source: every module reference (`crate::…`,
 //! `super::…`, `self::…`, or a child module's name) points to the same or a lower layer, and the
 //! modules form no import cycle. The order is the one `gateway/src/lib.rs` documents:
-//! config → telemetry → upstream → proxy → live → admin → server.
+//! config → telemetry → upstream → policies → proxy → live → admin → server.
 //!
 //! A file that refers to its own parent (`super::Engine` in `proxy/h1/sniff.rs`) extends the
 //! parent's type across files; that edge is not counted as a cycle, every other one is.
@@ -13,6 +13,7 @@ const LAYERS: &[&str] = &[
     "config",
     "telemetry",
     "upstream",
+    "policies",
     "proxy",
     "live",
     "admin",

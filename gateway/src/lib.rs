@@ -7,6 +7,8 @@
 //! - `proxy`: the request paths — `proxy/h1` (podgate's own HTTP/1.1) and `proxy/pingora.rs`
 //!   (h2/TLS on Pingora) — sharing `proxy/mod.rs` (targets, access line, error answers) and
 //!   `proxy/routing.rs` (request → route).
+//! - `policies`: route policies (auth, access rules, rate limits, rewrites) over a protocol-neutral
+//!   view of a request; the pipeline in `proxy` calls them once per request.
 //! - `upstream`: endpoint sets from discovery, weighted selection (`balance`), health
 //!   (`health_check`, `outlier`) and connections to Pods (`pool`).
 //! - `telemetry`: metric families and the access log writer; a leaf every layer writes into.
@@ -17,6 +19,7 @@
 pub mod admin;
 pub mod config;
 pub mod live;
+pub mod policies;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

@@ -1,0 +1,214 @@
+//! Route policies: what a route decides about a request before a Pod sees it — who may call
+//! (API keys, JWT, IP rules, CORS), how often (rate limits), and what reaches the Pod (header
+//! rules, rewrites, redirects, body limits).
+//!
+//! This module is the contract between the request pipeline (`proxy/`) and the policies. The
+//! pipeline builds one [`RequestView`] per request from whatever codec read it (HTTP/1.1 or h2,
+//! with or without TLS, gRPC or not), hands it to the route's [`Policies`] once, and then
+//! either sends the [`LocalAnswer`] the policies gave (rendered by the client's codec: a JSON
+//! error, a redirect, a CORS preflight answer, or a gRPC trailers-only answer) or carries on to
+//! the Pod with the [`Edits`] applied by the Pod's codec. Because there is exactly one call site
+//! for every client protocol, a policy written here holds on all of them.
+//!
+//! Rules every policy keeps:
+//! - The view is borrowed; a policy copies nothing it does not keep.
+//! - No lock, no file or network I/O on the request path except a rate-limit store's call,
+//!   which is bounded by its `timeout`. Files (API keys, JWKS) are re-read in the background.
+//! - A credential (API key, token) never goes into a log line, a metric or an error answer.
+//! - Routes without policies cost nothing: [`Policies::is_empty`] lets the pipeline skip the
+//!   call.
+//!
+//! The evaluation order is fixed (the same as APISIX's phases, Envoy's filter order for these):
+//! redirect → CORS preflight → IP rules → authentication → consumers → rate limits → body limit
+//! → request header rules and rewrite; response header rules and CORS fields go on the answer.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method};
+use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// A request as every policy sees it, whatever protocol carried it. Built by the pipeline.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    /// The host routing matched: lowercase, without port.
+    pub host: &'a str,
+    /// The path and query as the client sent them (origin form), before `strip_prefix` or a
+    /// rewrite.
+    pub path_and_query: &'a str,
+    pub fields: Fields<'a>,
+    /// The TCP peer.
+    pub peer: Option<IpAddr>,
+    /// The client: the peer, or the address a trusted proxy (`server.trusted_proxies`) put in
+    /// `X-Forwarded-For` (the rightmost one that is not itself trusted). Computed once by the
+    /// pipeline.
+    pub client: Option<IpAddr>,
+    /// The client connection is TLS.
+    pub tls: bool,
+    /// A gRPC call (`content-type: application/grpc…`): refusals are answered the gRPC way.
+    pub grpc: bool,
+    /// The body length the client declared (`content-length`), if any.
+    pub content_length: Option<u64>,
+}
+
+/// The client's header fields, in the form its codec parsed them into; never copied.
+#[derive(Clone, Copy)]
+pub enum Fields<'a> {
+    /// HTTP/1.1: name and value ranges into the head's raw bytes.
+    Lines {
+        raw: &'a [u8],
+        ranges: &'a [(Range<usize>, Range<usize>)],
+    },
+    /// h2: the decoded field map.
+    Map(&'a http::HeaderMap),
+}
+
+impl<'a> RequestView<'a> {
+    /// The path without the query.
+    pub fn path(&self) -> &'a str {
+        self.path_and_query
+            .split_once('?')
+            .map_or(self.path_and_query, |(p, _)| p)
+    }
+
+    /// The query string without `?`, if there is one.
+    pub fn query(&self) -> Option<&'a str> {
+        self.path_and_query.split_once('?').map(|(_, q)| q)
+    }
+
+    /// Every value of field `name` (compared case-insensitively), in order.
+    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a [u8]> + 's {
+        let (lines, map) = match self.fields {
+            Fields::Lines { raw, ranges } => (Some((raw, ranges)), None),
+            Fields::Map(m) => (None, Some(m)),
+        };
+        let lines = lines.into_iter().flat_map(move |(raw, ranges)| {
+            ranges.iter().filter_map(move |(n, v)| {
+                let field = raw.get(n.clone())?;
+                field
+                    .eq_ignore_ascii_case(name.as_bytes())
+                    .then(|| raw.get(v.clone()))
+                    .flatten()
+            })
+        });
+        let map = map
+            .into_iter()
+            .flat_map(move |m| m.get_all(name).iter().map(HeaderValue::as_bytes));
+        lines.chain(map)
+    }
+
+    /// The first value of field `name`.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.header_values(name).next()
+    }
+}
+
+/// What the policies change about a request that goes on to a Pod, and about its answer.
+/// Applied by the Pod's codec (request) and the client's codec (answer), after the gateway's
+/// own fields are decided (`Host`, `X-Forwarded-*` and `X-Request-Id` stay the pipeline's).
+#[derive(Default, Debug)]
+pub struct Edits {
+    /// Request fields not passed to the Pod (credentials unless `auth.forward`,
+    /// `request_headers.remove`, and the names `request_headers.set` replaces).
+    pub remove: Vec<HeaderName>,
+    /// Request fields added toward the Pod after the client's.
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    /// The path and query to send instead of the client's (a rewrite); `strip_prefix` is not
+    /// applied on top of it.
+    pub path: Option<String>,
+    /// The consumer the request was authenticated as: into the access log (and, by the policy
+    /// that set it, into `add` as `x-consumer`).
+    pub consumer: Option<Arc<str>>,
+    /// Answer fields not passed to the client.
+    pub response_remove: Vec<HeaderName>,
+    /// Answer fields added toward the client (`response_headers`, CORS fields, rate-limit
+    /// fields); also on a [`LocalAnswer`] made after they were decided.
+    pub response_add: Vec<(HeaderName, HeaderValue)>,
+    /// The most body bytes the client may send (`max_body`): 413 from the Content-Length, or as
+    /// soon as a streamed body passes it.
+    pub max_body: Option<u64>,
+}
+
+/// An answer podgate gives itself instead of asking a Pod.
+#[derive(Debug)]
+pub struct LocalAnswer {
+    pub status: u16,
+    /// Fields besides the framing ones (the codec decides those).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: AnswerBody,
+}
+
+#[derive(Debug)]
+pub enum AnswerBody {
+    /// podgate's JSON error body for `status` (`proxy::error_json`); to a gRPC client, a
+    /// trailers-only answer with the `grpc-status` that `status` maps to.
+    Error,
+    /// No body (a CORS preflight's 204, a redirect's).
+    Empty,
+    /// These bytes, as they are.
+    Bytes(Bytes),
+}
+
+/// What the policies decided.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go on to the Pod, with the edits.
+    Continue,
+    /// Answer this; no Pod is asked.
+    Answer(LocalAnswer),
+}
+
+/// The policies of one route, built from its `policies:` when the config is loaded.
+#[derive(Default, Debug)]
+pub struct Policies {}
+
+impl Policies {
+    /// No policy is set: the pipeline skips [`Policies::on_request`].
+    pub fn is_empty(&self) -> bool {
+        true
+    }
+
+    /// Decides about one request; fills `edits` for a request that goes on.
+    pub async fn on_request(&self, _req: &RequestView<'_>, _edits: &mut Edits) -> Verdict {
+        Verdict::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_read_the_same_from_lines_and_from_a_map() {
+        let raw = b"X-Api-Key: a\r\nx-api-key: b\r\nHost: h\r\n";
+        let ranges = [(0..9, 11..12), (14..23, 25..26), (28..32, 34..35)];
+        let mut map = http::HeaderMap::new();
+        map.append("x-api-key", HeaderValue::from_static("a"));
+        map.append("x-api-key", HeaderValue::from_static("b"));
+        map.append("host", HeaderValue::from_static("h"));
+        for fields in [
+            Fields::Lines {
+                raw,
+                ranges: &ranges,
+            },
+            Fields::Map(&map),
+        ] {
+            let view = RequestView {
+                method: &Method::GET,
+                host: "h",
+                path_and_query: "/a/b?x=1",
+                fields,
+                peer: None,
+                client: None,
+                tls: false,
+                grpc: false,
+                content_length: None,
+            };
+            let keys: Vec<&[u8]> = view.header_values("X-API-KEY").collect();
+            assert_eq!(keys, [&b"a"[..], b"b"]);
+            assert_eq!(view.header("host"), Some(&b"h"[..]));
+            assert_eq!(view.header("cookie"), None);
+            assert_eq!((view.path(), view.query()), ("/a/b", Some("x=1")));
+        }
+    }
+}
