@@ -156,6 +156,7 @@ fn build_router(config: &Config, upstreams: &Upstreams) -> GatewayRouter {
                 upstream: Target {
                     metrics: RouteMetrics::new(&r.name, &r.upstream),
                     upstream: upstreams.by_name[&r.upstream].clone(),
+                    policies: crate::policies::Policies::default(),
                 },
             };
             (r.hosts.clone(), route)

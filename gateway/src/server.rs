@@ -253,9 +253,6 @@ impl ShutdownSignalWatch for Signals {
 /// after it are closed, which HTTP clients handle by retrying.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Idle Pod connections kept per thread by Pingora's pool (see `run`).
-const UPSTREAM_KEEPALIVE_POOL: usize = 1024;
-
 /// Binds a listening socket for `address` now, so that a busy address stops the start.
 ///
 /// Pingora binds its listeners itself once the server runs, in the service's runtime: when the
@@ -430,14 +427,6 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         threads: config.server.threads,
         grace_period_seconds: Some(grace_seconds),
         graceful_shutdown_timeout_seconds: Some(1),
-        // Per-upstream budgets are enforced in the proxy; this is only the ceiling (retries ≤ 10).
-        max_retries: 11,
-        // Idle Pod connections Pingora's pool keeps per thread, over all Pods (its default is
-        // 128). The h2 path relays up to 100 streams per client connection, each on an HTTP/1.1
-        // connection of its own to an http1 Pod: with 32 clients × 10 streams in flight, 128
-        // left most requests opening a new connection (0.95 connect() per request measured
-        // with strace), and the churn cost more than the proxying.
-        upstream_keepalive_pool_size: UPSTREAM_KEEPALIVE_POOL,
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         // Only used by Pingora's daemon mode, which podgate does not use; kept consistent.
         pid_file: config.server.pid_file.to_string_lossy().into_owned(),
@@ -462,15 +451,11 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         if listeners.is_empty() {
             continue;
         }
-        let gateway = || Gateway::new(live.router.clone(), access_log.clone());
-        // Pingora's proxy serves only the h2 streams `proxy/h2/serve.rs` hands it (no route,
-        // CONNECT, gRPC to http1 upstreams); connections, h2c ones included
-        // (`proxy/h1/sniff.rs`), are podgate's.
-        let proxy = pingora_proxy::http_proxy(&server.configuration, gateway());
+        let gateway = Gateway::new(live.router.clone(), access_log.clone());
         // Half the grace period at most: what is read while lingering still needs time to be
         // answered before the runtimes stop.
         let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
-        let app = crate::proxy::h1::Engine::new(gateway(), proxy, linger, config.server.threads)
+        let app = crate::proxy::h1::Engine::new(gateway, linger, config.server.threads)
             .with_h2c(h2c)
             .with_limits(limits.clone());
         let name = if h2c { "podgate (h2c)" } else { "podgate" };

@@ -1,17 +1,24 @@
-//! The proxy layer: what the HTTP/1.1 path (`h1/`), the h2 path (`h2/`) and Pingora's `ProxyHttp`
-//! (`pingora.rs`: h2 streams without a route, CONNECT, gRPC to http1 upstreams) share: the route
-//! table's targets, the access log line and the error answers.
-//! Routing (`routing.rs`) turns a request into a route; the paths pick a Pod from the route's
-//! upstream (`crate::upstream`) and relay.
+//! The proxy layer: the request pipeline (`pipeline/`: route, policies, pick, attempts and
+//! retries, answer, record — what the gateway decides for every request, written once) and the
+//! codecs at its edges: HTTP/1.1 (`h1/`: client connections, and HTTP/1.1 toward Pods) and h2
+//! (`h2/`: client connections and streams, h2/h2c toward Pods, gRPC's rules). `routing.rs`
+//! turns a host, path and method into a route; this file holds what the layer shares: the route
+//! table's targets, the access log line and the error bodies.
+//!
+//! Every request of every protocol goes through the pipeline; nothing is left to Pingora's
+//! `ProxyHttp`: h2 streams without a route and CONNECT are answered by the pipeline (404/405,
+//! the gRPC way for gRPC calls), and gRPC calls to an `http1` upstream go to its Pods through the
+//! HTTP/1.1 Pod codec. Pingora still accepts connections, terminates TLS and parses h2 frames.
 //!
 //! Error answers are small JSON bodies with a fixed text per status; nothing about Pods, addresses
 //! or internal errors reaches the client (they go to the log).
 
 pub mod h1;
 pub mod h2;
-pub mod pingora;
+pub(crate) mod pipeline;
 pub mod routing;
 
+use crate::policies::Policies;
 use crate::telemetry::access_log::{self, AccessLog};
 use crate::telemetry::metrics::{self, RouteMetrics};
 use crate::upstream::balance::Backend;
@@ -21,30 +28,11 @@ use routing::{Route, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// What consistent hashing reads from a request on the `http`-typed paths (Pingora's, and the
-/// hyper engine's): the client's header fields and path, and the client's address.
-pub struct HashParts<'a> {
-    pub headers: &'a http::HeaderMap,
-    pub path: &'a str,
-    pub client: Option<std::net::IpAddr>,
-}
-
-impl crate::upstream::policy::RequestParts for HashParts<'_> {
-    fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
-        self.headers.get_all(name).iter().map(|v| v.as_bytes())
-    }
-    fn client_ip(&self) -> Option<std::net::IpAddr> {
-        self.client
-    }
-    fn path(&self) -> &str {
-        self.path
-    }
-}
-
-/// Where a route sends requests, with its metric handles resolved once.
+/// Where a route sends requests, with its metric handles resolved once and its policies.
 pub struct Target {
     pub upstream: Arc<Upstream>,
     pub metrics: RouteMetrics,
+    pub policies: Policies,
 }
 
 pub type GatewayRoute = Route<Target>;
@@ -84,6 +72,8 @@ pub struct LogFields<'a> {
     pub retries: usize,
     /// The call's `grpc-status`, for gRPC calls that ended with one.
     pub grpc_status: Option<&'a str>,
+    /// The consumer the route's policies authenticated the request as.
+    pub consumer: Option<&'a str>,
 }
 
 /// One access log line, JSON.
@@ -106,6 +96,7 @@ pub fn access_line(f: &LogFields) -> Vec<u8> {
         "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
         "retries": f.retries,
         "grpc_status": f.grpc_status,
+        "consumer": f.consumer,
     });
     serde_json::to_vec(&line).unwrap_or_default()
 }

@@ -10,8 +10,10 @@
 //! same way, and to h2/h2c Pods (gRPC) over `upstream/h2_pool.rs`.
 //!
 //! Files: `head.rs` parses heads and decides body lengths (pure, fuzzed); `body.rs` decodes and
-//! re-frames bodies; `exchange.rs` serves one request (route, Pod, answer); `pool.rs` holds Pod
-//! connections; `spread.rs` evens connections over threads.
+//! re-frames bodies; `rewrite.rs` writes heads (pure); `client.rs` is the client side of one
+//! request for the pipeline (`proxy/pipeline/`), `pod.rs` the HTTP/1.1 Pod side for every
+//! client protocol; `sniff.rs` tells h2c from HTTP/1.x; `spread.rs` evens connections over
+//! threads; `client_io.rs` is the client's transport.
 //!
 //! Limits toward clients follow nginx: the whole request head must arrive within
 //! `server.client_header_timeout` (nginx `client_header_timeout`), each read of a body within
@@ -22,15 +24,15 @@
 //! `server.header_memory`, beyond which a connection asking for more is answered 503 and closed.
 
 pub mod body;
+mod client;
 mod client_io;
-pub(crate) mod exchange;
 pub mod head;
+pub(crate) mod pod;
 #[cfg(test)]
 mod props;
 pub(crate) mod rewrite;
 pub mod sniff;
 pub mod spread;
-mod to_h2;
 
 use crate::config::ServerSettings;
 use crate::proxy::{error_json, Gateway};
@@ -39,7 +41,7 @@ use bytes::BytesMut;
 use client_io::ClientIo;
 use head::{parse_request, Request};
 use http::Method;
-use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use std::net::SocketAddr;
@@ -119,20 +121,9 @@ impl HeadMemory {
     }
 }
 
-/// How one request went, for metrics and the access log.
-pub(super) struct Outcome<'r> {
-    pub(super) route: Option<&'r std::sync::Arc<crate::proxy::GatewayRoute>>,
-    pub(super) backend: Option<crate::upstream::balance::Backend>,
-    pub(super) status: u16,
-    pub(super) bytes: u64,
-    pub(super) first_byte: Option<std::time::Duration>,
-    pub(super) retries: usize,
-}
-
 /// The proxy application of a listener: HTTP/1.1 here, h2 in `proxy/h2/serve.rs`.
-pub struct Engine<F> {
+pub struct Engine {
     gateway: Gateway,
-    h2: Arc<F>,
     /// How long idle connections stay open once the listeners closed (see `server.rs`).
     linger: Duration,
     /// Evens out connections over the request threads.
@@ -142,12 +133,11 @@ pub struct Engine<F> {
     h2c: bool,
 }
 
-impl<F> Engine<F> {
+impl Engine {
     /// The application of a listening service running `threads` request threads.
-    pub fn new(gateway: Gateway, h2: F, linger: Duration, threads: usize) -> Self {
+    pub fn new(gateway: Gateway, linger: Duration, threads: usize) -> Self {
         Engine {
             gateway,
-            h2: Arc::new(h2),
             linger,
             spread: spread::Spread::new(threads),
             limits: Limits::default(),
@@ -163,7 +153,7 @@ impl<F> Engine<F> {
 }
 
 #[async_trait]
-impl<F: HttpServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
+impl ServerApp for Engine {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         if self.h2c {
             match sniff::sniff(&io, self.limits.header_timeout).await {
@@ -214,25 +204,17 @@ impl<F: HttpServerApp + Send + Sync + 'static> ServerApp for Engine<F> {
     }
 
     async fn cleanup(&self) {
-        // Pingora drops h2 connections waiting for a request at once; give those accepted an
-        // instant before the listeners closed the same time as HTTP/1.1 ones get.
+        // Give connections accepted an instant before the listeners closed the same time to
+        // send their first request as idle ones get (see `server.rs`).
         tokio::time::sleep(self.linger).await;
-        self.h2.cleanup().await;
     }
 }
 
-impl<F: HttpServerApp + Send + Sync + 'static> Engine<F> {
-    /// An h2 connection: streams to HTTP/1.1 Pods are served in its task, the others by
-    /// Pingora's proxy (`proxy/h2/serve.rs`).
+impl Engine {
+    /// An h2 connection: its streams are served in its task (`proxy/h2/serve.rs`).
     async fn serve_h2(&self, io: Stream, shutdown: &ShutdownWatch) {
-        crate::proxy::h2::serve::connection(
-            &self.gateway,
-            &self.h2,
-            io,
-            shutdown,
-            self.limits.body_timeout,
-        )
-        .await
+        crate::proxy::h2::serve::connection(&self.gateway, io, shutdown, self.limits.body_timeout)
+            .await
     }
 }
 
@@ -319,7 +301,7 @@ fn error_answer(
     out.into_bytes()
 }
 
-impl<F> Engine<F> {
+impl Engine {
     async fn serve(
         &self,
         io: ClientIo,
@@ -351,9 +333,7 @@ impl<F> Engine<F> {
                     };
                     let answer = error_answer(status, None, false, false, &id);
                     let _ = client.send(&answer, self.limits.body_timeout).await;
-                    self.gateway
-                        .unmatched
-                        .observe(status, Duration::from_millis(0));
+                    crate::proxy::pipeline::record::refused(&self.gateway, status, Instant::now());
                     break;
                 }
             };

@@ -1,27 +1,14 @@
-//! The heads podgate writes on the HTTP/1.1 path: the request head sent to a Pod (the client's
-//! fields minus hop-by-hop and framing ones, then Host, the forwarding fields and podgate's own
-//! framing) and the answer head sent back (the Pod's fields, framing decided here). Pure
-//! functions over parsed heads; `exchange.rs` does the I/O.
+//! The heads podgate writes in HTTP/1.1: the request head for a Pod (from the pipeline's
+//! [`Forward`]: the client's fields that pass, a policy's additions, then Host, the forwarding
+//! fields, `X-Request-Id` and podgate's own framing) and the answer head for a client (the
+//! Pod's fields that pass, framing decided here). Pure functions over parsed heads; `pod.rs` and
+//! `client.rs` do the I/O.
 
-use super::body::{Chunked, Framing, Out};
-use super::head::{BodyLength, HeadInfo, Request, Response};
-use super::Client;
-use crate::proxy::GatewayRoute;
-
-/// The request as routed.
-pub(super) struct RequestCtx<'a> {
-    pub(super) req: &'a Request,
-    pub(super) info: &'a HeadInfo<'a>,
-    pub(super) request_id: &'a str,
-    /// The `Host` to send on when no `host_header` replaces it: the client's `Host`, or the
-    /// authority of an absolute-form target (RFC 9112 §3.2.2).
-    pub(super) host_raw: &'a [u8],
-    pub(super) path_and_query: &'a str,
-    pub(super) head_only: bool,
-    /// Whether the client sent a Content-Length (passed on even when 0).
-    pub(super) has_length: bool,
-    pub(super) upgrading: bool,
-}
+use super::body::write_trailers;
+use crate::policies::Fields;
+use crate::proxy::pipeline::request::Forward;
+use crate::proxy::pipeline::request::{answer_fields, removed_from_answers};
+use crate::proxy::pipeline::sides::{AnswerHead, AnswerOut, Declared, Length, Trailers};
 
 /// Where a request target points.
 pub(super) struct Target<'a> {
@@ -53,66 +40,100 @@ pub(super) fn target(raw: &str) -> Option<Target<'_>> {
     })
 }
 
-/// The head sent to the Pod: the client's fields minus hop-by-hop and framing ones, then
-/// `Host`, the forwarding fields, and the body's framing as podgate decided it.
-pub(super) fn upstream_head(
-    ctx: &RequestCtx,
-    route: &GatewayRoute,
-    c: &Client,
-    framing: &Framing,
-    buffered: usize,
-) -> Vec<u8> {
-    let req = ctx.req;
-    let conf = &route.upstream.upstream.conf;
-    let mut out = Vec::with_capacity(req.raw.len() + 160);
-    out.extend_from_slice(req.method.as_str().as_bytes());
+/// How the request body is framed toward the Pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyOut {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The head sent to an HTTP/1.1 Pod. `Err` for a request that cannot be written as HTTP/1.1
+/// without ambiguity (h2 clients: a `:path` byte a request line cannot carry; a field value with
+/// CR, LF or NUL, which the `http` types already refuse, checked again here since a line break
+/// would be a second header, or request, to the Pod).
+pub(crate) fn request_head(fwd: &Forward<'_>, body: BodyOut) -> Result<Vec<u8>, &'static str> {
+    let path = fwd.path.as_bytes();
+    if path.is_empty() || !path.iter().all(|b| (0x21..0x7f).contains(b)) {
+        return Err("a byte in the path that has no place in a request line");
+    }
+    let mut out = match fwd.fields {
+        Fields::Lines { raw, .. } => Vec::with_capacity(raw.len() + 192),
+        Fields::Map(m) => Vec::with_capacity(256 + m.len() * 32),
+    };
+    out.extend_from_slice(fwd.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(route.upstream_path(ctx.path_and_query).as_bytes());
+    out.extend_from_slice(path);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
-        if !ctx.info.drops(name, ctx.upgrading) {
-            push_header(&mut out, name, value);
+    match fwd.fields {
+        Fields::Lines { raw, ranges } => {
+            for (n, v) in ranges {
+                let (Some(name), Some(value)) = (raw.get(n.clone()), raw.get(v.clone())) else {
+                    continue;
+                };
+                if fwd.passes(name) {
+                    push_header(&mut out, name, value);
+                }
+            }
+        }
+        Fields::Map(map) => {
+            let mut cookies = 0usize;
+            for (name, value) in map {
+                let value = value.as_bytes();
+                if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                    return Err("CR, LF or NUL in a field value");
+                }
+                if name == http::header::COOKIE {
+                    cookies += 1;
+                } else if fwd.passes(name.as_str().as_bytes()) {
+                    push_header(&mut out, name.as_str().as_bytes(), value);
+                }
+            }
+            if cookies > 0 && fwd.passes(b"cookie") {
+                // h2 may split a cookie into one field per crumb; HTTP/1.1 wants one line
+                // (RFC 9113 §8.2.3).
+                out.extend_from_slice(b"cookie: ");
+                for (i, v) in map.get_all(http::header::COOKIE).iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b"; ");
+                    }
+                    out.extend_from_slice(v.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
         }
     }
-    match &conf.host_header {
-        Some(h) => push_header(&mut out, b"host", h.as_bytes()),
-        None if !ctx.host_raw.is_empty() => push_header(&mut out, b"host", ctx.host_raw),
-        None => {}
+    for (name, value) in fwd.added() {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some(ip) = c.addr.map(|a| a.ip()) {
-        // Appended, as nginx's $proxy_add_x_forwarded_for does, so earlier hops stay visible.
-        out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(prev) = ctx.info.forwarded_for.filter(|p| !p.is_empty()) {
-            out.extend_from_slice(prev);
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(ip.to_string().as_bytes());
+    if !fwd.host.is_empty() {
+        push_header(&mut out, b"host", fwd.host);
+    }
+    // Appended, as nginx's $proxy_add_x_forwarded_for does, so earlier hops stay visible.
+    let before = out.len();
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if fwd.write_forwarded_for(&mut out) {
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.truncate(before);
+    }
+    push_header(&mut out, b"x-forwarded-proto", fwd.proto);
+    if !fwd.forwarded_host.is_empty() {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend(fwd.forwarded_host.iter().map(u8::to_ascii_lowercase));
         out.extend_from_slice(b"\r\n");
     }
-    let proto: &[u8] = if c.tls { b"https" } else { b"http" };
-    push_header(&mut out, b"x-forwarded-proto", proto);
-    if !ctx.host_raw.is_empty() {
-        // As the client sent it, port included (nginx's $http_host), in lowercase.
-        push_header(
-            &mut out,
-            b"x-forwarded-host",
-            &ctx.host_raw.to_ascii_lowercase(),
-        );
+    push_header(&mut out, b"x-request-id", fwd.request_id.as_bytes());
+    match body {
+        BodyOut::Chunked => push_header(&mut out, b"transfer-encoding", b"chunked"),
+        BodyOut::Length(n) => push_length(&mut out, n),
+        BodyOut::None => {}
     }
-    push_header(&mut out, b"x-request-id", ctx.request_id.as_bytes());
-    match framing {
-        Framing::Chunked(_) => push_header(&mut out, b"transfer-encoding", b"chunked"),
-        Framing::Length(n) => push_header(&mut out, b"content-length", n.to_string().as_bytes()),
-        _ if buffered > 0 || ctx.has_length => {
-            push_header(&mut out, b"content-length", buffered.to_string().as_bytes())
-        }
-        _ => {}
-    }
-    if ctx.upgrading {
+    if fwd.upgrade {
         push_header(&mut out, b"connection", b"upgrade");
     }
     out.extend_from_slice(b"\r\n");
-    out
+    Ok(out)
 }
 
 pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -122,117 +143,150 @@ pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Reads a response head from the Pod, within `timeout` for each read. A head that does not
-/// parse is `InvalidData`.
-/// What the head sent to the client says of the body.
+fn push_length(out: &mut Vec<u8>, n: u64) {
+    let _ = std::io::Write::write_fmt(out, format_args!("content-length: {n}\r\n"));
+}
+
+/// How an answer's body is written to an HTTP/1.1 client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Declared {
-    Length(u64),
-    Chunked,
+pub(crate) enum Out {
+    /// No body follows the head.
     Nothing,
+    /// As it comes: a `content-length` body, or one that the end of the connection ends.
+    Raw,
+    /// podgate's chunks.
+    Chunked,
 }
 
-/// How an answer's body travels to the client.
+/// The answer head for a client, and how its body goes.
 pub(crate) struct AnswerFraming {
-    /// How the Pod's body is read.
-    pub(crate) framing: Framing,
-    /// How a chunked body is written on.
-    pub(crate) how: Out,
-    /// What the head sent to the client says of the body.
-    pub(crate) declared: Declared,
-    /// Only the end of the connection ends the body for the client.
-    pub(crate) ends_with_close: bool,
+    pub(crate) head: Vec<u8>,
+    pub(crate) out: Out,
+    /// The connection may carry another request after this answer.
+    pub(crate) keep: bool,
 }
 
-/// Decides the framing of an answer with `status` and the Pod's `length`, to a request that
-/// was `head_only` from a client speaking HTTP/1.`minor`.
-pub(crate) fn answer_framing(
-    status: u16,
-    length: BodyLength,
-    head_only: bool,
+/// The head sent to an HTTP/1.`minor` client for `answer`, to a request that was `head_only`;
+/// `keep`: whether the connection may carry another request as far as the request is concerned.
+pub(crate) fn answer_head<A: AnswerHead>(
+    answer: &A,
+    out: &AnswerOut<'_>,
     minor: u8,
+    head_only: bool,
+    keep: bool,
 ) -> AnswerFraming {
-    let no_body = head_only || status == 101 || status == 204 || status == 304;
-    let framing = match length {
-        _ if no_body => Framing::Empty,
-        BodyLength::Chunked => Framing::Chunked(Chunked::default()),
-        BodyLength::Length(n) => Framing::Length(n),
-        BodyLength::None => Framing::UntilClose,
-    };
-    // An HTTP/1.0 client cannot read chunks: it gets the data, ended by the close.
-    let how = if minor == 0 { Out::Plain } else { Out::Chunked };
-    let chunked = matches!(framing, Framing::Chunked(_));
-    // What podgate says about the body: its own framing, or for HEAD and 304 the length the
-    // Pod gave (metadata; no body follows).
-    let declared = match (&framing, length) {
-        (Framing::Length(n), _) => Declared::Length(*n),
-        (Framing::Chunked(_), _) if how == Out::Chunked => Declared::Chunked,
-        (Framing::Empty, BodyLength::Length(n)) if head_only || status == 304 => {
-            Declared::Length(n)
+    let status = answer.status();
+    let switching = status == 101;
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(&itoa3(status));
+    head.push(b' ');
+    let reason = answer.reason();
+    if reason.is_empty() {
+        head.extend_from_slice(canonical_reason(status).as_bytes());
+    } else {
+        head.extend_from_slice(reason);
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut has_id = false;
+    answer.each_field(|f| {
+        let name = f.name();
+        if removed_from_answers(out.edits, name) {
+            return;
         }
-        (Framing::Empty, BodyLength::Chunked) if head_only && how == Out::Chunked => {
-            Declared::Chunked
+        has_id |= name.eq_ignore_ascii_case(b"x-request-id");
+        push_header(&mut head, name, f.value());
+    });
+    if !has_id {
+        push_header(&mut head, b"x-request-id", out.request_id.as_bytes());
+    }
+    push_fields(&mut head, &[], out.edits);
+    let no_body_status =
+        head_only || (100..200).contains(&status) || status == 204 || status == 304;
+    let (body, ends_with_close) = match answer.length() {
+        Length::Empty => {
+            match answer.declared() {
+                // HEAD and 304: the length the Pod gave (metadata; no body follows).
+                Declared::Length(n) => push_length(&mut head, n),
+                Declared::Chunked if minor >= 1 => {
+                    push_header(&mut head, b"transfer-encoding", b"chunked")
+                }
+                _ if !no_body_status => push_length(&mut head, 0),
+                _ => {}
+            }
+            (Out::Nothing, false)
         }
-        _ => Declared::Nothing,
+        Length::Known(n) => {
+            push_length(&mut head, n);
+            (Out::Raw, false)
+        }
+        // An HTTP/1.0 client cannot read chunks: it gets the data, ended by the close.
+        Length::Streamed if minor >= 1 => {
+            push_header(&mut head, b"transfer-encoding", b"chunked");
+            (Out::Chunked, false)
+        }
+        Length::Streamed | Length::UntilClose => (Out::Raw, true),
     };
+    let keep = keep && !switching && !ends_with_close;
+    if switching {
+        push_header(&mut head, b"connection", b"upgrade");
+    } else if !keep {
+        push_header(&mut head, b"connection", b"close");
+    } else if minor == 0 {
+        push_header(&mut head, b"connection", b"keep-alive");
+    }
+    head.extend_from_slice(b"\r\n");
     AnswerFraming {
-        ends_with_close: framing == Framing::UntilClose || (chunked && how == Out::Plain),
-        framing,
-        how,
-        declared,
+        head,
+        out: body,
+        keep,
     }
 }
 
-/// The head sent to the client.
-pub(super) fn response_head(
-    resp: &Response,
-    info: &HeadInfo,
-    ctx: &RequestCtx,
-    keep: bool,
-    switching: bool,
-    declared: Declared,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(resp.raw.len() + 96);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa3(resp.status).as_slice());
-    out.push(b' ');
-    let reason = resp.reason();
-    if reason.is_empty() {
-        let canonical = http::StatusCode::from_u16(resp.status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("");
-        out.extend_from_slice(canonical.as_bytes());
-    } else {
-        out.extend_from_slice(reason);
+/// An answer's own fields and a policy's `response_add` (see
+/// [`answer_fields`]).
+pub(crate) fn push_fields(
+    head: &mut Vec<u8>,
+    own: &[(http::HeaderName, http::HeaderValue)],
+    edits: &crate::policies::Edits,
+) {
+    for (name, value) in answer_fields(own, edits) {
+        push_header(head, name.as_str().as_bytes(), value.as_bytes());
     }
-    out.extend_from_slice(b"\r\n");
-    let mut has_id = false;
-    for (name, value) in resp.headers() {
-        if name.eq_ignore_ascii_case(b"x-request-id") {
-            has_id = true;
-        } else if info.drops(name, switching) {
-            continue;
+}
+
+/// Appends `data` as one chunk (nothing for empty data: a zero-size chunk would end the body).
+pub(crate) fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if !data.is_empty() {
+        let _ = std::io::Write::write_fmt(out, format_args!("{:x}\r\n", data.len()));
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends the end of a chunked body: the last chunk and the trailer fields that may go on.
+pub(crate) fn push_last_chunk(out: &mut Vec<u8>, trailers: Option<&Trailers>) {
+    out.extend_from_slice(b"0\r\n");
+    match trailers {
+        Some(Trailers::Lines(lines)) => out.extend_from_slice(lines),
+        Some(Trailers::Map(map)) => {
+            // Through the same check as an HTTP/1.1 Pod's trailer section.
+            let mut section = Vec::new();
+            for (n, v) in map {
+                push_header(&mut section, n.as_str().as_bytes(), v.as_bytes());
+            }
+            write_trailers(&section, out);
         }
-        push_header(&mut out, name, value);
-    }
-    if !has_id {
-        push_header(&mut out, b"x-request-id", ctx.request_id.as_bytes());
-    }
-    match declared {
-        Declared::Length(n) => push_header(&mut out, b"content-length", n.to_string().as_bytes()),
-        Declared::Chunked => push_header(&mut out, b"transfer-encoding", b"chunked"),
-        Declared::Nothing => {}
-    }
-    if switching {
-        push_header(&mut out, b"connection", b"upgrade");
-    } else if !keep {
-        push_header(&mut out, b"connection", b"close");
-    } else if ctx.req.minor == 0 {
-        push_header(&mut out, b"connection", b"keep-alive");
+        None => {}
     }
     out.extend_from_slice(b"\r\n");
-    out
+}
+
+pub(crate) fn canonical_reason(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
 }
 
 fn itoa3(n: u16) -> [u8; 3] {
@@ -244,42 +298,12 @@ fn itoa3(n: u16) -> [u8; 3] {
     ]
 }
 
-/// What consistent hashing reads from a request on this path.
-pub(super) struct HashView<'a> {
-    req: &'a Request,
-    path: &'a str,
-    client: Option<std::net::IpAddr>,
-}
-
-impl crate::upstream::policy::RequestParts for HashView<'_> {
-    fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
-        self.req
-            .headers()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-    fn client_ip(&self) -> Option<std::net::IpAddr> {
-        self.client
-    }
-    fn path(&self) -> &str {
-        self.path
-    }
-}
-
-impl<'a> HashView<'a> {
-    pub(super) fn of(ctx: &RequestCtx<'a>, client: Option<std::net::SocketAddr>) -> Self {
-        HashView {
-            req: ctx.req,
-            path: ctx.path_and_query.split('?').next().unwrap_or("/"),
-            client: client.map(|a| a.ip()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::h1::head::{parse_request, parse_response};
+    use crate::policies::Edits;
+    use crate::proxy::h1::head::parse_response;
+    use crate::proxy::h1::pod::H1Head;
     use bytes::BytesMut;
     use proptest::prelude::*;
 
@@ -299,6 +323,31 @@ mod tests {
             Just(&b"Keep-Alive: 5\r\n"[..]),
         ];
         proptest::collection::vec(line, 0..8).prop_map(|v| v.concat())
+    }
+
+    /// Field names an h2 client may send, the ones the translation treats specially included.
+    fn h2_name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"cookie".to_vec()),
+            Just(b"te".to_vec()),
+            Just(b"host".to_vec()),
+            Just(b"content-length".to_vec()),
+            Just(b"x-forwarded-for".to_vec()),
+            Just(b"x-request-id".to_vec()),
+            Just(b"expect".to_vec()),
+            Just(b"x-a".to_vec()),
+            proptest::collection::vec(any::<u8>(), 1..12),
+        ]
+    }
+
+    fn h2_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"trailers".to_vec()),
+            Just(b"5".to_vec()),
+            Just(b"a=1".to_vec()),
+            Just(b"\tx y\xff".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..16),
+        ]
     }
 
     proptest! {
@@ -321,27 +370,13 @@ mod tests {
             wire.extend_from_slice(b"\r\n");
             let mut buf = BytesMut::from(&wire[..]);
             let resp = parse_response(&mut buf).unwrap().unwrap();
-            let info = HeadInfo::gather(resp.headers());
-            let Ok(length) = info.response_length(resp.minor) else {
+            let Ok(head) = H1Head::new(resp, head_only) else {
                 return Ok(());
             };
-            let method = if head_only { "HEAD" } else { "GET" };
-            let mut rbuf =
-                BytesMut::from(format!("{method} / HTTP/1.{client_minor}\r\nHost: a\r\n\r\n").as_bytes());
-            let req = parse_request(&mut rbuf).unwrap().unwrap();
-            let rinfo = HeadInfo::gather(req.headers());
-            let ctx = RequestCtx {
-                req: &req,
-                info: &rinfo,
-                request_id: "id",
-                host_raw: b"a",
-                path_and_query: "/",
-                head_only,
-                has_length: false,
-                upgrading: false,
-            };
-            let f = answer_framing(status, length, head_only, client_minor);
-            let out = response_head(&resp, &info, &ctx, keep, status == 101, f.declared);
+            let edits = Edits::default();
+            let out = AnswerOut { request_id: "id", edits: &edits };
+            let f = answer_head(&head, &out, client_minor, head_only, keep);
+            let out = f.head;
 
             let mut slots = [httparse::EMPTY_HEADER; 32];
             let mut parsed = httparse::Response::new(&mut slots);
@@ -352,17 +387,90 @@ mod tests {
             if fields.windows(3).any(|w| w == b"x-a") {
                 prop_assert_eq!(named("x-a"), 0, "a field named in Connection went on");
             }
-            match f.declared {
-                Declared::Length(n) => {
-                    let v = parsed.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")).unwrap().value;
-                    let want = n.to_string();
-                    prop_assert_eq!(v, want.as_bytes());
+            let length = |h: &httparse::Header| String::from_utf8_lossy(h.value).into_owned();
+            let cl_value = parsed.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")).map(length);
+            match (head.length(), head.declared()) {
+                (Length::Known(n), _) | (Length::Empty, Declared::Length(n)) => {
+                    prop_assert_eq!(cl_value, Some(n.to_string()));
                 }
-                Declared::Chunked => prop_assert_eq!(te, 1),
-                Declared::Nothing => prop_assert_eq!(cl + te, 0),
+                (Length::Streamed, _) if client_minor >= 1 => prop_assert_eq!(te, 1),
+                (Length::Empty, Declared::Chunked) if client_minor >= 1 => prop_assert_eq!(te, 1),
+                _ => prop_assert!(cl + te == 0 || cl_value.as_deref() == Some("0")),
             }
             if client_minor == 0 {
                 prop_assert_eq!(te, 0, "chunks to an HTTP/1.0 client");
+            }
+            if head.length() == Length::Streamed && client_minor == 0 || head.length() == Length::UntilClose {
+                prop_assert!(!f.keep, "a body only the close ends, on a kept connection");
+            }
+        }
+
+        /// Whatever fields and path an h2 request carries (as far as the `http` types hold
+        /// them), the head podgate writes for an HTTP/1.1 Pod is one complete request head to
+        /// a strict parser, with exactly one Host, one X-Forwarded-For, at most one framing
+        /// field and cookie line, and no hop-by-hop field.
+        #[test]
+        fn heads_for_http1_pods_parse_as_exactly_one_request(
+            path in proptest::collection::vec(any::<u8>(), 0..24),
+            fields in proptest::collection::vec((h2_name(), h2_value()), 0..10),
+            host_header in any::<bool>(),
+            tls in any::<bool>(),
+            length in proptest::option::of(0u64..100),
+        ) {
+            let mut pq = b"/".to_vec();
+            pq.extend_from_slice(&path);
+            let Ok(pq) = std::str::from_utf8(&pq) else {
+                return Ok(());
+            };
+            let mut map = http::HeaderMap::new();
+            for (n, v) in &fields {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(n),
+                    http::HeaderValue::from_bytes(v),
+                ) {
+                    map.append(n, v);
+                }
+            }
+            let edits = Edits::default();
+            let fwd = Forward {
+                method: &http::Method::POST,
+                path: pq.into(),
+                host: if host_header { b"pod.internal" } else { b"a.test:80" },
+                scheme: "http",
+                client_ip: Some([127, 0, 0, 1].into()),
+                forwarded_for: map.get("x-forwarded-for").map(|v| v.as_bytes()),
+                proto: if tls { b"https" } else { b"http" },
+                forwarded_host: b"a.test:80",
+                request_id: "id",
+                fields: Fields::Map(&map),
+                connection_named: &[],
+                upgrade: false,
+                te_trailers: false,
+                edits: &edits,
+            };
+            let body = length.map_or(BodyOut::None, BodyOut::Length);
+            let Ok(head) = request_head(&fwd, body) else {
+                return Ok(());
+            };
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut slots);
+            let parsed = req.parse(&head);
+            prop_assert!(
+                matches!(parsed, Ok(httparse::Status::Complete(n)) if n == head.len()),
+                "{:?}: {}", parsed, String::from_utf8_lossy(&head)
+            );
+            let count = |name: &str| req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+            prop_assert_eq!(count("host"), 1);
+            prop_assert_eq!(count("x-forwarded-for"), 1);
+            prop_assert_eq!(count("x-request-id"), 1);
+            prop_assert!(count("content-length") + count("transfer-encoding") <= 1);
+            prop_assert!(count("cookie") <= 1);
+            for hop_field in ["te", "connection", "keep-alive", "upgrade", "expect", "trailer"] {
+                prop_assert_eq!(count(hop_field), 0, "{} went on", hop_field);
+            }
+            if host_header {
+                let host = req.headers.iter().find(|h| h.name == "host").unwrap();
+                prop_assert_eq!(host.value, b"pod.internal");
             }
         }
     }

@@ -110,9 +110,9 @@ pub async fn sniff(io: &Stream, deadline: Duration) -> Sniffed {
         .unwrap_or(Sniffed::Gone)
 }
 
-impl<F> super::Engine<F> {
+impl super::Engine {
     /// Serves an `h2c: true` listener: each plain connection is sniffed ([`sniff`]) and goes to
-    /// Pingora's proxy (which must have `h2c` on) if it opens with the h2 preface.
+    /// the h2 path (`proxy/h2/serve.rs`) if it opens with the h2 preface.
     pub fn with_h2c(mut self, h2c: bool) -> Self {
         self.h2c = h2c;
         self

@@ -1,8 +1,8 @@
 //! h2 client connections (TLS with ALPN h2, or the h2 preface on `h2c: true` listeners): the
-//! connection's task accepts streams and serves those of routed requests itself, all in that
-//! one task: to HTTP/1.1 Pods by `to_h1.rs`, to h2/h2c Pods (gRPC calls among them) by
-//! `to_h2.rs`. Streams that match no route, CONNECT and gRPC calls routed to an `http1` upstream
-//! go to Pingora's proxy (`proxy/pingora.rs`), one task each.
+//! connection's task accepts streams and serves every one itself, all in that one task, through
+//! the request pipeline (`client.rs` is the stream's side of it; `proxy/pipeline/`), whatever
+//! the Pod speaks. Streams that match no route and CONNECT are answered there too (404, 405;
+//! the gRPC way for gRPC calls), and gRPC calls to an `http1` upstream go to its Pods as HTTP/1.1.
 //!
 //! Why not Pingora's h2 path for everything: measured with `benches/load/h2.sh` (h2load, 32
 //! connections × 10 streams, one pinned worker), Pingora's path ran HTTP/1.1-bound h2 traffic at
@@ -31,17 +31,11 @@
 //! the streams it accepted (and those the client had already sent) until they end, within the
 //! server's grace period.
 
-use super::grpc;
-use super::to_h1::{self, Conn};
-use super::to_h2;
-use crate::config::Protocol;
-use crate::proxy::routing::Match;
+use super::client::{self, Conn};
 use crate::proxy::Gateway;
-use futures::future::{Either, FutureExt};
+use futures::future::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
-use pingora_core::apps::HttpServerApp;
 use pingora_core::protocols::http::v2::server::{handshake, H2Accept, H2Options, HttpSession};
-use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Digest, Stream};
 use pingora_core::server::ShutdownWatch;
 use std::sync::Arc;
@@ -77,17 +71,13 @@ pub fn options() -> H2Options {
     o
 }
 
-/// Serves one h2 client connection until it ends. `app` is Pingora's proxy, which takes the
-/// streams this path does not serve itself.
-pub async fn connection<F>(
+/// Serves one h2 client connection until it ends.
+pub async fn connection(
     gateway: &Gateway,
-    app: &Arc<F>,
     io: Stream,
     shutdown: &ShutdownWatch,
     body_timeout: Duration,
-) where
-    F: HttpServerApp + Send + Sync + 'static,
-{
+) {
     let digest = Arc::new(Digest {
         ssl_digest: io.get_ssl_digest(),
         timing_digest: io.get_timing_digest(),
@@ -147,63 +137,12 @@ pub async fn connection<F>(
                 break;
             }
         };
-        match dispatch(&cx, session) {
-            Dispatch::Here(session, route, host) => {
-                streams.push(Either::Left(to_h1::serve(&cx, session, route, host)))
-            }
-            Dispatch::ToH2(session, route, host) => {
-                // Boxed: its future (3.9 KB) would otherwise set the size of every stream's,
-                // which is moved and allocated once per stream.
-                streams.push(Either::Right(Box::pin(to_h2::serve(
-                    &cx, session, route, host,
-                ))))
-            }
-            Dispatch::Pingora(session) => {
-                let (app, shutdown) = (app.clone(), shutdown.clone());
-                pingora_runtime::current_handle().spawn(async move {
-                    app.process_new_http(ServerSession::new_http2(session), &shutdown)
-                        .await;
-                });
-            }
-            Dispatch::Gone => {}
+        // A stream the client already cancelled (rapid reset) costs nothing more.
+        let mut session = session;
+        if session.idle().now_or_never().is_none() {
+            streams.push(client::serve(&cx, session));
         }
     }
     // The connection failed or closed: what is left of its streams cannot reach the client.
     drop(streams);
-}
-
-/// Where a stream goes.
-enum Dispatch {
-    /// To an HTTP/1.1 Pod, served in the connection's task.
-    Here(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
-    /// To an h2/h2c Pod (gRPC calls among them), served in the connection's task.
-    ToH2(HttpSession, Arc<crate::proxy::GatewayRoute>, String),
-    /// To Pingora's proxy: CONNECT, requests that match no route (answered there, the gRPC
-    /// way for gRPC calls), and gRPC calls routed to an `http1` upstream.
-    Pingora(HttpSession),
-    /// The client reset it before it was looked at.
-    Gone,
-}
-
-fn dispatch(cx: &Conn<'_>, mut session: HttpSession) -> Dispatch {
-    // A stream the client already cancelled (rapid reset) costs nothing more.
-    if session.idle().now_or_never().is_some() {
-        return Dispatch::Gone;
-    }
-    let req = session.req_header();
-    if req.method == http::Method::CONNECT {
-        return Dispatch::Pingora(session);
-    }
-    let grpc = grpc::is_grpc(req.headers.get("content-type").map(|v| v.as_bytes()));
-    let host = crate::proxy::pingora::request_host(req);
-    let router = cx.gateway.router.load();
-    let route = match router.find(&host, req.uri.path(), &req.method) {
-        Match::Found(route) => route.clone(),
-        _ => return Dispatch::Pingora(session),
-    };
-    match route.upstream.upstream.conf.protocol {
-        Protocol::H2 | Protocol::H2c => Dispatch::ToH2(session, route, host),
-        Protocol::Http1 if !grpc => Dispatch::Here(session, route, host),
-        Protocol::Http1 => Dispatch::Pingora(session),
-    }
 }
