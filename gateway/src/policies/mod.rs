@@ -160,17 +160,41 @@ pub enum Verdict {
 
 /// The policies of one route, built from its `policies:` when the config is loaded.
 #[derive(Default, Debug)]
-pub struct Policies {}
+pub struct Policies {
+    /// Unit tests of the pipeline give a route a policy of their own (see
+    /// [`Policies::for_test`]).
+    #[cfg(test)]
+    test: Option<TestPolicy>,
+}
+
+/// A policy written by a test: what it decides about a request.
+#[cfg(test)]
+pub type TestPolicy = fn(&RequestView<'_>, &mut Edits) -> Verdict;
 
 impl Policies {
     /// No policy is set: the pipeline skips [`Policies::on_request`].
     pub fn is_empty(&self) -> bool {
+        #[cfg(test)]
+        if self.test.is_some() {
+            return false;
+        }
         true
     }
 
     /// Decides about one request; fills `edits` for a request that goes on.
     pub async fn on_request(&self, _req: &RequestView<'_>, _edits: &mut Edits) -> Verdict {
+        #[cfg(test)]
+        if let Some(policy) = self.test {
+            return policy(_req, _edits);
+        }
         Verdict::Continue
+    }
+
+    /// Policies that decide as `policy` says: for the pipeline's tests of the hook (the answer
+    /// rendered on every client protocol, the edits on every Pod protocol, `max_body`).
+    #[cfg(test)]
+    pub fn for_test(policy: TestPolicy) -> Self {
+        Policies { test: Some(policy) }
     }
 }
 

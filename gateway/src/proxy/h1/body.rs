@@ -267,6 +267,13 @@ const DROPPED_TRAILERS: [&[u8]; 9] = [
     b"proxy-connection",
 ];
 
+/// Whether a trailer field `name` must not be sent on (framing, routing, connection control).
+pub fn is_dropped_trailer(name: &[u8]) -> bool {
+    DROPPED_TRAILERS
+        .iter()
+        .any(|d| name.eq_ignore_ascii_case(d))
+}
+
 /// Appends the well-formed, allowed fields of a trailer section to `out`, each as
 /// `name: value\r\n`. A line that is not `token ":" OWS field-value OWS` is dropped.
 pub fn write_trailers(section: &[u8], out: &mut Vec<u8>) {

@@ -227,6 +227,7 @@ impl BodySource for H1Client<'_> {
 
 impl ClientSide for H1Client<'_> {
     const DUPLEX: bool = false;
+    const CANCELS: bool = false;
     type Rx<'a>
         = NoBody
     where
@@ -284,13 +285,52 @@ impl ClientSide for H1Client<'_> {
         self.keep &= self.c.send(&head, self.body_timeout).await.is_ok();
     }
 
-    async fn answer_head<A: AnswerHead>(
+    fn answer_head<A: AnswerHead>(
         &mut self,
         answer: &A,
         out: &AnswerOut<'_>,
         first: Bytes,
         end: Option<Option<Trailers>>,
-    ) -> Result<(), ()> {
+    ) -> impl std::future::Future<Output = Result<(), ()>> + Send {
+        // The bytes are made here; only the write is left to the future, which so stays small
+        // (it is part of every request's).
+        let bytes = self.head_bytes(answer, out, first, end);
+        async move {
+            if self.c.send(&bytes, self.body_timeout).await.is_err() {
+                self.keep = false;
+                return Err(());
+            }
+            Ok(())
+        }
+    }
+
+    fn halves(&mut self) -> (NoBody, H1Tx<'_>) {
+        (
+            NoBody,
+            H1Tx {
+                c: self.c,
+                out: self.out,
+                keep: &mut self.keep,
+                pending: None,
+                body_timeout: self.body_timeout,
+            },
+        )
+    }
+
+    async fn tunnel(&mut self, up: pool::Conn) {
+        self.tunnel_to(up).await
+    }
+}
+
+impl H1Client<'_> {
+    /// The head of a Pod's answer, with the first body bytes (see [`ClientSide::answer_head`]).
+    fn head_bytes<A: AnswerHead>(
+        &mut self,
+        answer: &A,
+        out: &AnswerOut<'_>,
+        first: Bytes,
+        end: Option<Option<Trailers>>,
+    ) -> Vec<u8> {
         // A body the Pod answered before reading to its end would be taken for the next request.
         let keep = self.keep && self.framing == Framing::Empty;
         let framed = answer_head(answer, out, self.minor, self.head_only, keep);
@@ -307,27 +347,10 @@ impl ClientSide for H1Client<'_> {
                 }
             }
         }
-        if self.c.send(&bytes, self.body_timeout).await.is_err() {
-            self.keep = false;
-            return Err(());
-        }
-        Ok(())
+        bytes
     }
 
-    fn halves(&mut self) -> (NoBody, H1Tx<'_>) {
-        (
-            NoBody,
-            H1Tx {
-                c: self.c,
-                out: self.out,
-                keep: &mut self.keep,
-                pending: None,
-                body_timeout: self.body_timeout,
-            },
-        )
-    }
-
-    async fn tunnel(&mut self, mut up: pool::Conn) {
+    async fn tunnel_to(&mut self, mut up: pool::Conn) {
         self.keep = false;
         let c = &mut *self.c;
         if !up.buf.is_empty() && c.send(&up.buf, self.body_timeout).await.is_err() {

@@ -78,7 +78,9 @@ impl PodSide for H1Pod {
             });
         }
         if !upload.ended() {
-            stream(upload, client, &mut up, body, conf.read_timeout)
+            // Boxed: only streamed bodies need its state (a future is moved whole into its
+            // caller's, at every request).
+            Box::pin(stream(upload, client, &mut up, body, conf.read_timeout))
                 .await
                 .inspect_err(|f| {
                     if matches!(f, Failure::Upload) {
@@ -91,9 +93,14 @@ impl PodSide for H1Pod {
         };
         // A client that goes away meanwhile ends the wait (and the Pod connection): work for a
         // cancelled h2 stream stops with it (rapid reset against a slow Pod).
-        let read = tokio::select! {
-            r = final_response(&mut up, &conf.name, wait, addr, at.forward.upgrade) => r,
-            () = client.gone() => return Err(Failure::Client(ClientFail::Gone)),
+        let read = final_response(&mut up, &conf.name, wait, addr, at.forward.upgrade);
+        let read = if C::CANCELS {
+            tokio::select! {
+                r = read => r,
+                () = client.gone() => return Err(Failure::Client(ClientFail::Gone)),
+            }
+        } else {
+            read.await
         };
         let bad_answer = |why: &str| {
             log::warn!(

@@ -38,65 +38,132 @@ pub(super) struct Conn<'a> {
 /// came before it).
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// Serves one stream through the pipeline.
-pub(super) async fn serve(cx: &Conn<'_>, mut s: HttpSession) {
-    let start = Instant::now();
-    // The head is taken out of the session (no copy), so that the view of it can live while the
-    // session reads the body and answers.
-    let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
-    let parts: http::request::Parts = std::mem::replace(s.req_header_mut(), empty).into();
-    let fields = || {
-        parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
-    };
-    let info = HeadInfo::gather(fields());
-    let field = |n: &str| parts.headers.get(n).map(|v| v.as_bytes());
-    let grpc_call = grpc::is_grpc(field("content-type"));
-    let content_length = match info.request_length(1) {
-        Ok(BodyLength::Length(n)) => Some(n),
-        Ok(_) => None,
-        Err(r) => {
-            log::debug!("client {:?}: h2 request refused: {}", cx.client, r.why);
-            let mut client = H2Client::new(&mut s, cx, parts.method == http::Method::HEAD);
-            let id = pipeline::request_id(info.request_id);
-            let edits = crate::policies::Edits::default();
-            let local = pipeline::answer::error(400, grpc_call, &[], &id, &edits, true);
-            client.local(&local).await;
-            return pipeline::record::refused(cx.gateway, 400, start);
+/// Serves one stream through the pipeline. (A plain function returning an `async move` block:
+/// an `async fn` would hold its session twice, and the stream's future is moved whole into the
+/// connection's set of streams.)
+// Not an `async fn`, on purpose (see above).
+#[allow(clippy::manual_async_fn)]
+pub(super) fn serve<'a>(
+    cx: &'a Conn<'a>,
+    mut s: HttpSession,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    async move {
+        let start = Instant::now();
+        // The head is taken out of the session (no copy), so that the view of it can live while
+        // the session reads the body and answers.
+        let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
+        let parts: http::request::Parts = std::mem::replace(s.req_header_mut(), empty).into();
+        let head_only = parts.method == http::Method::HEAD;
+        // In a block: `seen` then takes no room in the future while the exchange runs.
+        let incoming = {
+            let seen = match Seen::of(&parts) {
+                Ok(seen) => seen,
+                Err(refused) => {
+                    log::debug!(
+                        "client {:?}: h2 request refused: {}",
+                        cx.client,
+                        refused.why
+                    );
+                    let mut client = H2Client::new(&mut s, cx, head_only);
+                    // Boxed, as the rare case it is (a future is moved whole into its caller's).
+                    return Box::pin(refuse(&mut client, refused, cx, start)).await;
+                }
+            };
+            Incoming {
+                method: &parts.method,
+                authority: match parts.uri.authority() {
+                    Some(a) => a.as_str().as_bytes(),
+                    None => seen.host,
+                },
+                path_and_query: match parts.uri.path_and_query() {
+                    Some(p) => p.as_str(),
+                    None if parts.method == http::Method::CONNECT => "",
+                    None => "/",
+                },
+                fields: Fields::Map(&parts.headers),
+                peer: cx.client,
+                tls: cx.tls,
+                grpc: seen.grpc,
+                grpc_timeout: seen.grpc_timeout.filter(|_| seen.grpc),
+                content_length: seen.content_length,
+                request_id: seen.request_id,
+                forwarded_for: seen.forwarded_for,
+                connection_named: &[],
+                upgrade: false,
+                te_trailers: seen.te_trailers,
+            }
+        };
+        let mut client = H2Client::new(&mut s, cx, head_only);
+        pipeline::exchange(cx.gateway, &incoming, &mut client, start).await;
+    }
+}
+
+/// What the pipeline needs from a stream's fields, in one pass.
+struct Seen<'a> {
+    host: &'a [u8],
+    grpc: bool,
+    grpc_timeout: Option<&'a [u8]>,
+    content_length: Option<u64>,
+    request_id: Option<&'a [u8]>,
+    forwarded_for: Option<&'a [u8]>,
+    te_trailers: bool,
+}
+
+/// A stream refused before the pipeline: its framing cannot be trusted.
+struct Refused<'a> {
+    why: &'static str,
+    request_id: Option<&'a [u8]>,
+    grpc: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn of(parts: &'a http::request::Parts) -> Result<Seen<'a>, Refused<'a>> {
+        let info = HeadInfo::gather(
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        );
+        let (mut grpc, mut grpc_timeout, mut te_trailers) = (false, None, false);
+        for (name, value) in &parts.headers {
+            if name == http::header::CONTENT_TYPE {
+                grpc = grpc::is_grpc(Some(value.as_bytes()));
+            } else if name == http::header::TE {
+                te_trailers = value.as_bytes().eq_ignore_ascii_case(b"trailers");
+            } else if name.as_str() == "grpc-timeout" {
+                grpc_timeout = Some(value.as_bytes());
+            }
         }
-    };
-    let authority = match parts.uri.authority() {
-        Some(a) => a.as_str().as_bytes(),
-        None => info.host.unwrap_or_default(),
-    };
-    let incoming = Incoming {
-        method: &parts.method,
-        authority,
-        path_and_query: match parts.uri.path_and_query() {
-            Some(p) => p.as_str(),
-            None if parts.method == http::Method::CONNECT => "",
-            None => "/",
-        },
-        fields: Fields::Map(&parts.headers),
-        peer: cx.client,
-        tls: cx.tls,
-        grpc: grpc_call,
-        grpc_timeout: if grpc_call {
-            field("grpc-timeout")
-        } else {
-            None
-        },
-        content_length,
-        request_id: info.request_id,
-        forwarded_for: info.forwarded_for,
-        connection_named: &[],
-        upgrade: false,
-        te_trailers: field("te").is_some_and(|v| v.eq_ignore_ascii_case(b"trailers")),
-    };
-    let mut client = H2Client::new(&mut s, cx, parts.method == http::Method::HEAD);
-    pipeline::exchange(cx.gateway, &incoming, &mut client, start).await;
+        let content_length = match info.request_length(1) {
+            Ok(BodyLength::Length(n)) => Some(n),
+            Ok(_) => None,
+            Err(r) => {
+                return Err(Refused {
+                    why: r.why,
+                    request_id: info.request_id,
+                    grpc,
+                })
+            }
+        };
+        Ok(Seen {
+            host: info.host.unwrap_or_default(),
+            grpc,
+            grpc_timeout,
+            content_length,
+            request_id: info.request_id,
+            forwarded_for: info.forwarded_for,
+            te_trailers,
+        })
+    }
+}
+
+/// Answers a refused stream 400 (the gRPC way for gRPC calls).
+async fn refuse(client: &mut H2Client<'_>, r: Refused<'_>, cx: &Conn<'_>, start: Instant) {
+    let id = pipeline::request_id(r.request_id);
+    let edits = crate::policies::Edits::default();
+    let local = pipeline::answer::error(400, r.grpc, &[], &id, &edits, true);
+    client.local(&local).await;
+    pipeline::record::refused(cx.gateway, 400, start);
 }
 
 /// One stream, as the pipeline's client.
@@ -179,6 +246,85 @@ impl BodySource for H2Client<'_> {
     }
 }
 
+/// What is left of writing an answer's head and first bytes once the head went out.
+enum Tail<'a> {
+    Done(Result<(), ()>),
+    /// The whole body, to send as the window allows.
+    Last(h2::SendStream<Bytes>, Bytes),
+    /// The first bytes (queued), then these trailers.
+    Trailers(&'a mut Outgoing, Trailers),
+}
+
+impl H2Client<'_> {
+    /// Writes the head of a Pod's answer (see [`ClientSide::answer_head`]).
+    fn write_head<A: AnswerHead>(
+        &mut self,
+        answer: &A,
+        out: &AnswerOut<'_>,
+        first: Bytes,
+        end: Option<Option<Trailers>>,
+    ) -> Tail<'_> {
+        let Ok(mut resp) = ResponseHeader::build_no_case(answer.status(), Some(16)) else {
+            return Tail::Done(Err(()));
+        };
+        let mut has_id = false;
+        answer.each_field(|f| {
+            if removed_from_answers(out.edits, f.name()) {
+                return;
+            }
+            let Some((name, value)) = f.to_pair() else {
+                return;
+            };
+            has_id |= name == X_REQUEST_ID;
+            let value = crate::proxy::unindexed_id(name.as_str().as_bytes(), value);
+            let _ = resp.append_header(name, value);
+        });
+        if let (false, Some(id)) = (has_id, crate::proxy::request_id_value(out.request_id)) {
+            let _ = resp.append_header(X_REQUEST_ID, id);
+        }
+        for (name, value) in answer_fields(&[], out.edits) {
+            let _ = resp.append_header(name.clone(), value.clone());
+        }
+        let length = answer.length();
+        match (length, answer.declared()) {
+            (Length::Known(n), _) | (Length::Empty, Declared::Length(n)) => {
+                let _ = resp.insert_header(http::header::CONTENT_LENGTH, n);
+            }
+            _ => {}
+        }
+        let no_body = length == Length::Empty || self.head_only;
+        let (trailers, at_end) = match end {
+            Some(t) => (t, true),
+            None => (None, false),
+        };
+        let ended_at_once = no_body || (at_end && first.is_empty() && trailers.is_none());
+        if self
+            .s
+            .write_response_header(Box::new(resp), ended_at_once)
+            .is_err()
+        {
+            return Tail::Done(Err(()));
+        }
+        if ended_at_once {
+            return Tail::Done(Ok(()));
+        }
+        let Some(w) = self.s.take_response_body_writer() else {
+            return Tail::Done(Err(()));
+        };
+        if at_end && trailers.is_none() {
+            return Tail::Last(w, first);
+        }
+        let out = self.writer.insert(Outgoing::new(w, first, false, false));
+        match trailers {
+            Some(t) => Tail::Trailers(out, t),
+            None => Tail::Done(Ok(())),
+        }
+    }
+}
+
+/// `x-request-id`, parsed once (a field named by a string is parsed at every use).
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// The body of a stream whose answer started.
 pub(super) struct H2Rx<'a> {
     s: &'a mut HttpSession,
@@ -194,6 +340,7 @@ impl BodySource for H2Rx<'_> {
 
 impl ClientSide for H2Client<'_> {
     const DUPLEX: bool = true;
+    const CANCELS: bool = true;
     type Rx<'a>
         = H2Rx<'a>
     where
@@ -297,70 +444,35 @@ impl ClientSide for H2Client<'_> {
         self.drain().await;
     }
 
-    async fn answer_head<A: AnswerHead>(
+    fn answer_head<A: AnswerHead>(
         &mut self,
         answer: &A,
         out: &AnswerOut<'_>,
         first: Bytes,
         end: Option<Option<Trailers>>,
-    ) -> Result<(), ()> {
-        let mut resp = ResponseHeader::build_no_case(answer.status(), Some(16)).map_err(|_| ())?;
-        let mut has_id = false;
-        answer.each_field(|f| {
-            if removed_from_answers(out.edits, f.name()) {
-                return;
-            }
-            let Some((name, value)) = f.to_pair() else {
-                return;
-            };
-            has_id |= name.as_str() == "x-request-id";
-            let value = crate::proxy::unindexed_id(name.as_str().as_bytes(), value);
-            let _ = resp.append_header(name, value);
-        });
-        if let (false, Some(id)) = (has_id, crate::proxy::request_id_value(out.request_id)) {
-            let _ = resp.append_header("x-request-id", id);
-        }
-        for (name, value) in answer_fields(&[], out.edits) {
-            let _ = resp.append_header(name.clone(), value.clone());
-        }
-        let length = answer.length();
-        match (length, answer.declared()) {
-            (Length::Known(n), _) | (Length::Empty, Declared::Length(n)) => {
-                let _ = resp.insert_header(http::header::CONTENT_LENGTH, n);
-            }
-            _ => {}
-        }
-        let no_body = length == Length::Empty || self.head_only;
-        let (trailers, at_end) = match end {
-            Some(t) => (t, true),
-            None => (None, false),
-        };
-        let ended_at_once = no_body || (at_end && first.is_empty() && trailers.is_none());
-        self.s
-            .write_response_header(Box::new(resp), ended_at_once)
-            .map_err(|_| ())?;
-        if ended_at_once {
-            return Ok(());
-        }
-        let mut w = self.s.take_response_body_writer().ok_or(())?;
-        if at_end && trailers.is_none() {
-            return send_last(&mut w, first, self.body_timeout)
-                .await
-                .then_some(())
-                .ok_or(());
-        }
-        let mut out = Outgoing::new(w, first, false, false);
-        if let Some(t) = trailers {
-            while out.holds_bytes() {
-                tokio::time::timeout(self.body_timeout, out.push())
+    ) -> impl std::future::Future<Output = Result<(), ()>> + Send {
+        // The head is written here, synchronously; only what waits for the client's window is
+        // left to the future, which so stays small (it is part of every stream's).
+        let body_timeout = self.body_timeout;
+        let tail = self.write_head(answer, out, first, end);
+        async move {
+            match tail {
+                Tail::Done(r) => r,
+                Tail::Last(mut w, data) => send_last(&mut w, data, body_timeout)
                     .await
-                    .map_err(|_| ())?
-                    .map_err(|_| ())?;
+                    .then_some(())
+                    .ok_or(()),
+                Tail::Trailers(out, t) => {
+                    while out.holds_bytes() {
+                        tokio::time::timeout(body_timeout, out.push())
+                            .await
+                            .map_err(|_| ())?
+                            .map_err(|_| ())?;
+                    }
+                    out.finish(Some(H2Client::trailers_map(t))).map_err(|_| ())
+                }
             }
-            out.finish(Some(Self::trailers_map(t))).map_err(|_| ())?;
         }
-        self.writer = Some(out);
-        Ok(())
     }
 
     fn halves(&mut self) -> (H2Rx<'_>, H2Tx<'_>) {

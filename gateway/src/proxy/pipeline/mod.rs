@@ -73,7 +73,7 @@ async fn exchange_inner<C: ClientSide>(
     let host = normalize_host(std::str::from_utf8(inc.authority).unwrap_or(""));
     let path = inc.path_and_query.split('?').next().unwrap_or("");
     let mut rec = Record::new(start);
-    let mut edits = Edits::default();
+    let mut edits = None;
     let route = serve(
         gw,
         inc,
@@ -113,11 +113,11 @@ async fn serve<C: ClientSide>(
     host: &str,
     path: &str,
     rec: &mut Record,
-    edits: &mut Edits,
+    own_edits: &mut Option<Box<Edits>>,
 ) -> Option<Arc<GatewayRoute>> {
     if *inc.method == http::Method::CONNECT {
         // podgate tunnels nothing but upgrades (nginx answers CONNECT 405 too).
-        let local = answer::error(405, inc.grpc, &[], request_id, edits, true);
+        let local = answer::error(405, inc.grpc, &[], request_id, &NO_EDITS, true);
         answer_local(client, rec, &local).await;
         return None;
     }
@@ -129,14 +129,14 @@ async fn serve<C: ClientSide>(
     let route = match found {
         Ok(route) => route,
         Err((status, fields)) => {
-            let local = answer::error(status, inc.grpc, &fields, request_id, edits, false);
+            let local = answer::error(status, inc.grpc, &fields, request_id, &NO_EDITS, false);
             answer_local(client, rec, &local).await;
             return None;
         }
     };
     let target = &route.upstream;
     let ip = inc.peer.map(|a| a.ip());
-    let view = RequestView {
+    let hashed = Hashed(RequestView {
         method: inc.method,
         host,
         path_and_query: inc.path_and_query,
@@ -146,10 +146,14 @@ async fn serve<C: ClientSide>(
         tls: inc.tls,
         grpc: inc.grpc,
         content_length: inc.content_length,
-    };
+    });
+    let mut edits: &Edits = &NO_EDITS;
     if !target.policies.is_empty() {
+        // Boxed: only requests of routes with policies have edits.
+        let own = &mut **own_edits.insert(Box::default());
         // Boxed: a policy's state is only held by requests of routes that have policies.
-        let verdict = Box::pin(target.policies.on_request(&view, edits)).await;
+        let verdict = Box::pin(target.policies.on_request(&hashed.0, own)).await;
+        edits = own;
         rec.consumer = edits.consumer.clone();
         if let Verdict::Answer(a) = verdict {
             let local = answer::from_policy(&a, inc.grpc, request_id, edits);
@@ -171,7 +175,7 @@ async fn serve<C: ClientSide>(
     }
     let at = Run {
         inc,
-        view: Hashed(view),
+        view: &hashed,
         route: &route,
         edits,
         request_id,
@@ -183,6 +187,17 @@ async fn serve<C: ClientSide>(
     Some(route)
 }
 
+/// Edits of a route without policies (no allocation, nothing to drop).
+static NO_EDITS: Edits = Edits {
+    remove: Vec::new(),
+    add: Vec::new(),
+    path: None,
+    consumer: None,
+    response_remove: Vec::new(),
+    response_add: Vec::new(),
+    max_body: None,
+};
+
 /// Sends an answer podgate made itself and notes it in the record.
 async fn answer_local<C: ClientSide>(client: &mut C, rec: &mut Record, local: &Local<'_>) {
     match local.grpc {
@@ -192,13 +207,15 @@ async fn answer_local<C: ClientSide>(client: &mut C, rec: &mut Record, local: &L
         }
         None => rec.status = local.status,
     }
-    client.local(local).await;
+    // Boxed: the answer's state is only held by the requests podgate answers itself; inline, it
+    // would add to every request's (a future is moved whole into its caller's).
+    Box::pin(client.local(local)).await;
 }
 
 /// A routed request on its way to the upstream's Pods.
 struct Run<'a> {
     inc: &'a Incoming<'a>,
-    view: Hashed<'a>,
+    view: &'a Hashed<'a>,
     route: &'a GatewayRoute,
     edits: &'a Edits,
     request_id: &'a str,
@@ -259,7 +276,7 @@ impl Run<'_> {
                 return self.client_failed(f, client, rec).await;
             }
         }
-        let key = upstream.hash_key(&self.view);
+        let key = upstream.hash_key(self.view);
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
         let mut last_failure = 503;
         loop {
@@ -287,10 +304,20 @@ impl Run<'_> {
                         let took = started.elapsed();
                         rec.first_byte = Some(took);
                         upstream.metrics.first_byte.observe(took.as_secs_f64());
+                        upstream.record(&backend, answer.status() < 500);
                         rec.backend = Some(backend.clone());
-                        return self
-                            .answered(client, answer, first, &backend, &mut upload, rec)
+                        let answered = self
+                            .answered(client, &mut answer, first, &mut upload, rec)
                             .await;
+                        return match answered {
+                            Answered::Done => answer.finish(true),
+                            Answered::Broken => answer.finish(false),
+                            Answered::Upgraded => {
+                                if let Some(pod) = answer.into_tunnel() {
+                                    Box::pin(client.tunnel(pod)).await;
+                                }
+                            }
+                        };
                     }
                     Err(()) => {
                         answer.finish(false);
@@ -324,53 +351,65 @@ impl Run<'_> {
         }
     }
 
-    /// A Pod answered: its head, then its body, go to the client.
-    async fn answered<C: ClientSide, A: PodAnswer>(
-        &self,
-        client: &mut C,
-        mut answer: A,
+    /// A Pod answered: its head, then its body, go to the client. (A plain function returning
+    /// an `async move` block: an `async fn` would keep a second copy of its arguments in its
+    /// state, and a future is moved whole into its caller's.)
+    fn answered<'s, C: ClientSide, A: PodAnswer>(
+        &'s self,
+        client: &'s mut C,
+        answer: &'s mut A,
         (first, end): (bytes::Bytes, Option<Option<Trailers>>),
-        backend: &crate::upstream::balance::Backend,
-        upload: &mut Upload,
-        rec: &mut Record,
-    ) {
-        let upstream = &self.route.upstream.upstream;
-        let status = answer.status();
-        upstream.record(backend, status < 500);
-        rec.status = status;
-        if self.inc.grpc {
-            // A Trailers-Only answer carries its status in the head.
-            if let Some(v) = answer.field("grpc-status") {
-                rec.grpc_status = Some(grpc::status_index(v));
+        upload: &'s mut Upload,
+        rec: &'s mut Record,
+    ) -> impl std::future::Future<Output = Answered> + Send + 's {
+        async move {
+            let status = answer.status();
+            rec.status = status;
+            if self.inc.grpc {
+                // A Trailers-Only answer carries its status in the head.
+                if let Some(v) = answer.field("grpc-status") {
+                    rec.grpc_status = Some(grpc::status_index(v));
+                }
+                if let Some(v) = end.as_ref().and_then(|t| t.as_ref()?.get("grpc-status")) {
+                    rec.grpc_status = Some(grpc::status_index(v));
+                }
             }
-            if let Some(v) = end.as_ref().and_then(|t| t.as_ref()?.get("grpc-status")) {
-                rec.grpc_status = Some(grpc::status_index(v));
+            let out = AnswerOut {
+                request_id: self.request_id,
+                edits: self.edits,
+            };
+            rec.bytes = first.len() as u64;
+            let ended = end.is_some();
+            if client
+                .answer_head(&*answer, &out, first, end)
+                .await
+                .is_err()
+            {
+                answer.cancel();
+                return Answered::Broken;
             }
-        }
-        let out = AnswerOut {
-            request_id: self.request_id,
-            edits: self.edits,
-        };
-        rec.bytes = first.len() as u64;
-        let ended = end.is_some();
-        if client.answer_head(&answer, &out, first, end).await.is_err() {
-            answer.cancel();
-            return answer.finish(false);
-        }
-        if status == 101 {
-            if let Some(pod) = answer.into_tunnel() {
-                client.tunnel(pod).await;
+            if status == 101 {
+                return Answered::Upgraded;
             }
-            return;
-        }
-        if ended {
-            return answer.finish(true);
-        }
-        match relay::relay(client, &mut answer, upload, rec, self.inc.grpc).await {
-            Relayed::Done => answer.finish(true),
-            Relayed::Broken => answer.finish(false),
+            if ended {
+                return Answered::Done;
+            }
+            // Boxed: only answers that did not come whole with their head need the relay's
+            // state (see `answer_local`).
+            match Box::pin(relay::relay(client, answer, upload, rec, self.inc.grpc)).await {
+                Relayed::Done => Answered::Done,
+                Relayed::Broken => Answered::Broken,
+            }
         }
     }
+}
+
+/// How relaying an answer ended.
+enum Answered {
+    Done,
+    Broken,
+    /// A `101`: the connection becomes a tunnel.
+    Upgraded,
 }
 
 /// What consistent hashing reads from a request, whatever its protocol: the policies' view.

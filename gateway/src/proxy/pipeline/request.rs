@@ -102,6 +102,7 @@ impl<'a> Forward<'a> {
     /// Whether the client's field `name` goes on to the Pod: not hop-by-hop (RFC 9110 §7.6.1,
     /// and whatever its `Connection` named), not framing (the Pod codec writes its own), not one
     /// the pipeline sets, not removed by a policy.
+    #[inline]
     pub(crate) fn passes(&self, name: &[u8]) -> bool {
         !set_here_or_hop(name, self.upgrade)
             && !self
@@ -134,7 +135,26 @@ impl<'a> Forward<'a> {
             out.extend_from_slice(prev);
             out.extend_from_slice(b", ");
         }
-        let _ = std::io::Write::write_fmt(out, format_args!("{ip}"));
+        match ip {
+            // Without `core::fmt` (see `push_decimal`): nearly every client is IPv4.
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    if octet >= 100 {
+                        out.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        out.push(b'0' + octet / 10 % 10);
+                    }
+                    out.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(_) => {
+                let _ = std::io::Write::write_fmt(out, format_args!("{ip}"));
+            }
+        }
         true
     }
 }
@@ -161,11 +181,13 @@ pub(crate) fn set_here_or_hop(name: &[u8], upgrade: bool) -> bool {
 }
 
 /// Whether a policy's `response_remove` drops answer field `name`.
+#[inline]
 pub(crate) fn removed_from_answers(edits: &Edits, name: &[u8]) -> bool {
-    edits
-        .response_remove
-        .iter()
-        .any(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes()))
+    !edits.response_remove.is_empty()
+        && edits
+            .response_remove
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes()))
 }
 
 /// Fields an answer podgate makes or relays gets from a policy (`response_add`), or has of its

@@ -23,6 +23,9 @@ pub(crate) trait ClientSide: BodySource {
     /// The body can be read while the answer is relayed (h2 streams): a duplex Pod then gets
     /// both directions at once (gRPC streaming calls).
     const DUPLEX: bool;
+    /// The client can go away while nothing is read or written (an h2 stream reset), which
+    /// [`ClientSide::gone`] tells; over HTTP/1.1 only the next read or write does.
+    const CANCELS: bool;
     /// The body reader once the answer started (duplex clients only; for the others a reader
     /// that never gives anything).
     type Rx<'a>: BodySource
