@@ -9,8 +9,11 @@
 
 pub mod h1;
 pub mod h2;
+pub mod in_flight;
 pub mod pingora;
 pub mod routing;
+pub mod tls_accept;
+pub mod write_deadline;
 
 use crate::telemetry::access_log::{self, AccessLog};
 use crate::telemetry::metrics::{self, RouteMetrics};
@@ -68,6 +71,37 @@ impl Gateway {
     }
 }
 
+/// Why an exchange ended before its answer was delivered whole: the access log's `ended`.
+pub mod ended {
+    /// A write toward the client made no progress for `server.client_body_timeout`.
+    pub const CLIENT_WRITE_TIMEOUT: &str = "client_write_timeout";
+    /// The client sent no more of its request body for `server.client_body_timeout`.
+    pub const CLIENT_READ_TIMEOUT: &str = "client_read_timeout";
+    /// The client closed (or reset) before the answer was delivered.
+    pub const CLIENT_CLOSED: &str = "client_closed";
+    /// The Pod, in the middle of its answer (or taking the request body), was silent for the
+    /// upstream's `read_timeout`.
+    pub const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+    /// The Pod closed in the middle of its answer, or broke its framing.
+    pub const UPSTREAM_CLOSED: &str = "upstream_closed";
+
+    /// For a write of an answer on an h2 stream (Pingora's `write_body`) that failed.
+    pub fn of_h2_write(e: &pingora_error::Error) -> &'static str {
+        match e.etype() {
+            pingora_error::ErrorType::WriteTimedout => CLIENT_WRITE_TIMEOUT,
+            _ => CLIENT_CLOSED,
+        }
+    }
+
+    /// For a read of a Pod's answer that gave nothing more.
+    pub fn of_pod_read(read: &std::io::Result<usize>) -> &'static str {
+        match read {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => UPSTREAM_TIMEOUT,
+            _ => UPSTREAM_CLOSED,
+        }
+    }
+}
+
 /// What one access log line tells about a request.
 pub struct LogFields<'a> {
     pub request_id: &'a str,
@@ -84,6 +118,9 @@ pub struct LogFields<'a> {
     pub retries: usize,
     /// The call's `grpc-status`, for gRPC calls that ended with one.
     pub grpc_status: Option<&'a str>,
+    /// Why the exchange ended before its answer was delivered whole (`client_write_timeout`,
+    /// ...; README, Access log); `None` when it ended normally.
+    pub ended: Option<&'static str>,
 }
 
 /// One access log line, JSON.
@@ -106,6 +143,7 @@ pub fn access_line(f: &LogFields) -> Vec<u8> {
         "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
         "retries": f.retries,
         "grpc_status": f.grpc_status,
+        "ended": f.ended,
     });
     serde_json::to_vec(&line).unwrap_or_default()
 }

@@ -155,8 +155,22 @@ fn is_tls(session: &Session) -> bool {
         .is_some_and(|d| d.ssl_digest.is_some())
 }
 
+/// The access log's `ended` for an exchange that failed with `e`: the client's side always, a
+/// Pod's only once the answer had begun (before, podgate's own error answer says it).
+fn ended(e: &Error, answer_begun: bool) -> Option<&'static str> {
+    use crate::proxy::ended::*;
+    match (e.esource(), e.etype()) {
+        (ErrorSource::Downstream, ErrorType::WriteTimedout) => Some(CLIENT_WRITE_TIMEOUT),
+        (ErrorSource::Downstream, ErrorType::ReadTimedout) => Some(CLIENT_READ_TIMEOUT),
+        (ErrorSource::Downstream, _) => Some(CLIENT_CLOSED),
+        (ErrorSource::Upstream, ErrorType::ReadTimedout) if answer_begun => Some(UPSTREAM_TIMEOUT),
+        (ErrorSource::Upstream, _) if answer_begun => Some(UPSTREAM_CLOSED),
+        _ => None,
+    }
+}
+
 impl Gateway {
-    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16) -> Vec<u8> {
+    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16, e: Option<&Error>) -> Vec<u8> {
         let req = session.req_header();
         access_line(&LogFields {
             request_id: &ctx.request_id,
@@ -178,6 +192,7 @@ impl Gateway {
             grpc_status: ctx
                 .grpc_status
                 .map(|i| crate::telemetry::metrics::GRPC_STATUS_LABELS[i.min(17)]),
+            ended: e.and_then(|e| ended(e, session.response_written().is_some())),
         })
     }
 }
@@ -461,7 +476,7 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let m = ctx
             .route
@@ -472,7 +487,8 @@ impl ProxyHttp for Gateway {
             m.observe_grpc(i);
         }
         if self.access_log.enabled() {
-            self.access_log.write(self.log_line(session, ctx, status));
+            self.access_log
+                .write(self.log_line(session, ctx, status, e));
         }
     }
 

@@ -11,7 +11,7 @@
 //! What comes from a Pod is checked like what comes from a client: an answer whose framing is
 //! ambiguous (RFC 9112 §6.3) is a 502 and its connection is not reused.
 
-use super::body::{read_more, relay, Chunked, Framing, Out, RelayError};
+use super::body::{client_read_ended, read_more, relay, Chunked, Framing, Out, RelayError};
 use super::head::{parse_response, BodyLength, HeadInfo, Request, Response};
 use super::rewrite::{
     answer_framing, response_head, target, upstream_head, AnswerFraming, HashView, RequestCtx,
@@ -105,6 +105,7 @@ impl<F> Engine<F> {
             bytes: 0,
             first_byte: None,
             retries: 0,
+            ended: None,
         };
         let head_only = req.method == Method::HEAD;
         match &found {
@@ -158,6 +159,7 @@ impl<F> Engine<F> {
                 first_byte: outcome.first_byte,
                 retries: outcome.retries,
                 grpc_status: None,
+                ended: c.ended().or(outcome.ended),
             }));
         }
         keep
@@ -190,9 +192,10 @@ impl<F> Engine<F> {
         let streaming = match framing {
             Framing::Length(n) if n <= BUFFERED_BODY => {
                 while (c.buf.len() as u64) < n {
-                    match read_more(&mut c.io, &mut c.buf, body_timeout).await {
-                        Ok(0) | Err(_) => return Err(()),
-                        Ok(_) => {}
+                    let read = read_more(&mut c.io, &mut c.buf, body_timeout).await;
+                    if let Some(ended) = client_read_ended(&read) {
+                        outcome.ended = Some(ended);
+                        return Err(());
                     }
                 }
                 body = c.buf.split_to(n as usize).freeze();
@@ -317,16 +320,20 @@ impl<F> Engine<F> {
             });
         }
         if streaming {
-            match relay(
+            let sent = relay(
                 framing,
                 Out::Chunked,
                 &mut c.buf,
                 &mut c.io,
                 &mut up.io,
                 body_timeout,
+                Some(conf.read_timeout),
             )
-            .await
-            {
+            .await;
+            if let Err(e) = &sent {
+                outcome.ended = e.ended_request();
+            }
+            match sent {
                 Ok(_) => {}
                 Err(RelayError::Write(e)) => {
                     log::warn!(
@@ -397,11 +404,13 @@ impl<F> Engine<F> {
                 &mut up.io,
                 &mut c.io,
                 conf.read_timeout,
+                None,
             )
             .await
             {
                 Ok(n) => outcome.bytes += n,
                 Err(e) => {
+                    outcome.ended = Some(e.ended_answer());
                     // Part of the answer went out: the client connection ends here, so the
                     // client sees a truncated answer rather than a wrong one.
                     log::debug!(

@@ -29,13 +29,21 @@
 //!
 //! Graceful shutdown: on Pingora's shutdown signal the connection sends GOAWAY and keeps serving
 //! the streams it accepted (and those the client had already sent) until they end, within the
-//! server's grace period.
+//! server's grace period; each stream counts as in flight for the stop (`proxy/in_flight.rs`).
+//!
+//! Deadlines: the first stream must open within `client_header_timeout` of the accept (TLS
+//! handshake and preface included); with no stream open for `keepalive_timeout` the connection
+//! gets GOAWAY (NO_ERROR) and closes; every write of its frames must make progress within
+//! `client_body_timeout` (`proxy/write_deadline.rs` under the `h2` crate's transport), else the
+//! connection ends with its streams, which log `"ended": "client_write_timeout"`.
 
 use super::grpc;
 use super::to_h1::{self, Conn};
 use super::to_h2;
 use crate::config::Protocol;
+use crate::proxy::in_flight;
 use crate::proxy::routing::Match;
+use crate::proxy::write_deadline::WriteDeadline;
 use crate::proxy::Gateway;
 use futures::future::{Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -44,8 +52,11 @@ use pingora_core::protocols::http::v2::server::{handshake, H2Accept, H2Options, 
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Digest, Stream};
 use pingora_core::server::ShutdownWatch;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio::time::sleep_until;
 
 /// Streams a client may have open at once (nginx's `http2_max_concurrent_streams` default).
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -77,14 +88,48 @@ pub fn options() -> H2Options {
     o
 }
 
+/// The deadlines of a client connection (`server.client_header_timeout`,
+/// `client_body_timeout`, `keepalive_timeout`), and how long after the listeners closed a
+/// connection with no stream open may still receive one (`server.rs`, `LINGER`).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub body: Duration,
+    pub keepalive: Duration,
+    pub linger: Duration,
+}
+
+/// Streams handed to Pingora's proxy that are still running, for the idle timeout.
+#[derive(Default)]
+struct Elsewhere {
+    open: AtomicUsize,
+    ended: Notify,
+}
+
+/// One stream of [`Elsewhere`]; ended when dropped.
+struct ElsewhereStream(Arc<Elsewhere>);
+
+impl Drop for ElsewhereStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.ended.notify_one();
+    }
+}
+
 /// Serves one h2 client connection until it ends. `app` is Pingora's proxy, which takes the
-/// streams this path does not serve itself.
+/// streams this path does not serve itself. `accepted` is when the connection came in: its
+/// first stream must open within `client_header_timeout` of it (the TLS handshake and the h2
+/// preface included), and once no stream is open it is closed with GOAWAY after
+/// `keepalive_timeout`. Every write toward the client must make progress within
+/// `client_body_timeout`, or the connection ends with all its streams (see
+/// `proxy/write_deadline.rs`).
 pub async fn connection<F>(
     gateway: &Gateway,
     app: &Arc<F>,
     io: Stream,
     shutdown: &ShutdownWatch,
-    body_timeout: Duration,
+    limits: Timeouts,
+    accepted: Instant,
 ) where
     F: HttpServerApp + Send + Sync + 'static,
 {
@@ -94,6 +139,10 @@ pub async fn connection<F>(
         proxy_digest: io.get_proxy_digest(),
         socket_digest: io.get_socket_digest(),
     });
+    let expired_flag = Arc::new(AtomicBool::new(false));
+    let fd = io.id();
+    let io: Stream =
+        Box::new(WriteDeadline::new(io, limits.body, fd).with_flag(expired_flag.clone()));
     let cx = Conn {
         gateway,
         client: digest
@@ -101,28 +150,79 @@ pub async fn connection<F>(
             .as_ref()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied()),
         tls: digest.ssl_digest.is_some(),
-        body_timeout,
+        body_timeout: limits.body,
+        write_expired: &expired_flag,
     };
-    let mut conn = match handshake(io, Some(options())).await {
-        Ok(c) => c,
-        Err(e) => {
+    let first_by = accepted + limits.header;
+    let shake = tokio::time::timeout_at(first_by.into(), handshake(io, Some(options())));
+    let mut conn = match shake.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             log::debug!("client {:?}: h2 handshake: {e}", cx.client);
+            return;
+        }
+        Err(_) => {
+            log::debug!("client {:?}: no h2 preface in time", cx.client);
             return;
         }
     };
     let mut shutdown = shutdown.clone();
-    let mut draining = false;
+    // 0: open; 1: GOAWAY sent (the client may still finish what it began); 2: closing now.
+    let mut closing = 0u8;
+    let mut stopping: Option<in_flight::Busy> = None;
     let mut malformed = 0usize;
     let mut streams = FuturesUnordered::new();
+    let elsewhere = Arc::new(Elsewhere::default());
+    // When the connection is closed for idleness: its first stream must come within the
+    // header timeout, later ones within the keep-alive timeout of the last stream's end.
+    let mut idle_until = Some(first_by);
+    let cx = &cx;
     loop {
-        if !draining && *shutdown.borrow() {
+        if stopping.is_none() && *shutdown.borrow() {
+            // GOAWAY (last stream id 2^31-1) and a PING: streams already on their way still
+            // come in. Until the connection is closed and its last frames flushed, the stop
+            // waits for it (an answer still in the `h2` crate's buffers is not delivered yet).
             conn.graceful_shutdown();
-            draining = true;
+            closing = closing.max(1);
+            stopping = Some(in_flight::busy());
+            idle_until = idle_until.map(|t| t.min(Instant::now() + limits.linger));
+        }
+        let busy = !streams.is_empty() || elsewhere.open.load(Ordering::Relaxed) > 0;
+        if busy {
+            idle_until = None;
+        } else if idle_until.is_none() {
+            // After a GOAWAY the `h2` crate closes the connection itself once the client
+            // answered its PING and the last frames are out; the linger bounds a client that
+            // does not.
+            let wait = if closing > 0 {
+                limits.linger
+            } else {
+                limits.keepalive
+            };
+            idle_until = Some(Instant::now() + wait);
         }
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.changed(), if !draining => continue,
+            _ = shutdown.changed(), if stopping.is_none() => continue,
             Some(()) = streams.next(), if !streams.is_empty() => continue,
+            () = elsewhere.ended.notified(), if busy => continue,
+            () = sleep_until(idle_until.unwrap_or(first_by).into()),
+                if idle_until.is_some() && closing < 2 =>
+            {
+                if closing == 0 {
+                    // Idle: GOAWAY (NO_ERROR) and a PING, as for a stop; the connection closes
+                    // once the client answered and everything is flushed.
+                    log::debug!("client {:?}: h2 connection idle; closing", cx.client);
+                    conn.graceful_shutdown();
+                    closing = 1;
+                    idle_until = Some(Instant::now() + limits.linger);
+                } else {
+                    // The client did not answer: the final GOAWAY now, then the close.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    closing = 2;
+                }
+                continue;
+            }
             // Cancel-safe: polled again on the next turn. Polling it is also what moves the
             // connection's frames both ways for the streams served here.
             a = HttpSession::from_h2_conn(&mut conn, digest.clone()) => a,
@@ -147,20 +247,32 @@ pub async fn connection<F>(
                 break;
             }
         };
-        match dispatch(&cx, session) {
+        match dispatch(cx, session) {
             Dispatch::Here(session, route, host) => {
-                streams.push(Either::Left(to_h1::serve(&cx, session, route, host)))
+                let counted = in_flight::busy();
+                streams.push(Either::Left(async move {
+                    let _counted = counted;
+                    to_h1::serve(cx, session, route, host).await
+                }))
             }
             Dispatch::ToH2(session, route, host) => {
+                let counted = in_flight::busy();
                 // Boxed: its future (3.9 KB) would otherwise set the size of every stream's,
                 // which is moved and allocated once per stream.
-                streams.push(Either::Right(Box::pin(to_h2::serve(
-                    &cx, session, route, host,
-                ))))
+                streams.push(Either::Right(Box::pin(async move {
+                    let _counted = counted;
+                    to_h2::serve(cx, session, route, host).await
+                })))
             }
-            Dispatch::Pingora(session) => {
+            Dispatch::Pingora(mut session) => {
+                // Pingora's proxy waits for the client's flow-control window without a limit
+                // otherwise.
+                session.set_write_timeout(Some(limits.body));
+                elsewhere.open.fetch_add(1, Ordering::Relaxed);
+                let open = (ElsewhereStream(elsewhere.clone()), in_flight::busy());
                 let (app, shutdown) = (app.clone(), shutdown.clone());
                 pingora_runtime::current_handle().spawn(async move {
+                    let _open = open;
                     app.process_new_http(ServerSession::new_http2(session), &shutdown)
                         .await;
                 });
@@ -169,8 +281,17 @@ pub async fn connection<F>(
         }
     }
     // The connection failed or closed: what is left of its streams cannot reach the client.
-    drop(streams);
+    // Dropped, the connection tells them so; they end at once and write their log lines, which
+    // say why (a write that ran out of time, or the client gone).
+    drop(conn);
+    if !streams.is_empty() {
+        let finish = async { while streams.next().await.is_some() {} };
+        let _ = tokio::time::timeout(STREAMS_END_WITHIN, finish).await;
+    }
 }
+
+/// How long the streams of a connection that ended are given to see it and log.
+const STREAMS_END_WITHIN: Duration = Duration::from_secs(1);
 
 /// Where a stream goes.
 enum Dispatch {

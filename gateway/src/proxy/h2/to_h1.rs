@@ -41,6 +41,18 @@ pub(super) struct Conn<'a> {
     pub(super) tls: bool,
     /// `server.client_body_timeout`: each read of a request body, each write of an answer.
     pub(super) body_timeout: Duration,
+    /// Set when a write toward the client ran out of time: the connection ends (`serve.rs`).
+    pub(super) write_expired: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Conn<'_> {
+    /// Why a stream ended early, as far as the connection knows.
+    pub(super) fn ended(&self) -> Option<&'static str> {
+        let expired = self
+            .write_expired
+            .load(std::sync::atomic::Ordering::Relaxed);
+        expired.then_some(crate::proxy::ended::CLIENT_WRITE_TIMEOUT)
+    }
 }
 
 /// How one stream went, for metrics and the access log.
@@ -51,6 +63,8 @@ struct Outcome {
     bytes: u64,
     first_byte: Option<Duration>,
     retries: usize,
+    /// Why the stream ended early, if it did (the access log's `ended`).
+    ended: Option<&'static str>,
 }
 
 /// Why an attempt on one Pod failed.
@@ -126,6 +140,7 @@ pub(super) async fn serve(
             first_byte: out.first_byte,
             retries: out.retries,
             grpc_status: None,
+            ended: cx.ended().or(out.ended),
         }));
     }
 }
@@ -511,9 +526,11 @@ async fn attempt(
                 let sent = if done {
                     send_last(s, data.0, cx.body_timeout).await
                 } else {
-                    s.write_body(data.0, false).await.is_ok()
+                    let sent = s.write_body(data.0, false).await;
+                    sent.map_err(|e| crate::proxy::ended::of_h2_write(&e))
                 };
-                if !sent {
+                if let Err(ended) = sent {
+                    out.ended = Some(ended);
                     return Ok(());
                 }
             }
@@ -523,7 +540,10 @@ async fn attempt(
             let read = tokio::select! {
                 r = read_more(&mut up.io, &mut up.buf, conf.read_timeout) => r,
                 // The client reset the stream: stop reading an answer nobody will get.
-                _ = s.idle() => return Ok(()),
+                _ = s.idle() => {
+                    out.ended = Some(crate::proxy::ended::CLIENT_CLOSED);
+                    return Ok(());
+                }
             };
             match read {
                 Ok(0) if framing == Framing::UntilClose => {
@@ -532,6 +552,7 @@ async fn attempt(
                     continue;
                 }
                 Ok(0) | Err(_) => {
+                    out.ended = Some(crate::proxy::ended::of_pod_read(&read));
                     // Part of the answer went out: the stream is reset (the session is dropped
                     // unfinished), so the client sees a truncated answer, never a wrong one.
                     log::debug!(
@@ -573,16 +594,22 @@ async fn attempt(
 /// the windows), else piece by piece as the client opens its window, within `timeout` as
 /// `HttpSession::write_body` would. Pingora's `write_body` arms two timers and reserves capacity
 /// in a loop for every piece; measured (`benches/load/h2.py tls`, perf) it was 2.7 % of
-/// podgate's time, most answers being one piece. `false` when the client is gone or too slow.
-async fn send_last(s: &mut HttpSession, mut data: Bytes, timeout: Duration) -> bool {
+/// podgate's time, most answers being one piece. `Err` when the client is gone or too slow,
+/// with the access log's `ended` for it.
+async fn send_last(
+    s: &mut HttpSession,
+    mut data: Bytes,
+    timeout: Duration,
+) -> Result<(), &'static str> {
+    use crate::proxy::ended::{CLIENT_CLOSED, CLIENT_WRITE_TIMEOUT};
     let Some(mut w) = s.take_response_body_writer() else {
-        return false;
+        return Err(CLIENT_CLOSED);
     };
     if !data.is_empty() {
         w.reserve_capacity(data.len());
     }
     if w.capacity() >= data.len() {
-        return w.send_data(data, true).is_ok();
+        return w.send_data(data, true).map_err(|_| CLIENT_CLOSED);
     }
     let rest = async {
         loop {
@@ -604,7 +631,11 @@ async fn send_last(s: &mut HttpSession, mut data: Bytes, timeout: Duration) -> b
             w.reserve_capacity(data.len());
         }
     };
-    tokio::time::timeout(timeout, rest).await.unwrap_or(false)
+    match tokio::time::timeout(timeout, rest).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CLIENT_CLOSED),
+        Err(_) => Err(CLIENT_WRITE_TIMEOUT),
+    }
 }
 
 /// The body bytes at the start of `buf` as `framing` delimits them (chunked bodies decoded),
@@ -711,7 +742,7 @@ async fn answer_error(
         let _ = resp.append_header("x-request-id", id);
     }
     if s.write_response_header(Box::new(resp), head_only).is_ok() && !head_only {
-        send_last(s, Bytes::from(body), timeout).await;
+        let _ = send_last(s, Bytes::from(body), timeout).await;
     }
 }
 

@@ -51,6 +51,8 @@ struct Outcome {
     retries: usize,
     /// The `grpc-status` the call ended with, as a metric label index.
     grpc_status: Option<usize>,
+    /// Why the call ended early, if it did (the access log's `ended`).
+    ended: Option<&'static str>,
 }
 
 /// What one call needs to know about itself.
@@ -131,6 +133,7 @@ pub(super) async fn serve(
             grpc_status: out
                 .grpc_status
                 .map(|i| crate::telemetry::metrics::GRPC_STATUS_LABELS[i.min(17)]),
+            ended: cx.ended().or(out.ended),
         }));
     }
 }
@@ -375,7 +378,18 @@ impl Call<'_> {
         let mut answer_done = false;
         let mut trailers: Option<http::HeaderMap> = None;
         let mut pod_stopped = false;
+        // The client must take what waits for it within client_body_timeout of no progress
+        // (it may keep its window shut after the Pod's answer ended).
+        let client_wait = self.cx.body_timeout;
+        let mut stall = pin!(tokio::time::sleep(client_wait));
+        let mut stalled = false;
         loop {
+            if to_client.busy() && !stalled {
+                stall
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + client_wait);
+                stalled = true;
+            }
             if answer_done && !to_client.busy() {
                 if let Some(t) = trailers.take() {
                     if let Some(v) = t.get("grpc-status") {
@@ -417,9 +431,18 @@ impl Call<'_> {
                 r = deliver(&mut to_client) => {
                     if r.is_err() {
                         // The client went away or reset the stream: so does the call.
+                        out.ended = Some(crate::proxy::ended::CLIENT_CLOSED);
                         to_pod.tx.send_reset(h2::Reason::CANCEL);
                         return;
                     }
+                    stalled = false;
+                }
+                () = &mut stall, if stalled && to_client.busy() => {
+                    log::debug!("h2 client: took nothing of the answer in {client_wait:?}");
+                    out.ended = Some(crate::proxy::ended::CLIENT_WRITE_TIMEOUT);
+                    to_pod.tx.send_reset(h2::Reason::CANCEL);
+                    to_client.tx.send_reset(h2::Reason::CANCEL);
+                    return;
                 }
                 r = to_pod.push(), if to_pod.busy() && !pod_stopped => pod_stopped = r.is_err(),
                 r = read_body(s, self.cx.body_timeout), if read => {
