@@ -306,11 +306,13 @@ impl<F: HttpServerApp + Send + Sync + 'static> Engine<F> {
                     return log::debug!("client {addr:?}: TLS handshake: {why}")
                 }
             };
+            // Boxed, both: inline, the larger of the two (an h2 connection's state) would size
+            // the task of every connection still waiting for its ClientHello.
             if stream.selected_alpn_proto() == Some(ALPN::H2) {
-                engine.serve_h2(stream, &shutdown, accepted).await;
+                Box::pin(engine.serve_h2(stream, &shutdown, accepted)).await;
             } else {
                 let io = client_io(Transport::Pingora(stream), engine.limits.body_timeout);
-                engine.serve(io, addr, true, &shutdown, accepted).await;
+                Box::pin(engine.serve(io, addr, true, &shutdown, accepted)).await;
             }
         });
     }
