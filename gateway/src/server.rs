@@ -13,6 +13,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::live::{Lifecycle, Live};
 use crate::proxy::Gateway;
+use crate::telemetry::access_log::AccessLog;
 use async_trait::async_trait;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
@@ -34,8 +35,8 @@ pub struct RunOptions {
 }
 
 /// Starts the Kubernetes watches, then reloads the config on SIGHUP for as long as the server
-/// runs.
-struct Reloader(Arc<Live>);
+/// runs. SIGHUP also re-opens the access log file, as after a log rotation.
+struct Reloader(Arc<Live>, AccessLog);
 
 #[async_trait]
 impl BackgroundService for Reloader {
@@ -54,6 +55,7 @@ impl BackgroundService for Reloader {
             tokio::select! {
                 _ = hup.recv() => {
                     log::info!("SIGHUP: reloading {}", self.0.config().source.display());
+                    self.1.reopen();
                     let live = self.0.clone();
                     // Reading files and manifests folders is blocking work.
                     let _ = tokio::task::spawn_blocking(move || live.reload()).await;
@@ -414,8 +416,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     live.remember_zone(learned);
     live.watch();
     crate::telemetry::metrics::init_build_info();
-    let access_log = crate::telemetry::access_log::AccessLog::start(&config.access_log)
-        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
+    let access_log = AccessLog::start(&config.access_log)
+        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log.sink))?;
 
     // After the drain delay, Pingora closes the listeners, waits its grace period for in-flight
     // requests, then gives runtimes up to 1 s: the three add up to at most `grace_period`
@@ -521,7 +523,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
 
     server.add_service(background_service(
         "config reloader",
-        Reloader(live.clone()),
+        Reloader(live.clone(), access_log.clone()),
     ));
     server.add_service(background_service(
         "health checks",
@@ -537,6 +539,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
         }),
     });
     remove_pid_file(&config.server.pid_file);
+    // The worker threads have stopped: what they logged last is still in their buffers.
+    crate::telemetry::access_log::close_all();
     log::info!("stopped");
     std::process::exit(0)
 }
