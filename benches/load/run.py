@@ -209,7 +209,13 @@ routes:
             pre + [binary, "-c", f"{d}/{name}.yaml"],
             stderr=open(f"{d}/{name}.log", "w"), env=env)
     for name in names:
-        wait_port(PORTS[name])
+        try:
+            wait_port(PORTS[name])
+        except SystemExit:
+            # podgate says why it did not start.
+            if os.path.exists(f"{d}/{name}.log"):
+                sys.stderr.write(open(f"{d}/{name}.log").read()[-2000:])
+            raise
 
 
 def to_ms(text):
