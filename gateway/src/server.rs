@@ -202,6 +202,9 @@ fn exit_after(after: std::time::Duration, signal: &'static str) {
         .spawn(move || {
             std::thread::sleep(after);
             log::error!("{signal}: still running {after:?} after the signal; exiting now");
+            // What the access log holds is written (at most 2 s more); requests still running
+            // may log after that, and those lines are lost with the process.
+            crate::telemetry::access_log::close_all();
             std::process::exit(1);
         });
 }
