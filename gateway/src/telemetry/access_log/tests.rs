@@ -197,3 +197,19 @@ fn request_ids_differ() {
     assert_ne!(request_id(), request_id());
     assert_eq!(request_id().len(), 32);
 }
+
+#[test]
+fn lines_a_full_disk_refuses_are_counted_as_dropped() {
+    // /dev/full fails every write with ENOSPC, as a full disk does.
+    let log = AccessLog::start(&settings(
+        Path::new("/dev/full"),
+        4 << 10,
+        Duration::from_secs(60),
+    ))
+    .unwrap();
+    for i in 0..1_000 {
+        line(&log, &format!("{{\"i\":{i}}}"));
+    }
+    log.close();
+    assert_eq!(log.dropped(), 1_000, "every line counted once");
+}
