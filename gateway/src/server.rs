@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::live::{Lifecycle, Live};
 use crate::proxy::tls_accept::TlsListeners;
 use crate::proxy::Gateway;
+use crate::telemetry::access_log::AccessLog;
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -34,8 +35,8 @@ pub struct RunOptions {
 }
 
 /// Starts the Kubernetes watches, then reloads the config on SIGHUP for as long as the server
-/// runs.
-struct Reloader(Arc<Live>);
+/// runs. SIGHUP also re-opens the access log file, as after a log rotation.
+struct Reloader(Arc<Live>, AccessLog);
 
 #[async_trait]
 impl BackgroundService for Reloader {
@@ -54,6 +55,7 @@ impl BackgroundService for Reloader {
             tokio::select! {
                 _ = hup.recv() => {
                     log::info!("SIGHUP: reloading {}", self.0.config().source.display());
+                    self.1.reopen();
                     let live = self.0.clone();
                     // Reading files and manifests folders is blocking work.
                     let _ = tokio::task::spawn_blocking(move || live.reload()).await;
@@ -191,6 +193,9 @@ fn stopped(pid_file: &std::path::Path, why: &str) -> ! {
         }
     }
     remove_pid_file(pid_file);
+    // The worker threads have stopped (or are cut off here): what they logged last is still in
+    // their buffers.
+    crate::telemetry::access_log::close_all();
     log::info!("stopped: {why}");
     std::process::exit(0)
 }
@@ -244,6 +249,9 @@ fn exit_after(after: std::time::Duration, signal: &'static str) {
         .spawn(move || {
             std::thread::sleep(after);
             log::error!("{signal}: still running {after:?} after the signal; exiting now");
+            // What the access log holds is written (at most 2 s more); requests still running
+            // may log after that, and those lines are lost with the process.
+            crate::telemetry::access_log::close_all();
             std::process::exit(1);
         });
 }
@@ -463,8 +471,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     live.remember_zone(learned);
     live.watch();
     crate::telemetry::metrics::init_build_info();
-    let access_log = crate::telemetry::access_log::AccessLog::start(&config.access_log)
-        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
+    let access_log = AccessLog::start(&config.access_log)
+        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log.sink))?;
 
     // After the drain delay, Pingora closes the listeners, waits its grace period for in-flight
     // requests, then gives runtimes up to 1 s: the three add up to at most `grace_period`
@@ -571,7 +579,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
 
     server.add_service(background_service(
         "config reloader",
-        Reloader(live.clone()),
+        Reloader(live.clone(), access_log.clone()),
     ));
     server.add_service(background_service(
         "health checks",

@@ -10,16 +10,18 @@
 pub mod h1;
 pub mod h2;
 pub mod in_flight;
+pub mod log_line;
 pub mod pingora;
 pub mod routing;
 pub mod tls_accept;
 pub mod write_deadline;
 
-use crate::telemetry::access_log::{self, AccessLog};
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{self, RouteMetrics};
 use crate::upstream::balance::Backend;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
+pub use log_line::RequestLog;
 use routing::{Route, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,7 +60,7 @@ pub struct Gateway {
     pub router: Arc<ArcSwap<GatewayRouter>>,
     /// Metrics of requests that matched no route.
     pub unmatched: RouteMetrics,
-    pub access_log: AccessLog,
+    pub access_log: RequestLog,
 }
 
 impl Gateway {
@@ -66,7 +68,7 @@ impl Gateway {
         Gateway {
             router,
             unmatched: RouteMetrics::new(metrics::UNMATCHED, metrics::UNMATCHED),
-            access_log,
+            access_log: RequestLog::new(access_log),
         }
     }
 }
@@ -102,7 +104,7 @@ pub mod ended {
     }
 }
 
-/// What one access log line tells about a request.
+/// What one access log line tells about a request (written by [`log_line::write_line`]).
 pub struct LogFields<'a> {
     pub request_id: &'a str,
     pub client: Option<SocketAddr>,
@@ -123,32 +125,6 @@ pub struct LogFields<'a> {
     pub ended: Option<&'static str>,
 }
 
-/// One access log line, JSON.
-pub fn access_line(f: &LogFields) -> Vec<u8> {
-    let line = serde_json::json!({
-        "time": access_log::rfc3339(std::time::SystemTime::now()),
-        "request_id": f.request_id,
-        "client": f.client.map(|a| a.to_string()),
-        "method": f.method,
-        "host": f.host,
-        "path": f.path,
-        "route": f.route.map(|r| r.name.as_str()),
-        "upstream": f.route.map(|r| r.upstream.upstream.conf.name.as_str()),
-        "cluster": f.backend.and_then(|b| b.info.cluster.as_deref()),
-        "pod": f.backend.and_then(|b| b.info.pod.as_deref()),
-        "pod_address": f.backend.map(|b| b.addr.to_string()),
-        "status": f.status,
-        "bytes": f.bytes,
-        "duration_ms": f.took.as_secs_f64() * 1000.0,
-        "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-        "retries": f.retries,
-        "grpc_status": f.grpc_status,
-        "ended": f.ended,
-    });
-    serde_json::to_vec(&line).unwrap_or_default()
-}
-
-/// The JSON body of an error answer.
 /// An `X-Request-Id` value for a header block that may go out over h2, marked sensitive so
 /// that HPACK never indexes it. Every request has its own id: indexed, each one went into the
 /// connection's 4 KiB dynamic table, where ids never recur; they pushed out the fields that do
@@ -170,6 +146,7 @@ pub fn unindexed_id(name: &[u8], mut value: http::HeaderValue) -> http::HeaderVa
     value
 }
 
+/// The JSON body of an error answer.
 pub fn error_json(status: u16) -> String {
     let (code, message) = error_body(status);
     format!("{{\"error\":\"{code}\",\"status\":{status},\"message\":\"{message}\"}}\n")

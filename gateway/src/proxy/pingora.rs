@@ -12,7 +12,7 @@
 
 use super::h2::grpc;
 use super::routing::{normalize_host, Match};
-use super::{access_line, error_json, Gateway, GatewayRoute, LogFields};
+use super::{error_json, Gateway, GatewayRoute, LogFields};
 use crate::config::Scheme;
 use crate::telemetry::access_log;
 use crate::upstream::balance::Backend;
@@ -170,9 +170,9 @@ fn ended(e: &Error, answer_begun: bool) -> Option<&'static str> {
 }
 
 impl Gateway {
-    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16, e: Option<&Error>) -> Vec<u8> {
+    fn log_line(&self, session: &Session, ctx: &Ctx, status: u16, e: Option<&Error>) {
         let req = session.req_header();
-        access_line(&LogFields {
+        self.access_log.log(&LogFields {
             request_id: &ctx.request_id,
             client: session
                 .as_downstream()
@@ -193,7 +193,7 @@ impl Gateway {
                 .grpc_status
                 .map(|i| crate::telemetry::metrics::GRPC_STATUS_LABELS[i.min(17)]),
             ended: e.and_then(|e| ended(e, session.response_written().is_some())),
-        })
+        });
     }
 }
 
@@ -487,8 +487,7 @@ impl ProxyHttp for Gateway {
             m.observe_grpc(i);
         }
         if self.access_log.enabled() {
-            self.access_log
-                .write(self.log_line(session, ctx, status, e));
+            self.log_line(session, ctx, status, e);
         }
     }
 

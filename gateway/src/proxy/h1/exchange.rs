@@ -18,7 +18,7 @@ use super::rewrite::{
 };
 use super::{error_answer, Client, Engine, Outcome, BUFFERED_BODY};
 use crate::proxy::routing::{normalize_host, Match};
-use crate::proxy::{access_line, LogFields};
+use crate::proxy::LogFields;
 use crate::telemetry::access_log;
 use crate::upstream::pool;
 use bytes::Bytes;
@@ -145,7 +145,7 @@ impl<F> Engine<F> {
             .map_or(&self.gateway.unmatched, |r| &r.upstream.metrics);
         metrics.observe(outcome.status, took);
         if self.gateway.access_log.enabled() {
-            self.gateway.access_log.write(access_line(&LogFields {
+            self.gateway.access_log.log(&LogFields {
                 request_id: &request_id,
                 client: c.addr,
                 method: req.method.as_str(),
@@ -160,7 +160,7 @@ impl<F> Engine<F> {
                 retries: outcome.retries,
                 grpc_status: None,
                 ended: c.ended().or(outcome.ended),
-            }));
+            });
         }
         keep
     }

@@ -21,7 +21,7 @@ use crate::proxy::h1::body::{read_more, Framing, Out, BUFFERED_BODY};
 use crate::proxy::h1::exchange::{final_response, NoHead};
 use crate::proxy::h1::head::{BodyLength, HeadInfo};
 use crate::proxy::h1::rewrite::{answer_framing, push_header, AnswerFraming, Declared};
-use crate::proxy::{access_line, error_json, GatewayRoute, HashParts, LogFields};
+use crate::proxy::{error_json, GatewayRoute, HashParts, LogFields};
 use crate::telemetry::access_log;
 use crate::upstream::balance::Backend;
 use crate::upstream::{pool, Upstream};
@@ -126,7 +126,7 @@ pub(super) async fn serve(
     let metrics = &route.upstream.metrics;
     metrics.observe(out.status, took);
     if cx.gateway.access_log.enabled() {
-        cx.gateway.access_log.write(access_line(&LogFields {
+        cx.gateway.access_log.log(&LogFields {
             request_id: &request_id,
             client: cx.client,
             method: method.as_str(),
@@ -141,7 +141,7 @@ pub(super) async fn serve(
             retries: out.retries,
             grpc_status: None,
             ended: cx.ended().or(out.ended),
-        }));
+        });
     }
 }
 

@@ -24,7 +24,7 @@ use super::grpc;
 use super::to_h1::{request_id_of, Conn};
 use crate::config::Scheme;
 use crate::proxy::h1::body::BUFFERED_BODY;
-use crate::proxy::{access_line, error_json, GatewayRoute, HashParts, LogFields};
+use crate::proxy::{error_json, GatewayRoute, HashParts, LogFields};
 use crate::upstream::balance::Backend;
 use crate::upstream::{h2_pool, Upstream};
 use bytes::{Bytes, BytesMut};
@@ -117,7 +117,7 @@ pub(super) async fn serve(
         metrics.observe_grpc(i);
     }
     if cx.gateway.access_log.enabled() {
-        cx.gateway.access_log.write(access_line(&LogFields {
+        cx.gateway.access_log.log(&LogFields {
             request_id: &call.request_id,
             client: cx.client,
             method: method.as_str(),
@@ -134,7 +134,7 @@ pub(super) async fn serve(
                 .grpc_status
                 .map(|i| crate::telemetry::metrics::GRPC_STATUS_LABELS[i.min(17)]),
             ended: cx.ended().or(out.ended),
-        }));
+        });
     }
 }
 
