@@ -2,6 +2,16 @@
 
 Each round runs every proxy once, in turn (A B C D A B C D ...), so that drift of the machine
 hits all of them alike; ratios are taken within a round and the median across rounds reported.
+
+Each mode (pinned, unpinned) runs twice, like with like: first with access logs on for both
+proxies, as users run them (podgate's default JSON line to a file, nginx's default `combined`
+line to a file: `access_log FILE combined;`), then with access logs off for all. HAProxy (which
+logs to syslog only) and the bare Pingora proxy (no access log) run only in the logs-off part.
+LOGS="on" or LOGS="off" runs one part only.
+
+SYSCALLS=1 counts, with `perf stat` on each proxy while wrk runs, its futex calls, writes
+(write, writev, pwrite64) and context switches per request. The counting slows every proxy, so
+its req/s are not the ones to quote.
 """
 import os, re, statistics, subprocess, sys, tempfile, time, socket
 
@@ -29,6 +39,12 @@ TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
 PODGATE = os.environ.get("PODGATE", os.path.join(TARGET, "release", "podgate"))
 BARE_PINGORA = os.environ.get("BARE_PINGORA",
                               os.path.join(TARGET, "release", "examples", "bare-pingora"))
+LOGS = os.environ.get("LOGS", "on off").split()
+# Proxies that write an access log file like nginx does; the others run with logs off only.
+LOGGING = {"nginx", "podgate", "podgate-baseline"}
+SYSCALLS = os.environ.get("SYSCALLS") == "1"
+PERF_EVENTS = ["syscalls:sys_enter_futex", "syscalls:sys_enter_write",
+               "syscalls:sys_enter_writev", "syscalls:sys_enter_pwrite64", "context-switches"]
 
 
 def wait_port(port, timeout=10.0):
@@ -108,13 +124,19 @@ http {{ keepalive_requests 1000000;
     return p
 
 
-def start_proxies(d, threads, pin, procs):
-    """Starts the proxies into `procs` (filled as they start, so a failure stops the others)."""
+def access_log_path(d, name):
+    return f"{d}/{name}-access.log"
+
+
+def start_proxies(d, threads, pin, procs, names, logs):
+    """Starts the proxies `names` into `procs` (filled as they start, so a failure stops the
+    others), with access logs to files in `d` if `logs`."""
     pre = ["taskset", "-c", "1"] if pin else []
+    nginx_log = f"access_log {access_log_path(d, 'nginx')} combined;" if logs else "access_log off;"
     ups = "\n".join(f"    server 127.0.0.1:{p};" for p in UPSTREAMS)
     write(f"{d}/nginx.conf", f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;
 error_log {d}/nginx-error.log; events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
+http {{ {nginx_log} keepalive_requests 1000000;
   upstream pods {{
 {ups}
     keepalive 64;
@@ -148,10 +170,10 @@ backend pods
   balance roundrobin
 {servers}
 """)
-    if "haproxy" in PORTS:
+    if "haproxy" in names:
         procs["haproxy"] = subprocess.Popen(pre + ["haproxy", "-f", f"{d}/haproxy.cfg"])
 
-    if "bare-pingora" in PORTS:
+    if "bare-pingora" in names:
         procs["bare-pingora"] = subprocess.Popen(
             pre + [BARE_PINGORA, f"127.0.0.1:{PORTS['bare-pingora']}",
                    str(threads)] + [f"127.0.0.1:{p}" for p in UPSTREAMS],
@@ -159,8 +181,10 @@ backend pods
 
     nodes = ", ".join(f'{{address: "127.0.0.1:{p}"}}' for p in UPSTREAMS)
     builds = {"podgate": PODGATE, "podgate-baseline": BASELINE}
-    builds = {n: b for n, b in builds.items() if n in PORTS}
+    builds = {n: b for n, b in builds.items() if n in names}
     for i, (name, binary) in enumerate(builds.items()):
+        # podgate's access log as users have it: the default (JSON lines), to a file.
+        log_conf = f"path: {access_log_path(d, name)}" if logs else "enabled: false"
         write(f"{d}/{name}.yaml", f"""listeners:
   - address: 127.0.0.1:{PORTS[name]}
 admin:
@@ -171,7 +195,7 @@ server:
   upgrade_sock: {d}/{name}-upgrade.sock
   pid_file: {d}/{name}.pid
 access_log:
-  enabled: false
+  {log_conf}
 upstreams:
   - name: pods
     nodes: [{nodes}]
@@ -184,8 +208,14 @@ routes:
         procs[name] = subprocess.Popen(
             pre + [binary, "-c", f"{d}/{name}.yaml"],
             stderr=open(f"{d}/{name}.log", "w"), env=env)
-    for name, port in PORTS.items():
-        wait_port(port)
+    for name in names:
+        try:
+            wait_port(PORTS[name])
+        except SystemExit:
+            # podgate says why it did not start.
+            if os.path.exists(f"{d}/{name}.log"):
+                sys.stderr.write(open(f"{d}/{name}.log").read()[-2000:])
+            raise
 
 
 def to_ms(text):
@@ -209,10 +239,41 @@ def wrk(port, seconds, pin):
     return rps, p50, p99, (errors.group(0) if errors else ""), total
 
 
-def run(mode):
+def count_lines(path):
+    """Lines in the file at `path` (0 when there is none), then empties it for the next run."""
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+        os.truncate(path, 0)
+    except FileNotFoundError:
+        pass
+    return n
+
+
+def perf_stat(pid, seconds):
+    """`perf stat` of the process `pid` (all its threads) for `seconds`."""
+    return subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(PERF_EVENTS), "-p", str(pid),
+                             "--", "sleep", str(seconds)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def perf_counts(p):
+    """The counts of a finished `perf_stat`, by event."""
+    _, err = p.communicate()
+    counts = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2] in PERF_EVENTS:
+            counts[fields[2]] = int(fields[0]) if fields[0].isdigit() else 0
+    return counts
+
+
+def run(mode, logs):
     pin = mode == "pinned"
     threads = 1 if pin else 2
-    names = list(PORTS)
+    names = [n for n in PORTS if n in LOGGING or logs == "off"]
     ensure_free(UPSTREAMS + list(PORTS.values())
                 + [PODGATE_ADMIN + i for i in range(len(PORTS))])
     with tempfile.TemporaryDirectory() as d:
@@ -220,18 +281,23 @@ def run(mode):
         procs = {}
         try:
             # Inside the try: whatever started is stopped, even when a later start fails.
-            start_proxies(d, threads, pin, procs)
+            start_proxies(d, threads, pin, procs, names, logs == "on")
             for n in names:  # warm-up: pools, caches, JIT-free but page-faulty
                 wrk(PORTS[n], 2, pin)
+                count_lines(access_log_path(d, n))
             results = {n: [] for n in names}
-            print(f"\n## {mode}: {threads} worker thread(s) per proxy"
+            what = ("access logs on for both (podgate: default JSON line to a file; nginx: "
+                    "default combined line to a file)" if logs == "on" else "access logs off")
+            print(f"\n## {mode}, {what}: {threads} worker thread(s) per proxy"
                   + (", proxies on CPU 1, wrk and upstreams on CPU 0" if pin else ", unpinned"))
             print(f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s, 64-byte bodies, {ROUNDS} rounds\n")
             # CPU µs per request: the proxy's own CPU time over the requests it served. Less
             # sensitive than req/s to other load on the machine (which takes CPU away from the
             # proxy but adds little to its cost per request).
-            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req |")
-            print("|---|---|---|---|---|---|---|")
+            extra = " futex/req | writes/req | switches/req |" if SYSCALLS else ""
+            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req "
+                  f"| log lines/req |{extra}")
+            print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if SYSCALLS else ""))
             for r in range(1, ROUNDS + 1):
                 row = {}
                 for n in names:
@@ -242,19 +308,26 @@ def run(mode):
                                                  f"{TARGET}/perf-{n}.data", "-p",
                                                  str(procs[n].pid), "--", "sleep", str(DURATION)],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    stat = perf_stat(procs[n].pid, DURATION) if SYSCALLS else None
                     pids = [procs[n].pid] + children(procs[n].pid)
                     cpu = cpu_seconds(pids)
                     rps, p50, p99, err, total = wrk(PORTS[n], DURATION, pin)
                     cpu = (cpu_seconds(pids) - cpu) * 1e6 / max(1, total)
-                    row[n] = (rps, p50, p99, err, cpu)
+                    counts = perf_counts(stat) if stat else {}
+                    # podgate's last lines may still sit in its buffers (up to access_log.flush).
+                    lines = count_lines(access_log_path(d, n)) / max(1, total)
+                    row[n] = (rps, p50, p99, err, cpu, lines, counts, total)
                     results[n].append(row[n])
                     if perf:
                         perf.wait()
                 for n in names:
-                    rps, p50, p99, err, cpu = row[n]
+                    rps, p50, p99, err, cpu, lines, counts, total = row[n]
                     ratio = rps / row["nginx"][0]
-                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} | {cpu:.1f} |"
-                          + (f" {err}" if err else ""))
+                    per = lambda *events: sum(counts.get(e, 0) for e in events) / max(1, total)
+                    sys_cols = (f" {per(PERF_EVENTS[0]):.3f} | {per(*PERF_EVENTS[1:4]):.3f} | "
+                                f"{per(PERF_EVENTS[4]):.3f} |") if SYSCALLS else ""
+                    print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} | {cpu:.1f} "
+                          f"| {lines:.2f} |{sys_cols}" + (f" {err}" if err else ""))
             print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms "
                   "| median CPU µs/req | RSS MiB |")
             print("|---|---|---|---|---|---|---|")
@@ -267,7 +340,9 @@ def run(mode):
                       f"{statistics.median(x[2] for x in results[n]):.2f} | "
                       f"{statistics.median(x[4] for x in results[n]):.1f} | "
                       f"{rss_kib(pids) / 1024:.1f} |")
-            print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            nginx_rps = statistics.median(x[0] for x in results["nginx"])
+            print(f"\nnginx on this machine ({mode}, access logs {logs}): {nginx_rps:,.0f} req/s")
+            print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         finally:
             for p in list(procs.values()) + [up]:
                 p.terminate()
@@ -291,4 +366,6 @@ if __name__ == "__main__":
     modes = sys.argv[1:] or ["pinned", "unpinned"]
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for m in modes:
-        run(m)
+        # The default configuration (access logs on) first.
+        for logs in [x for x in ("on", "off") if x in LOGS]:
+            run(m, logs)

@@ -5,6 +5,8 @@
 #   ROUNDS=5 DURATION=15 benches/load/run.sh pinned
 #   PORT_BASE=28080 ...      # other ports (default 18080) when something else listens there
 #   PODGATE=/path/to/podgate ...   # that binary (run.sh still builds; run.py alone does not)
+#   LOGS=on | LOGS=off ...   # only the part with access logs on for both (printed first), or off
+#   SYSCALLS=1 ...           # also futex calls, writes and context switches per request (perf stat)
 # Needs (Debian): wrk nginx-light haproxy. Results are printed; see benches/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -29,7 +29,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// The effective config as JSON, with nothing secret in it (token files are named, not read).
 fn config_json(c: &crate::config::Config) -> Value {
-    use crate::config::{ClusterKind, Scheme};
+    use crate::config::{AccessLogSink, ClusterKind, Scheme};
     use podgate_discovery::Access;
     let dur = |d: std::time::Duration| format!("{}ms", d.as_millis());
     json!({
@@ -91,7 +91,16 @@ fn config_json(c: &crate::config::Config) -> Value {
             "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
             "strip_prefix": r.strip_prefix, "upstream": r.upstream,
         })).collect::<Vec<_>>(),
-        "access_log": format!("{:?}", c.access_log),
+        "access_log": {
+            "path": match &c.access_log.sink {
+                AccessLogSink::Off => Value::Null,
+                AccessLogSink::Stdout => "stdout".into(),
+                AccessLogSink::File(p) => p.display().to_string().into(),
+            },
+            "enabled": c.access_log.sink != AccessLogSink::Off,
+            "buffer": c.access_log.buffer,
+            "flush": dur(c.access_log.flush),
+        },
     })
 }
 

@@ -12,9 +12,10 @@
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::live::{Lifecycle, Live};
+use crate::proxy::tls_accept::TlsListeners;
 use crate::proxy::Gateway;
+use crate::telemetry::access_log::AccessLog;
 use async_trait::async_trait;
-use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{
@@ -34,8 +35,8 @@ pub struct RunOptions {
 }
 
 /// Starts the Kubernetes watches, then reloads the config on SIGHUP for as long as the server
-/// runs.
-struct Reloader(Arc<Live>);
+/// runs. SIGHUP also re-opens the access log file, as after a log rotation.
+struct Reloader(Arc<Live>, AccessLog);
 
 #[async_trait]
 impl BackgroundService for Reloader {
@@ -54,6 +55,7 @@ impl BackgroundService for Reloader {
             tokio::select! {
                 _ = hup.recv() => {
                     log::info!("SIGHUP: reloading {}", self.0.config().source.display());
+                    self.1.reopen();
                     let live = self.0.clone();
                     // Reading files and manifests folders is blocking work.
                     let _ = tokio::task::spawn_blocking(move || live.reload()).await;
@@ -179,6 +181,53 @@ fn remove_pid_file(path: &std::path::Path) {
     }
 }
 
+/// Every clean end of the process goes through here, whichever way it came: the early one once
+/// nothing is in flight ([`Stopper`]) and the end of [`run`] (a stop at once, or the end of the
+/// grace period). The pid file goes, one "stopped" line is logged, and the exit code is 0.
+fn stopped(pid_file: &std::path::Path, why: &str) -> ! {
+    static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STOPPING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        // The other way got here first and is ending the process.
+        loop {
+            std::thread::park();
+        }
+    }
+    remove_pid_file(pid_file);
+    // The worker threads have stopped (or are cut off here): what they logged last is still in
+    // their buffers.
+    crate::telemetry::access_log::close_all();
+    log::info!("stopped: {why}");
+    std::process::exit(0)
+}
+
+/// Ends the process as soon as a graceful stop has nothing left to do, instead of at the end of
+/// Pingora's grace period (which it otherwise sleeps through whole, busy or not): once the
+/// listeners closed, when no request, tunnel, h2 stream or TLS handshake is in flight and no
+/// client connection that could still bring one is open — those are given `linger`, as the
+/// HTTP/1.1 path gives them (see [`LINGER`]).
+struct Stopper {
+    pid_file: std::path::PathBuf,
+    linger: std::time::Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Stopper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.wait_for(|stopping| *stopping).await.is_err() {
+            return;
+        }
+        let since = std::time::Instant::now();
+        crate::proxy::in_flight::drained(self.linger).await;
+        stopped(
+            &self.pid_file,
+            &format!(
+                "nothing in flight {:?} after the listeners closed",
+                since.elapsed()
+            ),
+        )
+    }
+}
+
 /// Pingora's signal handling, with a drain step in front of a graceful stop: on SIGTERM podgate
 /// reports not-ready at once but keeps accepting for `drain_delay`, so that Kubernetes stops
 /// sending before connections are refused; only then do listeners close.
@@ -200,6 +249,9 @@ fn exit_after(after: std::time::Duration, signal: &'static str) {
         .spawn(move || {
             std::thread::sleep(after);
             log::error!("{signal}: still running {after:?} after the signal; exiting now");
+            // What the access log holds is written (at most 2 s more); requests still running
+            // may log after that, and those lines are lost with the process.
+            crate::telemetry::access_log::close_all();
             std::process::exit(1);
         });
 }
@@ -353,7 +405,25 @@ fn prebind<S>(svc: S, addresses: &[Address], upgrade: bool) -> Result<Prebound<S
     })
 }
 
-/// Adds `listeners` to `svc`; returns them as [`prebind`] takes them.
+/// The TLS listeners among `listeners`, with their certificates loaded (podgate runs their
+/// handshakes itself, under `client_header_timeout`: `proxy/tls_accept.rs`).
+fn tls_listeners(listeners: &[(usize, &crate::config::Listener)]) -> Result<TlsListeners, String> {
+    let mut tls = TlsListeners::default();
+    for (i, l) in listeners {
+        if let Some(t) = &l.tls {
+            tls.add(
+                l.address,
+                &t.cert.to_string_lossy(),
+                &t.key.to_string_lossy(),
+            )
+            .map_err(|e| format!("listeners[{i}] {}: TLS certificate or key: {e}", l.address))?;
+        }
+    }
+    Ok(tls)
+}
+
+/// Adds `listeners` to `svc`, all as plain TCP listeners to Pingora (TLS is podgate's, see
+/// [`tls_listeners`]); returns them as [`prebind`] takes them.
 ///
 /// The connections get no L4 buffers: Pingora would give each a 64 KiB read and a 1460-byte
 /// write buffer, but podgate's HTTP/1.1 path reads into its own buffer and writes whole heads,
@@ -362,28 +432,15 @@ fn prebind<S>(svc: S, addresses: &[Address], upgrade: bool) -> Result<Prebound<S
 fn add_listeners<A>(
     svc: &mut Service<A>,
     listeners: &[(usize, &crate::config::Listener)],
-) -> Result<Vec<Address>, String> {
+) -> Vec<Address> {
     let mut bound = Vec::new();
     for (i, l) in listeners {
         let addr = l.address.to_string();
-        let endpoint = ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered());
-        let endpoint = match &l.tls {
-            None => endpoint,
-            Some(tls) => {
-                let mut settings = TlsSettings::intermediate(
-                    &tls.cert.to_string_lossy(),
-                    &tls.key.to_string_lossy(),
-                )
-                .map_err(|e| format!("listener {addr}: TLS certificate or key: {e}"))?;
-                settings.enable_h2();
-                endpoint.tls(settings)
-            }
-        };
-        svc.add_listener(endpoint);
+        svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered()));
         let scheme = if l.tls.is_some() { "https" } else { "http" };
         bound.push((format!("proxy listener listeners[{i}]"), l.address, scheme));
     }
-    Ok(bound)
+    bound
 }
 
 /// Runs the gateway until a signal stops it. Returns only on a start-up failure.
@@ -411,8 +468,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
     live.remember_zone(learned);
     live.watch();
     crate::telemetry::metrics::init_build_info();
-    let access_log = crate::telemetry::access_log::AccessLog::start(&config.access_log)
-        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log))?;
+    let access_log = AccessLog::start(&config.access_log)
+        .map_err(|e| format!("access_log: cannot open {:?}: {e}", config.access_log.sink))?;
 
     // After the drain delay, Pingora closes the listeners, waits its grace period for in-flight
     // requests, then gives runtimes up to 1 s: the three add up to at most `grace_period`
@@ -442,6 +499,9 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
 
     // One budget of head memory for the whole process, shared by every listener.
     let limits = crate::proxy::h1::Limits::new(&config.server);
+    // Half the grace period at most: what is read while lingering still needs time to be
+    // answered before the runtimes stop.
+    let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
     // Every address is bound before any is reported as listening.
     let mut listening = Vec::new();
     for h2c in [false, true] {
@@ -452,15 +512,13 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             continue;
         }
         let gateway = Gateway::new(live.router.clone(), access_log.clone());
-        // Half the grace period at most: what is read while lingering still needs time to be
-        // answered before the runtimes stop.
-        let linger = LINGER.min(std::time::Duration::from_secs(grace_seconds) / 2);
         let app = crate::proxy::h1::Engine::new(gateway, linger, config.server.threads)
             .with_h2c(h2c)
-            .with_limits(limits.clone());
+            .with_limits(limits.clone())
+            .with_tls(tls_listeners(&listeners)?);
         let name = if h2c { "podgate (h2c)" } else { "podgate" };
         let mut svc = Service::new(name.to_string(), app);
-        let addresses = add_listeners(&mut svc, &listeners)?;
+        let addresses = add_listeners(&mut svc, &listeners);
         server.add_service(prebind(svc, &addresses, opts.upgrade)?);
         listening.extend(addresses);
     }
@@ -506,11 +564,18 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
 
     server.add_service(background_service(
         "config reloader",
-        Reloader(live.clone()),
+        Reloader(live.clone(), access_log.clone()),
     ));
     server.add_service(background_service(
         "health checks",
         crate::live::Checker(live.clone()),
+    ));
+    server.add_service(background_service(
+        "stop when done",
+        Stopper {
+            pid_file: config.server.pid_file.clone(),
+            linger,
+        },
     ));
 
     write_pid_file(&config.server.pid_file);
@@ -521,7 +586,13 @@ pub fn run(config: Config, opts: RunOptions) -> Result<std::convert::Infallible,
             grace_period: config.server.grace_period,
         }),
     });
-    remove_pid_file(&config.server.pid_file);
-    log::info!("stopped");
-    std::process::exit(0)
+    let left = crate::proxy::in_flight::work();
+    if left > 0 {
+        log::warn!(
+            "the grace period ended with {left} requests, tunnels or h2 streams in flight; they \
+             are cut off (server.grace_period {:?})",
+            config.server.grace_period
+        );
+    }
+    stopped(&config.server.pid_file, "the server ended")
 }

@@ -109,4 +109,47 @@ mod tests {
         assert_eq!(services[0].labels, [("version".into(), "v1".into())].into());
         assert_eq!(services[1].labels, [("version".into(), "v2".into())].into());
     }
+
+    #[test]
+    fn access_log_buffer_and_flush_have_defaults_bounds_and_lines() {
+        let dir = std::env::temp_dir();
+        let head = "listeners: [{address: \"127.0.0.1:8080\"}]\n";
+        let config = parse("t.yaml", head, &dir).unwrap();
+        assert_eq!(config.access_log, AccessLogSettings::default());
+        assert_eq!(config.access_log.buffer, 64 << 10);
+        assert_eq!(config.access_log.flush, std::time::Duration::from_secs(1));
+
+        let set = format!("{head}access_log:\n  path: a.log\n  buffer: 256KiB\n  flush: 250ms\n");
+        let config = parse("t.yaml", &set, &dir).unwrap();
+        assert_eq!(
+            config.access_log.sink,
+            AccessLogSink::File(dir.join("a.log"))
+        );
+        assert_eq!(config.access_log.buffer, 256 << 10);
+        assert_eq!(
+            config.access_log.flush,
+            std::time::Duration::from_millis(250)
+        );
+
+        // Every mistake at once, each with its line; checked even with the log off.
+        let bad = format!("{head}access_log:\n  enabled: false\n  buffer: 1KiB\n  flush: 5m\n");
+        let errors = parse("t.yaml", &bad, &dir).unwrap_err().to_string();
+        assert!(
+            errors.contains(
+                "t.yaml:4: access_log.buffer: 1024 bytes is outside the allowed 4KiB..16MiB"
+            ),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("t.yaml:5: access_log.flush: 300s is outside the allowed 10ms..60s"),
+            "{errors}"
+        );
+        let words = format!("{head}access_log:\n  buffer: lots\n  flush: 1\n");
+        let errors = parse("t.yaml", &words, &dir).unwrap_err().to_string();
+        assert!(errors.contains("t.yaml:3: access_log.buffer: "), "{errors}");
+        assert!(
+            errors.contains("t.yaml:4: access_log.flush: `1` is not a duration"),
+            "{errors}"
+        );
+    }
 }

@@ -22,7 +22,7 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     pub upstreams: Vec<Arc<UpstreamConf>>,
     pub routes: Vec<RouteConf>,
-    pub access_log: AccessLogSink,
+    pub access_log: AccessLogSettings,
 }
 
 impl Config {
@@ -271,6 +271,27 @@ pub enum AccessLogSink {
     Off,
 }
 
+/// The access log: where lines go, and how they are batched on their way (nginx's `buffer=`
+/// and `flush=`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLogSettings {
+    pub sink: AccessLogSink,
+    /// A worker thread hands its lines to the writer once this many bytes are buffered.
+    pub buffer: usize,
+    /// The longest a line may wait in a worker thread's buffer before it is written.
+    pub flush: Duration,
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        AccessLogSettings {
+            sink: AccessLogSink::Stdout,
+            buffer: DEFAULT_ACCESS_LOG_BUFFER,
+            flush: DEFAULT_ACCESS_LOG_FLUSH,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CheckKind {
     /// A GET of `path`; the status must be in `expect`.
@@ -376,6 +397,19 @@ pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// 2,000 connections with a full 64 KiB head each, or 128k with a 1 KiB one.
 pub const DEFAULT_HEADER_MEMORY: usize = 128 << 20;
+/// nginx's usual `access_log ... buffer=64k`: about 180 lines of ~350 bytes per hand-over.
+pub const DEFAULT_ACCESS_LOG_BUFFER: usize = 64 << 10;
+/// The bound on how long a line may sit in a buffer (nginx's `flush=` has no default; without
+/// one, lines of a quiet worker wait until its buffer fills).
+pub const DEFAULT_ACCESS_LOG_FLUSH: Duration = Duration::from_secs(1);
+/// `access_log.buffer` bounds: below 4 KiB a hand-over carries a dozen lines; above 16 MiB a
+/// worker holds more memory than any disk write needs.
+pub const ACCESS_LOG_BUFFER_RANGE: (usize, usize) = (4 << 10, 16 << 20);
+/// `access_log.flush` bounds: the writer sweeps every thread's buffer twice per `flush`, so
+/// below 10 ms that sweep becomes a busy loop; above a minute lines are older than a log reader
+/// expects.
+pub const ACCESS_LOG_FLUSH_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(60));
 pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// nginx's `proxy_read_timeout`.

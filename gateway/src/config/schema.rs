@@ -50,6 +50,8 @@ pub struct ListenerTls {
 pub struct AccessLog {
     pub enabled: Option<Val<bool>>,
     pub path: Option<Val<String>>,
+    pub buffer: Option<Val<Size>>,
+    pub flush: Option<Val<Duration>>,
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -177,15 +177,45 @@ fn access_log(
     r: &mut Report,
     s: Option<&Sect<schema::AccessLog>>,
     resolve: Resolve,
-) -> AccessLogSink {
+) -> AccessLogSettings {
     use AccessLogSink as Sink;
+    let mut settings = AccessLogSettings::default();
     let Some(a) = s.and_then(|s| r.sect(s, "access_log")) else {
-        return Sink::Stdout;
+        return settings;
     };
-    if !*r.opt(&a.enabled, "access_log.enabled").unwrap_or(&true) {
-        return Sink::Off;
+    // Checked even when the log is off, so that turning it on later meets no new mistake.
+    if let Some(size) = r.opt(&a.buffer, "access_log.buffer") {
+        let (min, max) = ACCESS_LOG_BUFFER_RANGE;
+        if (min..=max).contains(&size.0) {
+            settings.buffer = size.0;
+        } else {
+            let message = format!(
+                "{} bytes is outside the allowed {}KiB..{}MiB",
+                size.0,
+                min >> 10,
+                max >> 20
+            );
+            r.error(line(&a.buffer), "access_log.buffer", message);
+        }
     }
-    match r.opt(&a.path, "access_log.path").map(String::as_str) {
+    if let Some(flush) = r.opt(&a.flush, "access_log.flush") {
+        let (min, max) = ACCESS_LOG_FLUSH_RANGE;
+        if (min..=max).contains(flush) {
+            settings.flush = *flush;
+        } else {
+            let message = format!(
+                "{flush:?} is outside the allowed {}ms..{}s",
+                min.as_millis(),
+                max.as_secs()
+            );
+            r.error(line(&a.flush), "access_log.flush", message);
+        }
+    }
+    if !*r.opt(&a.enabled, "access_log.enabled").unwrap_or(&true) {
+        settings.sink = Sink::Off;
+        return settings;
+    }
+    settings.sink = match r.opt(&a.path, "access_log.path").map(String::as_str) {
         None | Some("stdout" | "-") => Sink::Stdout,
         Some(p) => {
             let path = resolve(p);
@@ -198,7 +228,8 @@ fn access_log(
             }
             Sink::File(path)
         }
-    }
+    };
+    settings
 }
 
 fn admin(r: &mut Report, s: Option<&Sect<schema::Admin>>, resolve: Resolve) -> Admin {

@@ -15,15 +15,20 @@
 
 pub mod h1;
 pub mod h2;
+pub mod in_flight;
+pub mod log_line;
 pub(crate) mod pipeline;
 pub mod routing;
+pub mod tls_accept;
+pub mod write_deadline;
 
 use crate::policies::Policies;
-use crate::telemetry::access_log::{self, AccessLog};
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{self, RouteMetrics};
 use crate::upstream::balance::Backend;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
+pub use log_line::RequestLog;
 use routing::{Route, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,7 +48,7 @@ pub struct Gateway {
     pub router: Arc<ArcSwap<GatewayRouter>>,
     /// Metrics of requests that matched no route.
     pub unmatched: RouteMetrics,
-    pub access_log: AccessLog,
+    pub access_log: RequestLog,
 }
 
 impl Gateway {
@@ -51,12 +56,43 @@ impl Gateway {
         Gateway {
             router,
             unmatched: RouteMetrics::new(metrics::UNMATCHED, metrics::UNMATCHED),
-            access_log,
+            access_log: RequestLog::new(access_log),
         }
     }
 }
 
-/// What one access log line tells about a request.
+/// Why an exchange ended before its answer was delivered whole: the access log's `ended`.
+pub mod ended {
+    /// A write toward the client made no progress for `server.client_body_timeout`.
+    pub const CLIENT_WRITE_TIMEOUT: &str = "client_write_timeout";
+    /// The client sent no more of its request body for `server.client_body_timeout`.
+    pub const CLIENT_READ_TIMEOUT: &str = "client_read_timeout";
+    /// The client closed (or reset) before the answer was delivered.
+    pub const CLIENT_CLOSED: &str = "client_closed";
+    /// The Pod, in the middle of its answer (or taking the request body), was silent for the
+    /// upstream's `read_timeout`.
+    pub const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+    /// The Pod closed in the middle of its answer, or broke its framing.
+    pub const UPSTREAM_CLOSED: &str = "upstream_closed";
+
+    /// For a write of a request body to a Pod that failed.
+    pub fn of_pod_write(e: &std::io::Error) -> &'static str {
+        match e.kind() {
+            std::io::ErrorKind::TimedOut => UPSTREAM_TIMEOUT,
+            _ => UPSTREAM_CLOSED,
+        }
+    }
+
+    /// For a read of a Pod's answer that gave nothing more.
+    pub fn of_pod_read(read: &std::io::Result<usize>) -> &'static str {
+        match read {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => UPSTREAM_TIMEOUT,
+            _ => UPSTREAM_CLOSED,
+        }
+    }
+}
+
+/// What one access log line tells about a request (written by [`log_line::write_line`]).
 pub struct LogFields<'a> {
     pub request_id: &'a str,
     pub client: Option<SocketAddr>,
@@ -72,36 +108,14 @@ pub struct LogFields<'a> {
     pub retries: usize,
     /// The call's `grpc-status`, for gRPC calls that ended with one.
     pub grpc_status: Option<&'a str>,
-    /// The consumer the route's policies authenticated the request as.
+    /// Why the exchange ended before its answer was delivered whole (`client_write_timeout`,
+    /// ...; README, Access log); `None` when it ended normally.
+    pub ended: Option<&'static str>,
+    /// The consumer the route's policies authenticated the request as (the line's `consumer`,
+    /// written only when there is one).
     pub consumer: Option<&'a str>,
 }
 
-/// One access log line, JSON.
-pub fn access_line(f: &LogFields) -> Vec<u8> {
-    let line = serde_json::json!({
-        "time": access_log::rfc3339(std::time::SystemTime::now()),
-        "request_id": f.request_id,
-        "client": f.client.map(|a| a.to_string()),
-        "method": f.method,
-        "host": f.host,
-        "path": f.path,
-        "route": f.route.map(|r| r.name.as_str()),
-        "upstream": f.route.map(|r| r.upstream.upstream.conf.name.as_str()),
-        "cluster": f.backend.and_then(|b| b.info.cluster.as_deref()),
-        "pod": f.backend.and_then(|b| b.info.pod.as_deref()),
-        "pod_address": f.backend.map(|b| b.addr.to_string()),
-        "status": f.status,
-        "bytes": f.bytes,
-        "duration_ms": f.took.as_secs_f64() * 1000.0,
-        "upstream_ms": f.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-        "retries": f.retries,
-        "grpc_status": f.grpc_status,
-        "consumer": f.consumer,
-    });
-    serde_json::to_vec(&line).unwrap_or_default()
-}
-
-/// The JSON body of an error answer.
 /// An `X-Request-Id` value for a header block that may go out over h2, marked sensitive so
 /// that HPACK never indexes it. Every request has its own id: indexed, each one went into the
 /// connection's 4 KiB dynamic table, where ids never recur; they pushed out the fields that do
@@ -123,6 +137,7 @@ pub fn unindexed_id(name: &[u8], mut value: http::HeaderValue) -> http::HeaderVa
     value
 }
 
+/// The JSON body of an error answer.
 pub fn error_json(status: u16) -> String {
     let (code, message) = error_body(status);
     format!("{{\"error\":\"{code}\",\"status\":{status},\"message\":\"{message}\"}}\n")

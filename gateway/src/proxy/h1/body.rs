@@ -11,6 +11,8 @@
 //! HTTP/1.0 receiver cannot read chunks: [`Out::Plain`] passes on only the chunk data, and the
 //! end of the connection ends the body.
 
+use super::chunked::write_chunk;
+pub use super::chunked::{is_dropped_trailer, is_tchar, write_trailers, BadChunk, Chunked, Piece};
 use bytes::BytesMut;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,295 +40,6 @@ pub enum Out {
     Chunked,
     /// Only the chunk data (to an HTTP/1.0 client, ended by the close).
     Plain,
-}
-
-/// Longest chunk extension accepted on one chunk-size line.
-const MAX_EXTENSION: usize = 4096;
-/// Largest trailer section accepted (the field lines together).
-const MAX_TRAILERS: usize = 16 * 1024;
-/// Most hex digits of a chunk size (16 fill a u64).
-const MAX_SIZE_DIGITS: u8 = 16;
-
-/// Where the chunk structure of a chunked body stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chunked {
-    state: State,
-    size: u64,
-    digits: u8,
-    /// Bytes of the current line's extension, or of the trailer section.
-    seen: usize,
-    /// The trailer section as received, while it is read (bounded by [`MAX_TRAILERS`]).
-    trailers: Vec<u8>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// Hex digits of a chunk size.
-    Size,
-    /// Whitespace after the size, before `;` or CR.
-    SizeWs,
-    /// Chunk extensions, up to the CR.
-    Extension,
-    /// The LF after a chunk size line's CR.
-    SizeLf,
-    /// Chunk data; `size` bytes remain.
-    Data,
-    /// The CR after chunk data.
-    DataCr,
-    /// The LF after chunk data.
-    DataLf,
-    /// The start of a trailer line (a CRLF here ends the body).
-    TrailerStart,
-    /// Inside a trailer field line, up to its CR.
-    TrailerLine,
-    /// The LF after a trailer line's CR.
-    TrailerLf,
-    /// The LF of the final CRLF.
-    EndLf,
-    Done,
-}
-
-/// A chunked body that breaks the grammar or a bound.
-#[derive(Debug, PartialEq, Eq)]
-pub struct BadChunk(pub &'static str);
-
-impl Default for Chunked {
-    fn default() -> Self {
-        Chunked {
-            state: State::Size,
-            size: 0,
-            digits: 0,
-            seen: 0,
-            trailers: Vec::new(),
-        }
-    }
-}
-
-/// What the decoder found in the bytes it was given.
-pub enum Piece<'a> {
-    /// Chunk data.
-    Data(&'a [u8]),
-    /// The end of the body, with its trailer section (field lines, each ending in CRLF).
-    End(&'a [u8]),
-}
-
-impl Chunked {
-    pub fn is_done(&self) -> bool {
-        self.state == State::Done
-    }
-
-    /// Follows `bytes` and returns how many of them belong to the body: all of them, or fewer
-    /// when the body ends inside `bytes`. Hands `piece` the chunk data and, at the end, the
-    /// trailer section.
-    pub fn decode(
-        &mut self,
-        bytes: &[u8],
-        mut piece: impl FnMut(Piece<'_>),
-    ) -> Result<usize, BadChunk> {
-        let mut i = 0;
-        while i < bytes.len() && self.state != State::Done {
-            let b = bytes[i];
-            match self.state {
-                State::Data => {
-                    let take = usize::try_from(self.size)
-                        .unwrap_or(usize::MAX)
-                        .min(bytes.len() - i);
-                    piece(Piece::Data(&bytes[i..i + take]));
-                    self.size -= take as u64;
-                    i += take;
-                    if self.size == 0 {
-                        self.state = State::DataCr;
-                    }
-                    continue;
-                }
-                State::Size => match hex(b) {
-                    Some(d) => {
-                        self.digits += 1;
-                        if self.digits > MAX_SIZE_DIGITS {
-                            return Err(BadChunk("chunk size of more than 16 hex digits"));
-                        }
-                        self.size = (self.size << 4) | u64::from(d);
-                    }
-                    None if self.digits == 0 => return Err(BadChunk("chunk size missing")),
-                    None => self.after_size(b)?,
-                },
-                State::SizeWs => self.after_size(b)?,
-                State::Extension => match b {
-                    b'\r' => self.state = State::SizeLf,
-                    b'\t' | b' '..=b'~' | 0x80..=0xff => {
-                        self.seen += 1;
-                        if self.seen > MAX_EXTENSION {
-                            return Err(BadChunk("chunk extension too long"));
-                        }
-                    }
-                    _ => return Err(BadChunk("control byte in a chunk extension")),
-                },
-                State::SizeLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk("chunk size line not ended by CRLF"));
-                    }
-                    self.digits = 0;
-                    self.seen = 0;
-                    self.state = if self.size == 0 {
-                        State::TrailerStart
-                    } else {
-                        State::Data
-                    };
-                }
-                State::DataCr => {
-                    if b != b'\r' {
-                        return Err(BadChunk("chunk data not followed by CRLF"));
-                    }
-                    self.state = State::DataLf;
-                }
-                State::DataLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk("chunk data not followed by CRLF"));
-                    }
-                    self.size = 0;
-                    self.state = State::Size;
-                }
-                State::TrailerStart => {
-                    if b == b'\r' {
-                        self.state = State::EndLf;
-                    } else {
-                        self.state = State::TrailerLine;
-                        self.trailer_byte(b)?;
-                    }
-                }
-                State::TrailerLine => {
-                    if b == b'\r' {
-                        self.state = State::TrailerLf;
-                    }
-                    self.trailer_byte(b)?;
-                }
-                State::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk("trailer line not ended by CRLF"));
-                    }
-                    self.trailer_byte(b)?;
-                    self.state = State::TrailerStart;
-                }
-                State::EndLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk("chunked body not ended by CRLF"));
-                    }
-                    self.state = State::Done;
-                    piece(Piece::End(&self.trailers));
-                    self.trailers = Vec::new();
-                }
-                State::Done => break,
-            }
-            i += 1;
-        }
-        Ok(i)
-    }
-
-    /// A byte after at least one size digit: whitespace, the extension's `;`, or the CR.
-    fn after_size(&mut self, b: u8) -> Result<(), BadChunk> {
-        match b {
-            b'\r' => self.state = State::SizeLf,
-            b';' => self.state = State::Extension,
-            b' ' | b'\t' => self.state = State::SizeWs,
-            _ => return Err(BadChunk("bad byte after a chunk size")),
-        }
-        Ok(())
-    }
-
-    fn trailer_byte(&mut self, b: u8) -> Result<(), BadChunk> {
-        if b == b'\n' && self.state != State::TrailerLf {
-            return Err(BadChunk("bare LF in the trailer section"));
-        }
-        if self.trailers.len() >= MAX_TRAILERS {
-            return Err(BadChunk("trailer section too large"));
-        }
-        self.trailers.push(b);
-        Ok(())
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Trailer fields that must not be sent on: framing, routing and connection control.
-const DROPPED_TRAILERS: [&[u8]; 9] = [
-    b"content-length",
-    b"transfer-encoding",
-    b"host",
-    b"trailer",
-    b"connection",
-    b"keep-alive",
-    b"te",
-    b"upgrade",
-    b"proxy-connection",
-];
-
-/// Whether a trailer field `name` must not be sent on (framing, routing, connection control).
-pub fn is_dropped_trailer(name: &[u8]) -> bool {
-    DROPPED_TRAILERS
-        .iter()
-        .any(|d| name.eq_ignore_ascii_case(d))
-}
-
-/// Appends the well-formed, allowed fields of a trailer section to `out`, each as
-/// `name: value\r\n`. A line that is not `token ":" OWS field-value OWS` is dropped.
-pub fn write_trailers(section: &[u8], out: &mut Vec<u8>) {
-    for line in section.split(|b| *b == b'\n') {
-        let Some(line) = line.strip_suffix(b"\r") else {
-            continue;
-        };
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
-            continue;
-        };
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        let name_ok = !name.is_empty() && name.iter().all(|b| is_tchar(*b));
-        let value_ok = value
-            .iter()
-            .all(|b| matches!(b, b'\t' | b' '..=b'~' | 0x80..=0xff));
-        if !name_ok
-            || !value_ok
-            || DROPPED_TRAILERS
-                .iter()
-                .any(|d| name.eq_ignore_ascii_case(d))
-        {
-            continue;
-        }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// A token character (RFC 9110 §5.6.2).
-pub fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// Appends one chunk holding `data` (nothing for empty data: a zero-size chunk would end the
-/// body).
-fn write_chunk(data: &[u8], out: &mut Vec<u8>) {
-    if data.is_empty() {
-        return;
-    }
-    let mut size = [0u8; 16];
-    let mut n = data.len();
-    let mut at = size.len();
-    while n > 0 || at == size.len() {
-        at -= 1;
-        size[at] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-    }
-    out.extend_from_slice(&size[at..]);
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
 }
 
 impl Framing {
@@ -373,10 +86,40 @@ impl Framing {
 pub enum RelayError {
     /// Reading the body failed, timed out, or the sender closed before the end.
     Read(std::io::Error),
-    /// Writing it on failed.
+    /// Writing it on failed or made no progress in time.
     Write(std::io::Error),
     /// The body broke the chunked grammar.
     Malformed(BadChunk),
+}
+
+impl RelayError {
+    fn timed_out(e: &std::io::Error) -> bool {
+        e.kind() == std::io::ErrorKind::TimedOut
+    }
+
+    /// The access log's `ended` for an answer (Pod → client) whose relay failed.
+    pub fn ended_answer(&self) -> &'static str {
+        use crate::proxy::ended::*;
+        match self {
+            RelayError::Read(e) if Self::timed_out(e) => UPSTREAM_TIMEOUT,
+            RelayError::Read(_) | RelayError::Malformed(_) => UPSTREAM_CLOSED,
+            RelayError::Write(e) if Self::timed_out(e) => CLIENT_WRITE_TIMEOUT,
+            RelayError::Write(_) => CLIENT_CLOSED,
+        }
+    }
+
+    /// The access log's `ended` for a request body (client → Pod) whose relay failed; `None`
+    /// for a malformed body (its `400` says it).
+    pub fn ended_request(&self) -> Option<&'static str> {
+        use crate::proxy::ended::*;
+        Some(match self {
+            RelayError::Read(e) if Self::timed_out(e) => CLIENT_READ_TIMEOUT,
+            RelayError::Read(_) => CLIENT_CLOSED,
+            RelayError::Write(e) if Self::timed_out(e) => UPSTREAM_TIMEOUT,
+            RelayError::Write(_) => UPSTREAM_CLOSED,
+            RelayError::Malformed(_) => return None,
+        })
+    }
 }
 
 /// Reads more into `buf`, within `timeout`; 0 means the other side closed. Makes room for at
@@ -398,9 +141,23 @@ pub async fn read_more<R: AsyncRead + Unpin>(
     }
 }
 
+/// The access log's `ended` when a read of a client's body (`read_more`) gave no bytes: the
+/// client closed or was silent too long. `None` when it gave some.
+pub fn client_read_ended(read: &std::io::Result<usize>) -> Option<&'static str> {
+    use crate::proxy::ended::*;
+    match read {
+        Ok(0) => Some(CLIENT_CLOSED),
+        Ok(_) => None,
+        Err(e) if RelayError::timed_out(e) => Some(CLIENT_READ_TIMEOUT),
+        Err(_) => Some(CLIENT_CLOSED),
+    }
+}
+
 /// Moves the body framed by `framing` from `buf` (bytes already read) and then `src` to `dst`,
 /// chunked bodies written as `how` says. Bytes after the body's end stay in `buf`. Returns the
-/// body bytes written. `timeout` bounds each read.
+/// body bytes written. `timeout` bounds each read; `write_timeout`, when given, bounds each
+/// write's progress (none for a client connection: its
+/// [`WriteDeadline`](crate::proxy::write_deadline::WriteDeadline) does that).
 pub async fn relay<R, W>(
     framing: &mut Framing,
     how: Out,
@@ -408,6 +165,7 @@ pub async fn relay<R, W>(
     src: &mut R,
     dst: &mut W,
     timeout: Duration,
+    write_timeout: Option<Duration>,
 ) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
@@ -422,7 +180,7 @@ where
                 .take_into(buf, &mut out, how)
                 .map_err(RelayError::Malformed)?;
             let _ = buf.split_to(take);
-            sent += pass_on(dst, &out).await?;
+            sent += pass_on(dst, &out, write_timeout).await?;
             done
         } else {
             // Length and until-close bodies go on as they are, without a copy.
@@ -435,7 +193,7 @@ where
             if let Framing::Length(left) = framing {
                 *left -= take as u64;
             }
-            sent += pass_on(dst, &buf.split_to(take)).await?;
+            sent += pass_on(dst, &buf.split_to(take), write_timeout).await?;
             match framing {
                 Framing::Length(left) => *left == 0,
                 Framing::UntilClose => false,
@@ -459,16 +217,41 @@ where
 
 /// Writes `piece` (if any) and flushes it at once: a streamed answer (server-sent events,
 /// progress) must not wait in a write buffer for bytes that come later. Returns its length.
-async fn pass_on<W: AsyncWrite + Unpin>(dst: &mut W, piece: &[u8]) -> Result<u64, RelayError> {
-    if !piece.is_empty() {
+/// With `timeout`, each write must move bytes within it (a bound on stalls, not on the piece:
+/// a slow receiver that keeps reading is never cut off).
+async fn pass_on<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    piece: &[u8],
+    timeout: Option<Duration>,
+) -> Result<u64, RelayError> {
+    if piece.is_empty() {
+        return Ok(0);
+    }
+    let Some(timeout) = timeout else {
         dst.write_all(piece).await.map_err(RelayError::Write)?;
         dst.flush().await.map_err(RelayError::Write)?;
+        return Ok(piece.len() as u64);
+    };
+    let stalled = || RelayError::Write(std::io::ErrorKind::TimedOut.into());
+    let mut at = 0;
+    while at < piece.len() {
+        match tokio::time::timeout(timeout, dst.write(&piece[at..])).await {
+            Ok(Ok(0)) => return Err(RelayError::Write(std::io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => at += n,
+            Ok(Err(e)) => return Err(RelayError::Write(e)),
+            Err(_) => return Err(stalled()),
+        }
+    }
+    match tokio::time::timeout(timeout, dst.flush()).await {
+        Ok(r) => r.map_err(RelayError::Write)?,
+        Err(_) => return Err(stalled()),
     }
     Ok(piece.len() as u64)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::chunked::{MAX_EXTENSION, MAX_TRAILERS};
     use super::*;
 
     /// Decodes `input` whole: bytes taken, done, and the re-encoded output.
@@ -576,6 +359,7 @@ mod tests {
                 &mut src,
                 &mut out,
                 Duration::from_secs(1),
+                None,
             )
             .await
             .unwrap();
@@ -596,6 +380,7 @@ mod tests {
             &mut src,
             &mut out,
             Duration::from_secs(1),
+            None,
         )
         .await
         .unwrap();
@@ -611,6 +396,7 @@ mod tests {
             &mut src,
             &mut out,
             Duration::from_secs(1),
+            None,
         )
         .await;
         assert!(matches!(r, Err(RelayError::Read(_))), "{r:?}");

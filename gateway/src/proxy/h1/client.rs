@@ -8,7 +8,7 @@
 //! would be taken for the next request; an answer whose length only the close can tell ends it
 //! too; after a Pod's `101` the connection is a byte tunnel.
 
-use super::body::{read_more, write_trailers, Chunked, Framing, Piece};
+use super::body::{client_read_ended, read_more, write_trailers, Chunked, Framing, Piece};
 use super::head::{BodyLength, HeadInfo, Request};
 use super::rewrite::{
     answer_head, canonical_reason, push_chunk, push_fields, push_header, push_last_chunk, target,
@@ -16,10 +16,11 @@ use super::rewrite::{
 };
 use super::{error_answer, Client, Engine};
 use crate::policies::Fields;
+use crate::proxy::ended::CLIENT_CLOSED;
 use crate::proxy::pipeline;
 use crate::proxy::pipeline::sides::{
-    AnswerHead, AnswerOut, AnswerTx, BodyEvent, BodySource, ClientFail, ClientSide, Incoming,
-    Local, Trailers,
+    AnswerHead, AnswerOut, AnswerTx, BodyEvent, BodySource, ClientFail, ClientSide, Ended,
+    Incoming, Local, Trailers,
 };
 use crate::upstream::pool;
 use bytes::Bytes;
@@ -142,7 +143,7 @@ impl H1Client<'_> {
             self.c
                 .send(b"HTTP/1.1 100 Continue\r\n\r\n", self.body_timeout)
                 .await
-                .map_err(|_| ClientFail::Gone)?;
+                .map_err(|_| ClientFail::Gone(CLIENT_CLOSED))?;
         }
         Ok(())
     }
@@ -182,9 +183,10 @@ impl H1Client<'_> {
     }
 
     async fn read(&mut self) -> Result<(), ClientFail> {
-        match read_more(&mut self.c.io, &mut self.c.buf, self.body_timeout).await {
-            Ok(0) | Err(_) => Err(ClientFail::Gone),
-            Ok(_) => Ok(()),
+        let read = read_more(&mut self.c.io, &mut self.c.buf, self.body_timeout).await;
+        match client_read_ended(&read) {
+            Some(ended) => Err(ClientFail::Gone(ended)),
+            None => Ok(()),
         }
     }
 }
@@ -291,17 +293,21 @@ impl ClientSide for H1Client<'_> {
         out: &AnswerOut<'_>,
         first: Bytes,
         end: Option<Option<Trailers>>,
-    ) -> impl std::future::Future<Output = Result<(), ()>> + Send {
+    ) -> impl std::future::Future<Output = Result<(), Ended>> + Send {
         // The bytes are made here; only the write is left to the future, which so stays small
         // (it is part of every request's).
         let bytes = self.head_bytes(answer, out, first, end);
         async move {
             if self.c.send(&bytes, self.body_timeout).await.is_err() {
                 self.keep = false;
-                return Err(());
+                return Err(CLIENT_CLOSED);
             }
             Ok(())
         }
+    }
+
+    fn ended(&self) -> Option<Ended> {
+        self.c.ended()
     }
 
     fn halves(&mut self) -> (NoBody, H1Tx<'_>) {
@@ -400,7 +406,7 @@ impl AnswerTx for H1Tx<'_> {
         self.pending.is_some()
     }
 
-    async fn deliver(&mut self) -> Result<(), ()> {
+    async fn deliver(&mut self) -> Result<(), Ended> {
         let Some(data) = self.pending.take() else {
             // Over HTTP/1.1 a client that goes away is found by the next write.
             return std::future::pending().await;
@@ -412,16 +418,19 @@ impl AnswerTx for H1Tx<'_> {
         } else {
             self.c.send(&data, self.body_timeout).await
         };
-        sent.map_err(|_| *self.keep = false)
+        sent.map_err(|_| {
+            *self.keep = false;
+            CLIENT_CLOSED
+        })
     }
 
-    async fn finish(&mut self, trailers: Option<Trailers>) -> Result<(), ()> {
+    async fn finish(&mut self, trailers: Option<Trailers>) -> Result<(), Ended> {
         if self.out == Out::Chunked {
             let mut end = Vec::with_capacity(16);
             push_last_chunk(&mut end, trailers.as_ref());
             if self.c.send(&end, self.body_timeout).await.is_err() {
                 *self.keep = false;
-                return Err(());
+                return Err(CLIENT_CLOSED);
             }
         }
         Ok(())

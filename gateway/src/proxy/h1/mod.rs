@@ -10,20 +10,25 @@
 //! same way, and to h2/h2c Pods (gRPC) over `upstream/h2_pool.rs`.
 //!
 //! Files: `head.rs` parses heads and decides body lengths (pure, fuzzed); `body.rs` decodes and
-//! re-frames bodies; `rewrite.rs` writes heads (pure); `client.rs` is the client side of one
-//! request for the pipeline (`proxy/pipeline/`), `pod.rs` the HTTP/1.1 Pod side for every
-//! client protocol; `sniff.rs` tells h2c from HTTP/1.x; `spread.rs` evens connections over
-//! threads; `client_io.rs` is the client's transport.
+//! re-frames and moves bodies (`chunked.rs`: the chunked coding); `rewrite.rs` writes heads
+//! (pure); `client.rs` is the client side of one request for the pipeline (`proxy/pipeline/`),
+//! `pod.rs` the HTTP/1.1 Pod side for every client protocol; `sniff.rs` tells h2c from
+//! HTTP/1.x; `spread.rs` evens connections over threads; `client_io.rs` is the client's
+//! transport.
 //!
-//! Limits toward clients follow nginx: the whole request head must arrive within
-//! `server.client_header_timeout` (nginx `client_header_timeout`), each read of a body within
-//! `server.client_body_timeout`, and an idle keep-alive connection is closed after
-//! `server.keepalive_timeout`. An idle connection holds no buffer: it waits for readability with
+//! Limits toward clients follow nginx: the TLS handshake (`proxy/tls_accept.rs`) and the whole
+//! first request head must arrive within `server.client_header_timeout` of the accept (nginx
+//! `client_header_timeout`), each read of a body within `server.client_body_timeout`, every
+//! write toward the client must make progress within it too (nginx `send_timeout`,
+//! `proxy/write_deadline.rs`), and an idle keep-alive connection is closed after
+//! `server.keepalive_timeout`. A request counts as in flight for the stop
+//! (`proxy/in_flight.rs`) from its head's first byte until its connection is idle or closed. An idle connection holds no buffer: it waits for readability with
 //! an empty read, then reads the head into a 1 KiB buffer that doubles as needed up to
 //! [`head::MAX_HEAD`]; all buffers of connections still sending a head share one budget,
 //! `server.header_memory`, beyond which a connection asking for more is answered 503 and closed.
 
 pub mod body;
+mod chunked;
 mod client;
 mod client_io;
 pub mod head;
@@ -35,10 +40,12 @@ pub mod sniff;
 pub mod spread;
 
 use crate::config::ServerSettings;
-use crate::proxy::{error_json, Gateway};
+use crate::proxy::tls_accept::{self, TlsListeners};
+use crate::proxy::write_deadline::CLIENT_WRITE_TIMEOUT;
+use crate::proxy::{error_json, in_flight, Gateway};
 use async_trait::async_trait;
 use bytes::BytesMut;
-use client_io::ClientIo;
+use client_io::{client_io, ClientIo, Transport};
 use head::{parse_request, Request};
 use http::Method;
 use pingora_core::apps::ServerApp;
@@ -131,6 +138,8 @@ pub struct Engine {
     limits: Limits,
     /// An `h2c: true` listener: plain connections may open with the h2 preface (`sniff.rs`).
     h2c: bool,
+    /// The service's TLS listeners: their connections are handshaken here (`tls_accept.rs`).
+    tls: TlsListeners,
 }
 
 impl Engine {
@@ -142,7 +151,14 @@ impl Engine {
             spread: spread::Spread::new(threads),
             limits: Limits::default(),
             h2c: false,
+            tls: TlsListeners::default(),
         }
+    }
+
+    /// The same, handshaking connections to these TLS listeners.
+    pub fn with_tls(mut self, tls: TlsListeners) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The same, with these client limits.
@@ -155,21 +171,21 @@ impl Engine {
 #[async_trait]
 impl ServerApp for Engine {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let accepted = Instant::now();
+        if let Some(acceptor) = self.tls_of(&io) {
+            self.accept_tls(io, acceptor, accepted, shutdown);
+            return None;
+        }
         if self.h2c {
             match sniff::sniff(&io, self.limits.header_timeout).await {
                 sniff::Sniffed::H2 => {
                     let _open = self.spread.open_here();
-                    self.serve_h2(io, shutdown).await;
+                    self.serve_h2(io, shutdown, accepted).await;
                     return None;
                 }
                 sniff::Sniffed::Http1 => {}
                 sniff::Sniffed::Gone => return None,
             }
-        }
-        if io.selected_alpn_proto() == Some(ALPN::H2) {
-            let _open = self.spread.open_here();
-            self.serve_h2(io, shutdown).await;
-            return None;
         }
         // Every plain-TCP connection continues in a task of its own on the least busy thread,
         // and Pingora's task for it ends here: that task carries a TLS handshake's state inline
@@ -186,8 +202,8 @@ impl ServerApp for Engine {
                         let _open = open;
                         match tokio::net::TcpStream::from_std(tcp) {
                             Ok(tcp) => {
-                                let io = ClientIo::Tcp(tcp);
-                                engine.serve(io, addr, false, &shutdown).await
+                                let io = client_io(Transport::Tcp(tcp), engine.limits.body_timeout);
+                                engine.serve(io, addr, false, &shutdown, accepted).await
                             }
                             Err(e) => log::warn!("cannot move a client connection: {e}"),
                         }
@@ -199,7 +215,8 @@ impl ServerApp for Engine {
         let _open = self.spread.open_here();
         let addr = peer(&io);
         let tls = io.get_ssl_digest().is_some();
-        self.serve(ClientIo::Pingora(io), addr, tls, shutdown).await;
+        let io = client_io(Transport::Pingora(io), self.limits.body_timeout);
+        self.serve(io, addr, tls, shutdown, accepted).await;
         None
     }
 
@@ -212,9 +229,78 @@ impl ServerApp for Engine {
 
 impl Engine {
     /// An h2 connection: its streams are served in its task (`proxy/h2/serve.rs`).
-    async fn serve_h2(&self, io: Stream, shutdown: &ShutdownWatch) {
-        crate::proxy::h2::serve::connection(&self.gateway, io, shutdown, self.limits.body_timeout)
-            .await
+    async fn serve_h2(&self, io: Stream, shutdown: &ShutdownWatch, accepted: Instant) {
+        crate::proxy::h2::serve::connection(
+            &self.gateway,
+            io,
+            shutdown,
+            crate::proxy::h2::serve::Timeouts {
+                header: self.limits.header_timeout,
+                body: self.limits.body_timeout,
+                keepalive: self.limits.keepalive_timeout,
+                linger: self.linger,
+            },
+            accepted,
+        )
+        .await
+    }
+
+    /// The acceptor of the TLS listener `io` came in on, if it did on one.
+    fn tls_of(&self, io: &Stream) -> Option<Arc<pingora_core::listeners::tls::Acceptor>> {
+        if self.tls.is_empty() {
+            return None;
+        }
+        let local = io
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())?;
+        self.tls.for_local(local).cloned()
+    }
+
+    /// A connection to a TLS listener: moved to the least busy thread before its handshake
+    /// begins (Pingora's task for it ends here), then handshaken and served there.
+    fn accept_tls(
+        self: &Arc<Self>,
+        io: Stream,
+        acceptor: Arc<pingora_core::listeners::tls::Acceptor>,
+        accepted: Instant,
+        shutdown: &ShutdownWatch,
+    ) {
+        let addr = peer(&io);
+        let Some(tcp) = spread::detach(&io) else {
+            log::warn!("client {addr:?}: cannot take the TLS connection over; closing it");
+            return;
+        };
+        drop(io);
+        let (there, open) = match self.spread.least() {
+            Some((there, open)) => (there, Some(open)),
+            None => (tokio::runtime::Handle::current(), None),
+        };
+        let (engine, shutdown) = (self.clone(), shutdown.clone());
+        there.spawn(async move {
+            let _open = open;
+            let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => tcp,
+                Err(e) => return log::warn!("cannot move a client connection: {e}"),
+            };
+            let deadline = accepted + engine.limits.header_timeout;
+            let stream = match tls_accept::handshake(&acceptor, tcp, addr, deadline.into()).await {
+                Ok(stream) => stream,
+                Err(tls_accept::NoSession::TimedOut) => {
+                    return log::debug!("client {addr:?}: TLS handshake timed out")
+                }
+                Err(tls_accept::NoSession::Failed(why)) => {
+                    return log::debug!("client {addr:?}: TLS handshake: {why}")
+                }
+            };
+            // Boxed, both: inline, the larger of the two (an h2 connection's state) would size
+            // the task of every connection still waiting for its ClientHello.
+            if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                Box::pin(engine.serve_h2(stream, &shutdown, accepted)).await;
+            } else {
+                let io = client_io(Transport::Pingora(stream), engine.limits.body_timeout);
+                Box::pin(engine.serve(io, addr, true, &shutdown, accepted)).await;
+            }
+        });
     }
 }
 
@@ -231,18 +317,26 @@ struct Client {
     buf: BytesMut,
     addr: Option<SocketAddr>,
     tls: bool,
+    /// Counts the request in flight, from its head's first byte until the connection is idle
+    /// again or closed (`proxy/in_flight.rs`).
+    busy: Option<in_flight::Busy>,
 }
 
 impl Client {
+    /// Writes `bytes` and flushes them; each write must make progress within `timeout`
+    /// (the connection's [`WriteDeadline`](crate::proxy::write_deadline::WriteDeadline)), so a
+    /// slow client that keeps reading gets even a large head, and one that stopped does not
+    /// hold the connection.
     async fn send(&mut self, bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
-        let write = async {
-            self.io.write_all(bytes).await?;
-            self.io.flush().await
-        };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-        }
+        self.io.set_limit(timeout);
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+
+    /// Why the exchange ended early, as far as the client connection knows: a write toward the
+    /// client that ran out of time ends the exchange and the connection.
+    fn ended(&self) -> Option<&'static str> {
+        self.io.expired().then_some(CLIENT_WRITE_TIMEOUT)
     }
 }
 
@@ -308,13 +402,14 @@ impl Engine {
         addr: Option<SocketAddr>,
         tls: bool,
         shutdown: &ShutdownWatch,
+        accepted: Instant,
     ) {
-        let accepted = Instant::now();
         let mut client = Client {
             io,
             buf: BytesMut::new(),
             addr,
             tls,
+            busy: None,
         };
         let mut shutdown = shutdown.clone();
         let mut first = true;
@@ -329,7 +424,7 @@ impl Engine {
                     let id = if status == 503 {
                         String::new()
                     } else {
-                        crate::telemetry::access_log::request_id()
+                        crate::proxy::pipeline::request_id(None)
                     };
                     let answer = error_answer(status, None, false, false, &id);
                     let _ = client.send(&answer, self.limits.body_timeout).await;
@@ -344,6 +439,8 @@ impl Engine {
             if !Box::pin(self.exchange(&mut client, req, stopping)).await {
                 break;
             }
+            // Idle again: nothing in flight until the next head begins.
+            client.busy = None;
             if client.buf.is_empty() {
                 // Nothing pipelined: an idle connection keeps no buffer.
                 client.buf = BytesMut::new();
@@ -394,6 +491,9 @@ impl Engine {
             memory: &limits.header_memory,
             bytes: 0,
         };
+        if !c.buf.is_empty() {
+            c.busy.get_or_insert_with(in_flight::busy);
+        }
         loop {
             if !c.buf.is_empty() {
                 match parse_request(&mut c.buf) {
@@ -423,7 +523,9 @@ impl Engine {
             let read = tokio::time::timeout_at(deadline.into(), c.io.read_buf(&mut c.buf)).await;
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(NoHead::Done),
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => {
+                    c.busy.get_or_insert_with(in_flight::busy);
+                }
                 Err(_) if c.buf.is_empty() => return Err(NoHead::Done),
                 Err(_) => {
                     log::debug!("client {:?}: request head timed out", c.addr);

@@ -12,6 +12,7 @@
 use super::body::{write_trailers, Chunked, Framing, Piece};
 use super::head::{inside, parse_response, BodyLength, HeadInfo, Response};
 use super::rewrite::{push_chunk, push_last_chunk, request_head, BodyOut};
+use crate::proxy::ended;
 use crate::proxy::pipeline::request::set_here_or_hop;
 use crate::proxy::pipeline::sides::{
     AnswerEvent, AnswerHead, Attempt, BodyEvent, ClientFail, ClientSide, Declared, Failure,
@@ -83,7 +84,7 @@ impl PodSide for H1Pod {
             Box::pin(stream(upload, client, &mut up, body, conf.read_timeout))
                 .await
                 .inspect_err(|f| {
-                    if matches!(f, Failure::Upload) {
+                    if matches!(f, Failure::Upload(_)) {
                         log::warn!("upstream {}: sending the body to {addr} failed", conf.name);
                     }
                 })?;
@@ -97,7 +98,9 @@ impl PodSide for H1Pod {
         let read = if C::CANCELS {
             tokio::select! {
                 r = read => r,
-                () = client.gone() => return Err(Failure::Client(ClientFail::Gone)),
+                () = client.gone() => {
+                    return Err(Failure::Client(ClientFail::Gone(ended::CLIENT_CLOSED)))
+                }
             }
         } else {
             read.await
@@ -171,7 +174,7 @@ async fn stream<C: ClientSide>(
         if !bytes.is_empty() || last {
             write(up, &bytes, timeout)
                 .await
-                .map_err(|_| Failure::Upload)?;
+                .map_err(|e| Failure::Upload(ended::of_pod_write(&e)))?;
         }
         if last {
             return Ok(());
@@ -449,13 +452,15 @@ impl PodAnswer for H1Answer<'_> {
                         self.upstream.conf.name,
                         self.addr
                     );
-                    return AnswerEvent::Failed;
+                    return AnswerEvent::Failed(ended::UPSTREAM_CLOSED);
                 }
             }
             let Some(wait) = self.wait.next() else {
-                return AnswerEvent::Failed;
+                // A gRPC call's deadline passed.
+                return AnswerEvent::Failed(ended::UPSTREAM_TIMEOUT);
             };
-            match super::body::read_more(&mut self.up.io, &mut self.up.buf, wait).await {
+            let read = super::body::read_more(&mut self.up.io, &mut self.up.buf, wait).await;
+            match read {
                 Ok(0) if self.framing == Framing::UntilClose => return AnswerEvent::End(None),
                 Ok(0) | Err(_) => {
                     log::debug!(
@@ -463,7 +468,7 @@ impl PodAnswer for H1Answer<'_> {
                         self.upstream.conf.name,
                         self.addr
                     );
-                    return AnswerEvent::Failed;
+                    return AnswerEvent::Failed(ended::of_pod_read(&read));
                 }
                 Ok(_) => {}
             }

@@ -10,8 +10,8 @@
 //! connections (this one on a tie): the socket is duplicated ([`detach`]), registered with that
 //! thread's runtime, and Pingora's copy is closed. Moving every such connection, not only the
 //! ones that land on a busier thread, also frees Pingora's per-connection task (see
-//! `proxy/h1/mod.rs`). TLS connections stay where they are (their session state lives in the stream
-//! and cannot follow), but count. The target's runtime is one of the same listening service's
+//! `proxy/h1/mod.rs`). TLS connections move too, before their handshake begins (podgate runs it,
+//! `proxy/tls_accept.rs`). The target's runtime is one of the same listening service's
 //! runtimes, so shutdown treats a moved connection like any other.
 
 use crate::telemetry::metrics;
@@ -46,10 +46,12 @@ thread_local! {
     static MINE: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An open connection counted on a thread; uncounted when dropped.
+/// An open connection counted on a thread (and in the process' count the stop reads,
+/// `proxy/in_flight.rs`); uncounted when dropped.
 pub struct Open {
     spread: Arc<Spread>,
     thread: usize,
+    _counted: crate::proxy::in_flight::Connection,
 }
 
 impl Drop for Open {
@@ -121,6 +123,7 @@ impl Spread {
         Open {
             spread: self.clone(),
             thread,
+            _counted: crate::proxy::in_flight::connection(),
         }
     }
 

@@ -10,18 +10,20 @@
 use super::grpc;
 use super::outgoing::{send_last, Outgoing};
 use crate::policies::Fields;
+use crate::proxy::ended::{CLIENT_CLOSED, CLIENT_READ_TIMEOUT, CLIENT_WRITE_TIMEOUT};
 use crate::proxy::h1::head::{BodyLength, HeadInfo};
 use crate::proxy::pipeline;
 use crate::proxy::pipeline::request::{answer_fields, removed_from_answers};
 use crate::proxy::pipeline::sides::{
     AnswerHead, AnswerOut, AnswerTx, BodyEvent, BodySource, ClientFail, ClientSide, Declared,
-    Incoming, Length, Local, Trailers,
+    Ended, Incoming, Length, Local, Trailers,
 };
 use crate::upstream::pool;
 use bytes::{Bytes, BytesMut};
 use pingora_core::protocols::http::v2::server::HttpSession;
 use pingora_http::{RequestHeader, ResponseHeader};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// What every stream of one client connection shares.
@@ -31,6 +33,9 @@ pub(super) struct Conn<'a> {
     pub(super) tls: bool,
     /// `server.client_body_timeout`: each read of a request body, each wait to write an answer.
     pub(super) body_timeout: Duration,
+    /// Set when a write of the connection toward the client ran out of time: the connection
+    /// ends with all its streams (`serve.rs`).
+    pub(super) write_expired: &'a AtomicBool,
 }
 
 /// How long an answer podgate makes waits for the rest of the request, so that the stream closes
@@ -43,11 +48,14 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// connection's set of streams.)
 // Not an `async fn`, on purpose (see above).
 #[allow(clippy::manual_async_fn)]
+/// `counted` counts the stream as in flight for a graceful stop until it ends.
 pub(super) fn serve<'a>(
     cx: &'a Conn<'a>,
     mut s: HttpSession,
+    counted: crate::proxy::in_flight::Busy,
 ) -> impl std::future::Future<Output = ()> + Send + 'a {
     async move {
+        let _counted = counted;
         let start = Instant::now();
         // The head is taken out of the session (no copy), so that the view of it can live while
         // the session reads the body and answers.
@@ -169,6 +177,7 @@ async fn refuse(client: &mut H2Client<'_>, r: Refused<'_>, cx: &Conn<'_>, start:
 /// One stream, as the pipeline's client.
 pub(super) struct H2Client<'s> {
     s: &'s mut HttpSession,
+    write_expired: &'s AtomicBool,
     body_timeout: Duration,
     head_only: bool,
     /// The end of the body was given.
@@ -178,9 +187,10 @@ pub(super) struct H2Client<'s> {
 }
 
 impl<'s> H2Client<'s> {
-    fn new(s: &'s mut HttpSession, cx: &Conn<'_>, head_only: bool) -> Self {
+    fn new(s: &'s mut HttpSession, cx: &Conn<'s>, head_only: bool) -> Self {
         H2Client {
             s,
+            write_expired: cx.write_expired,
             body_timeout: cx.body_timeout,
             head_only,
             gave_end: false,
@@ -221,7 +231,7 @@ async fn read_body(s: &mut HttpSession, gave_end: &mut bool, timeout: Duration) 
     if *gave_end {
         let reason = s.idle().await;
         log::debug!("h2 client: the stream was reset ({reason:?})");
-        return BodyEvent::Failed(ClientFail::Gone);
+        return BodyEvent::Failed(ClientFail::Gone(CLIENT_CLOSED));
     }
     loop {
         match tokio::time::timeout(timeout, s.read_body_bytes()).await {
@@ -233,9 +243,9 @@ async fn read_body(s: &mut HttpSession, gave_end: &mut bool, timeout: Duration) 
             }
             Ok(Err(e)) => {
                 log::debug!("h2 client: reading the request body: {e}");
-                return BodyEvent::Failed(ClientFail::Gone);
+                return BodyEvent::Failed(ClientFail::Gone(CLIENT_CLOSED));
             }
-            Err(_) => return BodyEvent::Failed(ClientFail::Gone),
+            Err(_) => return BodyEvent::Failed(ClientFail::Gone(CLIENT_READ_TIMEOUT)),
         }
     }
 }
@@ -248,7 +258,7 @@ impl BodySource for H2Client<'_> {
 
 /// What is left of writing an answer's head and first bytes once the head went out.
 enum Tail<'a> {
-    Done(Result<(), ()>),
+    Done(Result<(), Ended>),
     /// The whole body, to send as the window allows.
     Last(h2::SendStream<Bytes>, Bytes),
     /// The first bytes (queued), then these trailers.
@@ -265,7 +275,7 @@ impl H2Client<'_> {
         end: Option<Option<Trailers>>,
     ) -> Tail<'_> {
         let Ok(mut resp) = ResponseHeader::build_no_case(answer.status(), Some(16)) else {
-            return Tail::Done(Err(()));
+            return Tail::Done(Err(CLIENT_CLOSED));
         };
         let mut has_id = false;
         answer.each_field(|f| {
@@ -303,13 +313,13 @@ impl H2Client<'_> {
             .write_response_header(Box::new(resp), ended_at_once)
             .is_err()
         {
-            return Tail::Done(Err(()));
+            return Tail::Done(Err(CLIENT_CLOSED));
         }
         if ended_at_once {
             return Tail::Done(Ok(()));
         }
         let Some(w) = self.s.take_response_body_writer() else {
-            return Tail::Done(Err(()));
+            return Tail::Done(Err(CLIENT_CLOSED));
         };
         if at_end && trailers.is_none() {
             return Tail::Last(w, first);
@@ -374,9 +384,9 @@ impl ClientSide for H2Client<'_> {
                 }
                 Ok(Err(e)) => {
                     log::debug!("h2 client: reading the request body: {e}");
-                    return Err(ClientFail::Gone);
+                    return Err(ClientFail::Gone(CLIENT_CLOSED));
                 }
-                Err(_) => return Err(ClientFail::Gone),
+                Err(_) => return Err(ClientFail::Gone(CLIENT_READ_TIMEOUT)),
             }
         }
     }
@@ -417,7 +427,7 @@ impl ClientSide for H2Client<'_> {
             let end = self.head_only || a.body.is_empty();
             if self.s.write_response_header(Box::new(resp), end).is_ok() && !end {
                 if let Some(mut w) = self.s.take_response_body_writer() {
-                    send_last(&mut w, a.body.clone(), self.body_timeout).await;
+                    let _ = send_last(&mut w, a.body.clone(), self.body_timeout).await;
                 }
             }
             return;
@@ -450,7 +460,7 @@ impl ClientSide for H2Client<'_> {
         out: &AnswerOut<'_>,
         first: Bytes,
         end: Option<Option<Trailers>>,
-    ) -> impl std::future::Future<Output = Result<(), ()>> + Send {
+    ) -> impl std::future::Future<Output = Result<(), Ended>> + Send {
         // The head is written here, synchronously; only what waits for the client's window is
         // left to the future, which so stays small (it is part of every stream's).
         let body_timeout = self.body_timeout;
@@ -458,21 +468,29 @@ impl ClientSide for H2Client<'_> {
         async move {
             match tail {
                 Tail::Done(r) => r,
-                Tail::Last(mut w, data) => send_last(&mut w, data, body_timeout)
-                    .await
-                    .then_some(())
-                    .ok_or(()),
+                Tail::Last(mut w, data) => send_last(&mut w, data, body_timeout).await,
                 Tail::Trailers(out, t) => {
                     while out.holds_bytes() {
-                        tokio::time::timeout(body_timeout, out.push())
-                            .await
-                            .map_err(|_| ())?
-                            .map_err(|_| ())?;
+                        match tokio::time::timeout(body_timeout, out.push()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return Err(CLIENT_CLOSED),
+                            Err(_) => {
+                                // The client kept its window shut: reset, as in the relay.
+                                out.tx.send_reset(h2::Reason::CANCEL);
+                                return Err(CLIENT_WRITE_TIMEOUT);
+                            }
+                        }
                     }
-                    out.finish(Some(H2Client::trailers_map(t))).map_err(|_| ())
+                    out.finish(Some(H2Client::trailers_map(t)))
+                        .map_err(|_| CLIENT_CLOSED)
                 }
             }
         }
+    }
+
+    fn ended(&self) -> Option<Ended> {
+        let expired = self.write_expired.load(Ordering::Relaxed);
+        expired.then_some(CLIENT_WRITE_TIMEOUT)
     }
 
     fn halves(&mut self) -> (H2Rx<'_>, H2Tx<'_>) {
@@ -513,28 +531,36 @@ impl AnswerTx for H2Tx<'_> {
         self.w.as_ref().is_some_and(|w| w.holds_bytes())
     }
 
-    async fn deliver(&mut self) -> Result<(), ()> {
+    async fn deliver(&mut self) -> Result<(), Ended> {
         let Some(w) = self.w.as_mut() else {
-            return Err(());
+            return Err(CLIENT_CLOSED);
         };
         if !w.holds_bytes() {
             let reason = std::future::poll_fn(|cx| w.tx.poll_reset(cx)).await;
             log::debug!("h2 client: the stream was reset ({reason:?})");
-            return Err(());
+            return Err(CLIENT_CLOSED);
         }
-        // A client that opens no window within the body timeout is cut off.
+        // A client that opens no window within the body timeout is cut off (the relay then
+        // resets the stream).
         match tokio::time::timeout(self.body_timeout, w.push()).await {
             Ok(Ok(())) => Ok(()),
-            _ => Err(()),
+            Ok(Err(_)) => Err(CLIENT_CLOSED),
+            Err(_) => {
+                log::debug!(
+                    "h2 client: took nothing of the answer in {:?}",
+                    self.body_timeout
+                );
+                Err(CLIENT_WRITE_TIMEOUT)
+            }
         }
     }
 
-    async fn finish(&mut self, trailers: Option<Trailers>) -> Result<(), ()> {
+    async fn finish(&mut self, trailers: Option<Trailers>) -> Result<(), Ended> {
         let Some(w) = self.w.as_mut() else {
-            return Err(());
+            return Err(CLIENT_CLOSED);
         };
         w.finish(trailers.map(H2Client::trailers_map))
-            .map_err(|_| ())
+            .map_err(|_| CLIENT_CLOSED)
     }
 
     fn abort(&mut self) {

@@ -96,18 +96,19 @@ impl Outgoing {
 /// (nearly always: an answer read whole is smaller than the windows), else piece by piece as the
 /// receiver opens its window, within `timeout`. Pingora's `write_body` arms two timers and
 /// reserves capacity in a loop for every piece; measured (`benches/load/h2.py tls`, perf) it was
-/// 2.7 % of podgate's time, most answers being one piece. `false` when the receiver is gone or
-/// too slow.
+/// 2.7 % of podgate's time, most answers being one piece. `Err` when the receiver is gone or
+/// too slow, with the access log's `ended` for it.
 pub(crate) async fn send_last(
     w: &mut SendStream<Bytes>,
     mut data: Bytes,
     timeout: Duration,
-) -> bool {
+) -> Result<(), &'static str> {
+    use crate::proxy::ended::{CLIENT_CLOSED, CLIENT_WRITE_TIMEOUT};
     if !data.is_empty() {
         w.reserve_capacity(data.len());
     }
     if w.capacity() >= data.len() {
-        return w.send_data(data, true).is_ok();
+        return w.send_data(data, true).map_err(|_| CLIENT_CLOSED);
     }
     let rest = async {
         loop {
@@ -129,5 +130,13 @@ pub(crate) async fn send_last(
             w.reserve_capacity(data.len());
         }
     };
-    tokio::time::timeout(timeout, rest).await.unwrap_or(false)
+    match tokio::time::timeout(timeout, rest).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CLIENT_CLOSED),
+        Err(_) => {
+            // The client kept its window shut: the stream is reset, nothing more waits for it.
+            w.send_reset(h2::Reason::CANCEL);
+            Err(CLIENT_WRITE_TIMEOUT)
+        }
+    }
 }

@@ -16,6 +16,7 @@
 //! nor as a Pod failure; a second refusal goes to another Pod like a connect failure.
 
 use super::outgoing::Outgoing;
+use crate::proxy::ended;
 use crate::proxy::pipeline::request::Forward;
 use crate::proxy::pipeline::sides::{
     AnswerEvent, AnswerHead, Attempt, BodyEvent, ClientFail, ClientSide, Declared, Failure,
@@ -193,7 +194,7 @@ async fn client_event<C: ClientSide>(upload: &mut Upload, client: &mut C, read: 
         return upload.next(client).await;
     }
     client.gone().await;
-    BodyEvent::Failed(ClientFail::Gone)
+    BodyEvent::Failed(ClientFail::Gone(ended::CLIENT_CLOSED))
 }
 
 /// The request for the Pod: the client's fields that pass (`Forward::passes`), `te: trailers`
@@ -289,13 +290,13 @@ async fn answer_piece(recv: &mut RecvStream) -> AnswerEvent {
                     Ok(t) => AnswerEvent::End(t.map(Trailers::Map)),
                     Err(e) => {
                         log::debug!("h2 Pod: answer trailers: {e}");
-                        AnswerEvent::Failed
+                        AnswerEvent::Failed(ended::UPSTREAM_CLOSED)
                     }
                 }
             }
             Some(Err(e)) => {
                 log::debug!("h2 Pod: relaying an answer: {e}");
-                return AnswerEvent::Failed;
+                return AnswerEvent::Failed(ended::UPSTREAM_CLOSED);
             }
         }
     }
@@ -363,7 +364,8 @@ impl PodAnswer for H2Answer {
 
     async fn next(&mut self, read: bool) -> AnswerEvent {
         let Some(wait) = self.wait.next() else {
-            return AnswerEvent::Failed;
+            // A gRPC call's deadline passed.
+            return AnswerEvent::Failed(ended::UPSTREAM_TIMEOUT);
         };
         let H2Answer {
             recv,
@@ -378,7 +380,7 @@ impl PodAnswer for H2Answer {
                 Ok(event) => event,
                 Err(_) => {
                     log::debug!("h2 Pod: the answer stalled");
-                    AnswerEvent::Failed
+                    AnswerEvent::Failed(ended::UPSTREAM_TIMEOUT)
                 }
             };
         }
@@ -390,7 +392,7 @@ impl PodAnswer for H2Answer {
                 Ok(event) => event,
                 Err(_) => {
                     log::debug!("h2 Pod: the answer stalled");
-                    AnswerEvent::Failed
+                    AnswerEvent::Failed(ended::UPSTREAM_TIMEOUT)
                 }
             }
         };

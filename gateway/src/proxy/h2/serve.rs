@@ -21,25 +21,34 @@
 //!
 //! Accepting stays Pingora's (`HttpSession::from_h2_conn` on an `h2` crate connection built with
 //! the limits below): its checks of each new stream (forbidden bytes in `:path`, conflicting
-//! `content-length`, ambiguous authority) apply to both paths, and a stream it hands to
-//! Pingora's proxy is exactly what Pingora's own accept loop would have spawned. The `h2` crate
+//! `content-length`, ambiguous authority) apply to every stream. The `h2` crate
 //! itself refuses uppercase names, connection-specific fields, `te` other than `trailers`,
 //! pseudo-headers after regular ones and values with CR, LF or NUL (malformed: stream error),
 //! and checks DATA against `content-length`.
 //!
 //! Graceful shutdown: on Pingora's shutdown signal the connection sends GOAWAY and keeps serving
 //! the streams it accepted (and those the client had already sent) until they end, within the
-//! server's grace period.
+//! server's grace period; each stream counts as in flight for the stop (`proxy/in_flight.rs`).
+//!
+//! Deadlines: the first stream must open within `client_header_timeout` of the accept (TLS
+//! handshake and preface included); with no stream open for `keepalive_timeout` the connection
+//! gets GOAWAY (NO_ERROR) and closes; every write of its frames must make progress within
+//! `client_body_timeout` (`proxy/write_deadline.rs` under the `h2` crate's transport), else the
+//! connection ends with its streams, which log `"ended": "client_write_timeout"`.
 
 use super::client::{self, Conn};
+use crate::proxy::in_flight;
+use crate::proxy::write_deadline::WriteDeadline;
 use crate::proxy::Gateway;
 use futures::future::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use pingora_core::protocols::http::v2::server::{handshake, H2Accept, H2Options, HttpSession};
 use pingora_core::protocols::{Digest, Stream};
 use pingora_core::server::ShutdownWatch;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::time::sleep_until;
 
 /// Streams a client may have open at once (nginx's `http2_max_concurrent_streams` default).
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -71,12 +80,29 @@ pub fn options() -> H2Options {
     o
 }
 
-/// Serves one h2 client connection until it ends.
+/// The deadlines of a client connection (`server.client_header_timeout`,
+/// `client_body_timeout`, `keepalive_timeout`), and how long after the listeners closed a
+/// connection with no stream open may still receive one (`server.rs`, `LINGER`).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub body: Duration,
+    pub keepalive: Duration,
+    pub linger: Duration,
+}
+
+/// Serves one h2 client connection until it ends. `accepted` is when the connection came in: its
+/// first stream must open within `client_header_timeout` of it (the TLS handshake and the h2
+/// preface included), and once no stream is open it is closed with GOAWAY after
+/// `keepalive_timeout`. Every write toward the client must make progress within
+/// `client_body_timeout`, or the connection ends with all its streams (see
+/// `proxy/write_deadline.rs`).
 pub async fn connection(
     gateway: &Gateway,
     io: Stream,
     shutdown: &ShutdownWatch,
-    body_timeout: Duration,
+    limits: Timeouts,
+    accepted: Instant,
 ) {
     let digest = Arc::new(Digest {
         ssl_digest: io.get_ssl_digest(),
@@ -84,6 +110,10 @@ pub async fn connection(
         proxy_digest: io.get_proxy_digest(),
         socket_digest: io.get_socket_digest(),
     });
+    let expired_flag = Arc::new(AtomicBool::new(false));
+    let fd = io.id();
+    let io: Stream =
+        Box::new(WriteDeadline::new(io, limits.body, fd).with_flag(expired_flag.clone()));
     let cx = Conn {
         gateway,
         client: digest
@@ -91,28 +121,76 @@ pub async fn connection(
             .as_ref()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied()),
         tls: digest.ssl_digest.is_some(),
-        body_timeout,
+        body_timeout: limits.body,
+        write_expired: &expired_flag,
     };
-    let mut conn = match handshake(io, Some(options())).await {
-        Ok(c) => c,
-        Err(e) => {
+    let first_by = accepted + limits.header;
+    let shake = tokio::time::timeout_at(first_by.into(), handshake(io, Some(options())));
+    let mut conn = match shake.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             log::debug!("client {:?}: h2 handshake: {e}", cx.client);
+            return;
+        }
+        Err(_) => {
+            log::debug!("client {:?}: no h2 preface in time", cx.client);
             return;
         }
     };
     let mut shutdown = shutdown.clone();
-    let mut draining = false;
+    // 0: open; 1: GOAWAY sent (the client may still finish what it began); 2: closing now.
+    let mut closing = 0u8;
+    let mut stopping: Option<in_flight::Busy> = None;
     let mut malformed = 0usize;
     let mut streams = FuturesUnordered::new();
+    // When the connection is closed for idleness: its first stream must come within the
+    // header timeout, later ones within the keep-alive timeout of the last stream's end.
+    let mut idle_until = Some(first_by);
+    let cx = &cx;
     loop {
-        if !draining && *shutdown.borrow() {
+        if stopping.is_none() && *shutdown.borrow() {
+            // GOAWAY (last stream id 2^31-1) and a PING: streams already on their way still
+            // come in. Until the connection is closed and its last frames flushed, the stop
+            // waits for it (an answer still in the `h2` crate's buffers is not delivered yet).
             conn.graceful_shutdown();
-            draining = true;
+            closing = closing.max(1);
+            stopping = Some(in_flight::busy());
+            idle_until = idle_until.map(|t| t.min(Instant::now() + limits.linger));
+        }
+        if !streams.is_empty() {
+            idle_until = None;
+        } else if idle_until.is_none() {
+            // After a GOAWAY the `h2` crate closes the connection itself once the client
+            // answered its PING and the last frames are out; the linger bounds a client that
+            // does not.
+            let wait = if closing > 0 {
+                limits.linger
+            } else {
+                limits.keepalive
+            };
+            idle_until = Some(Instant::now() + wait);
         }
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.changed(), if !draining => continue,
+            _ = shutdown.changed(), if stopping.is_none() => continue,
             Some(()) = streams.next(), if !streams.is_empty() => continue,
+            () = sleep_until(idle_until.unwrap_or(first_by).into()),
+                if idle_until.is_some() && closing < 2 =>
+            {
+                if closing == 0 {
+                    // Idle: GOAWAY (NO_ERROR) and a PING, as for a stop; the connection closes
+                    // once the client answered and everything is flushed.
+                    log::debug!("client {:?}: h2 connection idle; closing", cx.client);
+                    conn.graceful_shutdown();
+                    closing = 1;
+                    idle_until = Some(Instant::now() + limits.linger);
+                } else {
+                    // The client did not answer: the final GOAWAY now, then the close.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    closing = 2;
+                }
+                continue;
+            }
             // Cancel-safe: polled again on the next turn. Polling it is also what moves the
             // connection's frames both ways for the streams served here.
             a = HttpSession::from_h2_conn(&mut conn, digest.clone()) => a,
@@ -140,9 +218,18 @@ pub async fn connection(
         // A stream the client already cancelled (rapid reset) costs nothing more.
         let mut session = session;
         if session.idle().now_or_never().is_none() {
-            streams.push(client::serve(&cx, session));
+            streams.push(client::serve(cx, session, in_flight::busy()));
         }
     }
     // The connection failed or closed: what is left of its streams cannot reach the client.
-    drop(streams);
+    // Dropped, the connection tells them so; they end at once and write their log lines, which
+    // say why (a write that ran out of time, or the client gone).
+    drop(conn);
+    if !streams.is_empty() {
+        let finish = async { while streams.next().await.is_some() {} };
+        let _ = tokio::time::timeout(STREAMS_END_WITHIN, finish).await;
+    }
 }
+
+/// How long the streams of a connection that ended are given to see it and log.
+const STREAMS_END_WITHIN: Duration = Duration::from_secs(1);

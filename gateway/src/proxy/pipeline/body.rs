@@ -4,11 +4,16 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
+/// Why an exchange ended before its answer was delivered whole: one of `proxy::ended`'s
+/// values (the access log's `ended`).
+pub(crate) type Ended = &'static str;
+
 /// Why the client's side of an exchange broke off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ClientFail {
-    /// It went away, reset the stream or stalled past its timeout: nothing more to answer.
-    Gone,
+    /// It went away, reset the stream or stalled past its timeout (which of these it was):
+    /// nothing more to answer.
+    Gone(Ended),
     /// Its body broke the framing (a bad chunk, more or less than its `content-length`): 400.
     Bad,
     /// Its body passed the route's `max_body`: 413.

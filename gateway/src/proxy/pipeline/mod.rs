@@ -92,6 +92,9 @@ async fn exchange_inner<C: ClientSide>(
         host: &host,
         path,
     };
+    // What the client's connection knows comes first: a write that ran out of time fails
+    // whatever was being written then (the relay sees only "gone").
+    rec.ended = client.ended().or(rec.ended);
     record::finish(gw, route.as_deref(), &seen, &rec);
 }
 
@@ -236,7 +239,10 @@ impl Run<'_> {
     /// What a broken client side is answered: nothing to a client that is gone, else 400 or 413.
     async fn client_failed<C: ClientSide>(&self, f: ClientFail, client: &mut C, rec: &mut Record) {
         let status = match f {
-            ClientFail::Gone => return,
+            ClientFail::Gone(ended) => {
+                rec.ended = Some(ended);
+                return;
+            }
             ClientFail::Bad => 400,
             ClientFail::TooLarge => 413,
         };
@@ -339,7 +345,10 @@ impl Run<'_> {
                     if timed_out { 504 } else { 502 },
                     upload.intact() && inc.method.is_idempotent() && !inc.grpc,
                 ),
-                Failure::Upload => (502, false),
+                Failure::Upload(ended) => {
+                    rec.ended = Some(ended);
+                    (502, false)
+                }
             };
             upstream.record(&backend, false);
             last_failure = status;
@@ -380,11 +389,8 @@ impl Run<'_> {
             };
             rec.bytes = first.len() as u64;
             let ended = end.is_some();
-            if client
-                .answer_head(&*answer, &out, first, end)
-                .await
-                .is_err()
-            {
+            if let Err(ended) = client.answer_head(&*answer, &out, first, end).await {
+                rec.ended = Some(ended);
                 answer.cancel();
                 return Answered::Broken;
             }

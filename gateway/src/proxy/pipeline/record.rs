@@ -1,7 +1,8 @@
 //! How a request went, written down once: the route's metrics and one access log line. The
 //! pipeline is the only writer of either (`tests/layers.rs` keeps the codecs from it).
 
-use crate::proxy::{access_line, Gateway, GatewayRoute, LogFields};
+use super::sides::Ended;
+use crate::proxy::{Gateway, GatewayRoute, LogFields};
 use crate::upstream::balance::Backend;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub(crate) struct Record {
     /// The `grpc-status` a gRPC call ended with, as an index of the metric's labels.
     pub(crate) grpc_status: Option<usize>,
     pub(crate) consumer: Option<Arc<str>>,
+    /// Why the exchange ended before its answer was delivered whole (the log's `ended`).
+    pub(crate) ended: Option<Ended>,
 }
 
 impl Record {
@@ -32,6 +35,7 @@ impl Record {
             retries: 0,
             grpc_status: None,
             consumer: None,
+            ended: None,
         }
     }
 }
@@ -54,7 +58,7 @@ pub(crate) fn finish(gw: &Gateway, route: Option<&GatewayRoute>, seen: &Seen<'_>
         metrics.observe_grpc(i);
     }
     if gw.access_log.enabled() {
-        gw.access_log.write(access_line(&LogFields {
+        gw.access_log.log(&LogFields {
             request_id: seen.request_id,
             client: seen.client,
             method: seen.method,
@@ -70,8 +74,9 @@ pub(crate) fn finish(gw: &Gateway, route: Option<&GatewayRoute>, seen: &Seen<'_>
             grpc_status: rec
                 .grpc_status
                 .map(|i| crate::telemetry::metrics::GRPC_STATUS_LABELS[i.min(17)]),
+            ended: rec.ended,
             consumer: rec.consumer.as_deref(),
-        }));
+        });
     }
 }
 

@@ -34,7 +34,8 @@ pub(crate) async fn relay<C: ClientSide, A: PodAnswer>(
             }
             return match tx.finish(t).await {
                 Ok(()) => Relayed::Done,
-                Err(()) => {
+                Err(ended) => {
+                    rec.ended = Some(ended);
                     answer.cancel();
                     Relayed::Broken
                 }
@@ -49,15 +50,17 @@ pub(crate) async fn relay<C: ClientSide, A: PodAnswer>(
                     tx.queue(data);
                 }
                 AnswerEvent::End(t) => trailers = Some(t),
-                AnswerEvent::Failed => {
+                AnswerEvent::Failed(ended) => {
+                    rec.ended = Some(ended);
                     tx.abort();
                     return Relayed::Broken;
                 }
                 AnswerEvent::Uploaded => {}
             },
             sent = tx.deliver() => {
-                if sent.is_err() {
+                if let Err(ended) = sent {
                     // The client went away or is too slow: so does the call.
+                    rec.ended = Some(ended);
                     answer.cancel();
                     tx.abort();
                     return Relayed::Broken;
@@ -67,8 +70,12 @@ pub(crate) async fn relay<C: ClientSide, A: PodAnswer>(
                 BodyEvent::Data(data) => answer.upload(data, false),
                 BodyEvent::End(_) => answer.upload(bytes::Bytes::new(), true),
                 BodyEvent::Failed(why) => {
-                    if why == ClientFail::TooLarge {
-                        log::debug!("request body past max_body while the answer ran");
+                    match why {
+                        ClientFail::TooLarge => {
+                            log::debug!("request body past max_body while the answer ran")
+                        }
+                        ClientFail::Gone(ended) => rec.ended = Some(ended),
+                        ClientFail::Bad => {}
                     }
                     answer.cancel();
                     tx.abort();

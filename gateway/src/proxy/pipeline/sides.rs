@@ -7,7 +7,7 @@
 //! Every trait is used through generics, so each client × Pod pair is compiled as its own code
 //! with no dynamic call on the request path; the pipeline is written once.
 
-pub(crate) use super::body::{BodyEvent, BodySource, ClientFail, Trailers};
+pub(crate) use super::body::{BodyEvent, BodySource, ClientFail, Ended, Trailers};
 pub(crate) use super::request::{Forward, Incoming};
 use super::upload::Upload;
 use crate::upstream::balance::Backend;
@@ -52,14 +52,20 @@ pub(crate) trait ClientSide: BodySource {
     fn local(&mut self, answer: &Local<'_>) -> impl std::future::Future<Output = ()> + Send;
 
     /// Sends the head of a Pod's answer, with `first` (body bytes that came with it) and, when
-    /// `end` is set, the end of the body (and its trailers). `Err` when the client is gone.
+    /// `end` is set, the end of the body (and its trailers). `Err` when the client is gone or
+    /// too slow, saying which.
     fn answer_head<A: AnswerHead>(
         &mut self,
         answer: &A,
         out: &AnswerOut<'_>,
         first: Bytes,
         end: Option<Option<Trailers>>,
-    ) -> impl std::future::Future<Output = Result<(), ()>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), Ended>> + Send;
+
+    /// Why the exchange ended early as far as the client's connection knows (a write toward
+    /// the client that ran out of time, `proxy/write_deadline.rs`, ends it and its connection
+    /// whichever write it was); `None` when it knows of nothing.
+    fn ended(&self) -> Option<Ended>;
 
     /// The body reader and the answer writer, for the relay after the head.
     fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>);
@@ -78,13 +84,13 @@ pub(crate) trait AnswerTx: Send {
     /// Whether queued bytes wait to be sent.
     fn busy(&self) -> bool;
     /// Sends what can be sent of the queue; with nothing queued, waits until the client goes
-    /// away (an h2 reset; never over HTTP/1.1). `Err` when it is gone or too slow.
-    fn deliver(&mut self) -> impl std::future::Future<Output = Result<(), ()>> + Send;
+    /// away (an h2 reset; never over HTTP/1.1). `Err` when it is gone or too slow, saying which.
+    fn deliver(&mut self) -> impl std::future::Future<Output = Result<(), Ended>> + Send;
     /// Ends the body, with trailers where the client's framing carries them.
     fn finish(
         &mut self,
         trailers: Option<Trailers>,
-    ) -> impl std::future::Future<Output = Result<(), ()>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), Ended>> + Send;
     /// The body cannot be completed: the client sees a truncated answer, never a complete-looking
     /// wrong one (HTTP/1.1: the connection closes; h2: the stream is reset).
     fn abort(&mut self);
@@ -159,8 +165,9 @@ impl FieldRef<'_> {
 pub(crate) enum AnswerEvent {
     Data(Bytes),
     End(Option<Trailers>),
-    /// The Pod broke its framing, reset the stream, closed early or stalled (logged).
-    Failed,
+    /// The Pod broke its framing, reset the stream, closed early or stalled (logged); which of
+    /// these, as the access log says it (`upstream_closed`, `upstream_timeout`).
+    Failed(Ended),
     /// Some of the upload went out (duplex Pods); nothing of the answer yet.
     Uploaded,
 }
@@ -217,8 +224,9 @@ pub(crate) enum Failure {
     NoAnswer {
         timed_out: bool,
     },
-    /// A streamed body could not be delivered to the Pod.
-    Upload,
+    /// A streamed body could not be delivered to the Pod (it closed, or took nothing for
+    /// `read_timeout`: which, as the access log says it).
+    Upload(Ended),
     /// The request cannot be written in the Pod's protocol: 400.
     Unrepresentable,
     Client(ClientFail),

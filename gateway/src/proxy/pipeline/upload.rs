@@ -139,7 +139,7 @@ mod tests {
     impl BodySource for Pieces {
         async fn next(&mut self) -> BodyEvent {
             if self.0.is_empty() {
-                return BodyEvent::Failed(ClientFail::Gone);
+                return BodyEvent::Failed(ClientFail::Gone(crate::proxy::ended::CLIENT_CLOSED));
             }
             self.0.remove(0)
         }
