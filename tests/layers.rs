@@ -5,6 +5,11 @@
 //!
 //! A file that refers to its own parent (`super::Engine` in `proxy/h1/sniff.rs`) extends the
 //! parent's type across files; that edge is not counted as a cycle, every other one is.
+//!
+//! Inside the proxy layer, the protocol code (`proxy/h1`, `proxy/h2`: the codecs) leaves the
+//! gateway's decisions to the request pipeline (`proxy/pipeline`): it picks no Pod
+//! (`Upstream::pick`) and writes no access-log line. A codec that did would be a second
+//! pipeline, where a future policy could be forgotten.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -205,6 +210,115 @@ fn modules_form_no_cycle() {
             }
         }
     }
+}
+
+/// What only the pipeline may do, as it shows in code: the words, and what they would mean in
+/// a codec. Words are matched whole (an identifier character on neither side).
+const PIPELINE_ONLY: &[(&str, &str)] = &[
+    ("pick", "picks a Pod (`Upstream::pick`, or a balancer's)"),
+    ("access_log", "reaches the access log"),
+    ("RequestLog", "holds the access log"),
+    ("LogFields", "writes an access-log line"),
+    ("log_line", "writes an access-log line"),
+    ("write_line", "writes an access-log line"),
+    ("finish", "records a request (`pipeline::record::finish`)"),
+];
+
+/// The uses in `text` (a file's source) of what only the pipeline may do, as
+/// `(line, word, meaning)`. A word counts wherever it is named (`.access_log`,
+/// `LogFields {`, `log_line::write_line`); comments and the file's
+/// tests are not code. (`pick` counts only where it is called, `finish` only as
+/// `record::finish`: every codec has `finish` methods of its own.)
+fn pipeline_only_uses(text: &str) -> Vec<(usize, &'static str, &'static str)> {
+    let code = code(text);
+    let mut out = Vec::new();
+    for (n, line) in code.lines().enumerate() {
+        let chars: Vec<char> = line.chars().collect();
+        for &(word, meaning) in PIPELINE_ONLY {
+            let w: Vec<char> = word.chars().collect();
+            let mut i = 0;
+            while i + w.len() <= chars.len() {
+                let whole = chars[i..i + w.len()] == w[..]
+                    && (i == 0 || !ident_any(chars[i - 1]))
+                    && chars.get(i + w.len()).is_none_or(|c| !ident_any(*c));
+                let used = whole
+                    && match word {
+                        "finish" => line[..char_offset(line, i)].ends_with("record::"),
+                        // Called: a variable of that name is not a pick.
+                        "pick" => {
+                            chars[i + w.len()..].iter().find(|c| !c.is_whitespace()) == Some(&'(')
+                        }
+                        _ => true,
+                    };
+                if used {
+                    out.push((n + 1, word, meaning));
+                }
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn ident_any(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+fn char_offset(s: &str, chars: usize) -> usize {
+    s.char_indices().nth(chars).map_or(s.len(), |(i, _)| i)
+}
+
+#[test]
+fn protocol_code_neither_picks_pods_nor_writes_log_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway/src");
+    let mut all = BTreeMap::new();
+    modules(&root, &root, &mut all);
+    let codecs: Vec<_> = all
+        .iter()
+        .filter(|(m, _)| m.len() >= 2 && m[0] == "proxy" && (m[1] == "h1" || m[1] == "h2"))
+        .collect();
+    assert!(codecs.len() >= 10, "walked the codecs: {}", codecs.len());
+    // The pipeline is where these are done: the check would see them there.
+    let pipeline_does: usize = all
+        .iter()
+        .filter(|(m, _)| m.len() >= 2 && m[0] == "proxy" && m[1] == "pipeline")
+        .map(|(_, text)| pipeline_only_uses(text).len())
+        .sum();
+    assert!(pipeline_does >= 3, "the pipeline picks, logs and records");
+    let mut wrong = Vec::new();
+    for (m, text) in codecs {
+        for (line, word, meaning) in pipeline_only_uses(text) {
+            wrong.push(format!("{} line {line}: `{word}` {meaning}", m.join("::")));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "protocol code doing the pipeline's work: {wrong:#?}"
+    );
+}
+
+/// The codec check sees a pick, a log line and a record, and not their look-alikes.
+#[test]
+fn the_codec_check_sees_picks_and_log_lines() {
+    let sample = "fn f() {\n\
+                  let b = upstream.pick(&tried, key);\n\
+                  gw.access_log.log(&LogFields { status });\n\
+                  pipeline::record::finish(gw, None, &seen, &rec);\n\
+                  answer.finish(true); let pick = 1; let picked = pick; // upstream.pick(\n\
+                  }";
+    let found: Vec<(usize, &str)> = pipeline_only_uses(sample)
+        .into_iter()
+        .map(|(line, word, _)| (line, word))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (2, "pick"),
+            (3, "access_log"),
+            (3, "LogFields"),
+            (4, "finish")
+        ]
+    );
 }
 
 /// The checker itself sees references: a known upward import in a sample is reported.
