@@ -2,8 +2,9 @@
 //! retries, answer, record — what the gateway decides for every request, written once) and the
 //! codecs at its edges: HTTP/1.1 (`h1/`: client connections, and HTTP/1.1 toward Pods) and h2
 //! (`h2/`: client connections and streams, h2/h2c toward Pods, gRPC's rules). `routing.rs`
-//! turns a host, path and method into a route; this file holds what the layer shares: the route
-//! table's targets, the access log line and the error bodies.
+//! turns a host, path and method into a route; `log_line.rs` writes the access line; this file
+//! holds what the layer shares: the route table's targets, the access line's fields, why an
+//! exchange ended early (`ended`) and the error bodies.
 //!
 //! Every request of every protocol goes through the pipeline; nothing is left to Pingora's
 //! `ProxyHttp`: h2 streams without a route and CONNECT are answered by the pipeline (404/405,

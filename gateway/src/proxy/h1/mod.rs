@@ -1,13 +1,15 @@
-//! podgate's own HTTP/1.1 proxy path: client connections, their limits, and reading heads.
+//! podgate's own HTTP/1.1 codec: client connections, their limits, and reading heads; the
+//! request itself is the pipeline's (`proxy/pipeline/`).
 //!
 //! Pingora's generic proxy path cost about 2.5× nginx's CPU per request in our load benchmark
 //! (`benches/RESULTS.md`), almost none of it in podgate's own logic. This module serves
-//! HTTP/1.1 connections (plain, or TLS without h2) directly: parse the request head in place,
-//! route, pick a Pod, write one head that podgate framed itself to a pooled connection, relay
-//! the answer under framing podgate writes itself, with a lock-free per-thread connection pool
-//! and no task but the connection's own. h2 connections (TLS with ALPN h2, or the preface on
-//! `h2c: true` listeners) go to `proxy/h2/serve.rs`, which serves streams to HTTP/1.1 Pods the
-//! same way, and to h2/h2c Pods (gRPC) over `upstream/h2_pool.rs`.
+//! HTTP/1.1 connections (plain, or TLS without h2) directly: parse the request head in place and
+//! hand it to the pipeline as a view over the head's bytes (`client.rs`), which routes, picks a
+//! Pod and has `pod.rs` write one head that podgate framed itself to a pooled connection; the
+//! answer is relayed under framing podgate writes itself, with a lock-free per-thread connection
+//! pool and no task but the connection's own. h2 connections (TLS with ALPN h2, or the preface
+//! on `h2c: true` listeners) go to `proxy/h2/serve.rs`, whose streams go through the same
+//! pipeline.
 //!
 //! Files: `head.rs` parses heads and decides body lengths (pure, fuzzed); `body.rs` decodes and
 //! re-frames and moves bodies (`chunked.rs`: the chunked coding); `rewrite.rs` writes heads
@@ -22,8 +24,8 @@
 //! write toward the client must make progress within it too (nginx `send_timeout`,
 //! `proxy/write_deadline.rs`), and an idle keep-alive connection is closed after
 //! `server.keepalive_timeout`. A request counts as in flight for the stop
-//! (`proxy/in_flight.rs`) from its head's first byte until its connection is idle or closed. An idle connection holds no buffer: it waits for readability with
-//! an empty read, then reads the head into a 1 KiB buffer that doubles as needed up to
+//! (`proxy/in_flight.rs`) from its head's first byte until its connection is idle or closed.
+//! An idle connection holds no buffer: it waits for readability with an empty read, then reads the head into a 1 KiB buffer that doubles as needed up to
 //! [`head::MAX_HEAD`]; all buffers of connections still sending a head share one budget,
 //! `server.header_memory`, beyond which a connection asking for more is answered 503 and closed.
 

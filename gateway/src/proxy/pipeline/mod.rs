@@ -27,6 +27,23 @@
 //!
 //! Everything is generic over the codecs, so each client × Pod pair compiles to its own code
 //! without a dynamic call; the h2-Pod arm is boxed, as its state is larger and rarer.
+//!
+//! What Pingora's `ProxyHttp` (`proxy/pingora.rs`, removed with this pipeline) still served, and
+//! where each now goes, with no second pipeline:
+//! - h2 streams that match no route: answered here (`serve`: 404, or 405 with `Allow`; the
+//!   gRPC way, a status in trailers, for gRPC calls), as over HTTP/1.1;
+//! - CONNECT, over h2 or HTTP/1.1: answered here, 405 (podgate tunnels only upgrades, as nginx);
+//! - gRPC calls routed to an `http1` upstream: through the pipeline like any request, to the
+//!   HTTP/1.1 Pod codec (`proxy/h1/pod.rs`; the Pod's trailer fields are passed on as the
+//!   call's trailers).
+//!
+//! Pingora now only accepts connections, terminates TLS and parses h2 frames
+//! (`HttpSession::from_h2_conn`); its request hooks are not used.
+//!
+//! The deadlines of issue 21 live in the codecs and reach the record: every write toward a
+//! client is under `proxy/write_deadline.rs` (its expiry is [`ClientSide::ended`]), a client
+//! that keeps its h2 window shut is reset at `client_body_timeout`, request-body writes to a Pod
+//! must progress within `read_timeout`, and why an exchange ended early is the record's `ended`.
 
 pub(crate) mod answer;
 pub(crate) mod body;
