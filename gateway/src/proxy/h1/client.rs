@@ -255,6 +255,10 @@ impl ClientSide for H1Client<'_> {
         Ok((self.c.buf.split_to(n as usize).freeze(), true))
     }
 
+    fn body_done(&self) -> bool {
+        self.framing == Framing::Empty
+    }
+
     async fn gone(&mut self) {
         std::future::pending().await
     }

@@ -391,6 +391,10 @@ impl ClientSide for H2Client<'_> {
         }
     }
 
+    fn body_done(&self) -> bool {
+        self.gave_end || self.s.is_body_done()
+    }
+
     async fn gone(&mut self) {
         let reason = self.s.idle().await;
         log::debug!("h2 client: the stream was reset ({reason:?})");

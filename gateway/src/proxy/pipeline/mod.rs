@@ -34,8 +34,9 @@
 //!   gRPC way, a status in trailers, for gRPC calls), as over HTTP/1.1;
 //! - CONNECT, over h2 or HTTP/1.1: answered here, 405 (podgate tunnels only upgrades, as nginx);
 //! - gRPC calls routed to an `http1` upstream: through the pipeline like any request, to the
-//!   HTTP/1.1 Pod codec (`proxy/h1/pod.rs`; the Pod's trailer fields are passed on as the
-//!   call's trailers).
+//!   HTTP/1.1 Pod codec (`proxy/h1/pod.rs`). `te: trailers` stays on the client's hop, so such
+//!   a Pod sends no trailers and the call gets no `grpc-status`: gRPC needs h2/h2c upstreams
+//!   (`tests/semantics.rs`, row `grpc-to-http1-pod`).
 //!
 //! Pingora now only accepts connections, terminates TLS and parses h2 frames
 //! (`HttpSession::from_h2_conn`); its request hooks are not used.
@@ -284,7 +285,9 @@ impl Run<'_> {
         };
         let duplex = C::DUPLEX && P::DUPLEX;
         let mut upload = Upload::new(inc.content_length, self.edits.max_body, duplex);
-        if !duplex && !upload.ended() {
+        // A duplex pair streams the body, unless the client already ended it: the Pod then
+        // gets a request without body (an h2 HEADERS frame that ends the stream), as sent.
+        if !upload.ended() && (!duplex || client.body_done()) {
             // Small bodies are read now: a Pod that fails can then be replaced even after the
             // request went out.
             let limit = self

@@ -45,6 +45,10 @@ pub(crate) trait ClientSide: BodySource {
         limit: u64,
     ) -> impl std::future::Future<Output = Result<(Bytes, bool), ClientFail>> + Send;
 
+    /// Whether the client already said its body is over (an h2 HEADERS frame that ended the
+    /// stream; an HTTP/1.1 request without body, or whose body was read to its end).
+    fn body_done(&self) -> bool;
+
     /// Waits until the client goes away (an h2 stream reset); never returns over HTTP/1.1.
     fn gone(&mut self) -> impl std::future::Future<Output = ()> + Send;
 
