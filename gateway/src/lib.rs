@@ -4,9 +4,10 @@
 //! - `admin`: the admin listener (`/upstreams`, `/metrics`, health), reading `live`.
 //! - `live`: the running generation — config, upstreams and route table — swapped on reload, and
 //!   the background services that follow it (discovery feed, active health checks).
-//! - `proxy`: the request paths — `proxy/h1` (podgate's own HTTP/1.1) and `proxy/pingora.rs`
-//!   (h2/TLS on Pingora) — sharing `proxy/mod.rs` (targets, access line, error answers) and
-//!   `proxy/routing.rs` (request → route).
+//! - `proxy`: the request path — one pipeline (`proxy/pipeline`: route, policies, pick,
+//!   attempts, answer, record) with the protocol codecs at its edges (`proxy/h1`: HTTP/1.1,
+//!   `proxy/h2`: h2 and gRPC, toward clients and toward Pods), `proxy/routing.rs` (request →
+//!   route), `proxy/log_line.rs` (the access line) and `proxy/mod.rs` (targets, error answers).
 //! - `policies`: route policies (auth, access rules, rate limits, rewrites) over a protocol-neutral
 //!   view of a request; the pipeline in `proxy` calls them once per request.
 //! - `upstream`: endpoint sets from discovery, weighted selection (`balance`), health

@@ -1,5 +1,5 @@
-//! h2 connections to Pods when an upstream's `protocol` is h2 or h2c, for both of podgate's
-//! request paths: HTTP/1.1 clients (`proxy/h1/to_h2.rs`) and h2 clients (`proxy/h2/to_h2.rs`).
+//! h2 connections to Pods when an upstream's `protocol` is h2 or h2c, for every client protocol:
+//! the request pipeline's h2 Pod codec (`proxy/h2/pod.rs`) opens its streams here.
 //!
 //! One multiplexed connection per Pod and worker thread, kept in a thread-local map like
 //! `pool.rs` keeps HTTP/1.1 connections: no lock, and the connection's driver task runs on the

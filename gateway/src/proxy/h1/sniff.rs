@@ -26,8 +26,8 @@ pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Which path a connection on an `h2c: true` listener takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sniffed {
-    /// It opened with the h2 preface, or its bytes could not be looked at: Pingora's proxy,
-    /// with `h2c` on, takes it (and tells the two apart itself in the second case).
+    /// It opened with the h2 preface, or its bytes could not be looked at: `proxy/h2/serve.rs`
+    /// takes it (in the second case a client that is not h2 fails its handshake there).
     H2,
     /// Its first bytes differ from the preface: podgate's HTTP/1.1 path.
     Http1,

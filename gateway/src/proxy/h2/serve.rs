@@ -56,7 +56,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Streams the client reset before they were accepted, pending at one time, beyond which the
 /// connection is cut off with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487; the `h2`
-/// default). Streams reset after they were accepted stop their work (`to_h1.rs`).
+/// default). Streams reset after they were accepted stop their work (`client.rs`, the Pod codecs).
 const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams podgate itself resets for protocol errors per connection before it ends the
 /// connection (the `h2` default).
