@@ -275,21 +275,7 @@ pub(crate) fn push_fields(
 
 /// Appends `data` as one chunk (nothing for empty data: a zero-size chunk would end the body).
 pub(crate) fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    if data.is_empty() {
-        return;
-    }
-    let mut size = [0u8; 16];
-    let mut n = data.len();
-    let mut at = size.len();
-    while n > 0 {
-        at -= 1;
-        size[at] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-    }
-    out.extend_from_slice(&size[at..]);
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
+    super::chunked::write_chunk(data, out)
 }
 
 /// Appends the end of a chunked body: the last chunk and the trailer fields that may go on.
