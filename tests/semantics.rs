@@ -19,6 +19,8 @@
 //! - h2 clients get no `X-Request-Id` on podgate's own 404 and 405 answers; HTTP/1.x clients
 //!   do, and h2 clients do on 502 and 503 ([`H2_ERRORS_WITHOUT_ID`]). Rows `no-route-host`,
 //!   `no-route-path`, `method-not-allowed`.
+//! - h2 clients' `Expect: 100-continue` reaches h2c Pods; on the other pairs podgate answers
+//!   it and the Pod never sees it, as README says. Row `expect-continue`.
 //! - A small request body without a length (chunked; h2 DATA without `content-length`) reaches
 //!   an HTTP/1.1 Pod chunked from HTTP/1.x clients, as README says, but with a
 //!   `Content-Length` from h2 clients. Row `chunked-small-request`.
@@ -210,6 +212,39 @@ const ROWS: &[Row] = &[
         name: "custom-fields",
         headers: &[("x-custom", "one"), ("accept", "text/plain")],
         known: &[H1_TO_H2C_DROPS_LENGTH],
+        ..ROW
+    },
+    Row {
+        name: "repeated-fields",
+        headers: &[("x-multi", "a"), ("x-multi", "b")],
+        known: &[H1_TO_H2C_DROPS_LENGTH],
+        ..ROW
+    },
+    Row {
+        name: "hop-by-hop-fields",
+        clients: H1,
+        headers: &[("connection", "x-hop"), ("x-hop", "1"), ("x-end", "2")],
+        expect: &[("pod.connection", ABSENT), ("pod.x-hop", ABSENT)],
+        known: &[H1_TO_H2C_DROPS_LENGTH],
+        ..ROW
+    },
+    Row {
+        name: "expect-continue",
+        method: "PUT",
+        headers: &[("expect", "100-continue")],
+        body: ReqBody::Fixed(1000),
+        // README: answered by podgate before it reads the body; not passed on.
+        expect: &[("pod.expect", ABSENT)],
+        known: &[
+            H1_TO_H2C_DROPS_LENGTH,
+            Known {
+                clients: Client::H2,
+                pods: H2C_POD,
+                field: "pod.expect",
+                got: "100-continue",
+                why: "h2/to_h2.rs passes the client's fields on as they are, Expect included",
+            },
+        ],
         ..ROW
     },
     // Retries and errors.

@@ -109,8 +109,9 @@ pub struct Row {
     pub path: &'static str,
     pub headers: &'static [(&'static str, &'static str)],
     pub body: ReqBody,
-    /// Expected fields, over the defaults (see [`expected`]); `<absent>` for a field that must
-    /// not be there.
+    /// Expected fields, over the defaults (see `Combo::expected`); [`ABSENT`] for a field
+    /// that must not be there; `("pod.count", "0")` for a request no Pod may see (then no
+    /// field of the Pod's is expected).
     pub expect: &'static [(&'static str, &'static str)],
     pub known: &'static [Known],
 }
@@ -253,9 +254,12 @@ impl Combo {
                 "pod-a"
             };
             let host = self.resolve(row.host);
+            // Each field the client sent, repeated ones as one list (RFC 9110 §5.3).
             for (k, v) in self.fields() {
                 if k != "x-case" && k != "content-length" {
-                    set(&mut e, &format!("pod.{}", k.to_ascii_lowercase()), v);
+                    e.entry(format!("pod.{}", k.to_ascii_lowercase()))
+                        .and_modify(|s: &mut String| *s = format!("{s}, {v}"))
+                        .or_insert(v);
                 }
             }
             set(&mut e, "pod.name", pod.into());
