@@ -394,6 +394,7 @@ fn normalise_request_id(o: &mut BTreeMap<String, String>, sent: bool) -> Option<
 /// The gateway, its Pods and its config, for a table of rows.
 pub struct Table {
     _gateway: Gateway,
+    _dead: tokio::net::TcpSocket,
     _pods: Vec<pod::EchoPod>,
     listeners: Listeners,
     log: Log,
@@ -407,7 +408,11 @@ impl Table {
             pod::start("pod-b", log.clone()).await,
         ];
         let (a, b) = (pods[0].addr, pods[1].addr);
-        let dead = format!("127.0.0.1:{}", support::free_port());
+        // Bound but never listening: connections to it are refused, and no other test can
+        // take the port while the table runs.
+        let dead_socket = tokio::net::TcpSocket::new_v4().unwrap();
+        dead_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dead = dead_socket.local_addr().unwrap();
         let mut conf =
             String::from("clusters:\n  - {name: local, manifests: cluster}\nupstreams:\n");
         for p in PodProto::BOTH {
@@ -477,6 +482,7 @@ impl Table {
         };
         Table {
             _gateway: gateway,
+            _dead: dead_socket,
             _pods: pods,
             listeners,
             log,
