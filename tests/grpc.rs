@@ -1056,21 +1056,7 @@ async fn hundreds_of_concurrent_calls_share_one_pod_connection() {
 /// A tonic client that reaches podgate's TLS listener with ALPN h2, as gRPC clients do in
 /// production; the certificate is checked against `ca` for `gateway.test`.
 async fn tls_client(gw: &Gateway, ca: &std::path::Path) -> Client {
-    use rustls_pki_types::pem::PemObject;
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = support::tls_connector(ca, &[b"h2"]);
     let addr = gw.addr;
     let channel = tonic::transport::Endpoint::from_static("http://gateway.test")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {

@@ -5,25 +5,10 @@ mod support;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use std::sync::Arc;
 use support::*;
-use tokio_rustls::rustls;
 
 async fn tls_get(gw: &Gateway, ca: &std::path::Path, alpn: &[&[u8]]) -> (String, u16, String) {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector(ca, alpn);
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("gateway.test").unwrap();
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");

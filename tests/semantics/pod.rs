@@ -3,13 +3,14 @@
 //! by the request's `x-case` field, in a log the table reads after each request.
 //!
 //! What they answer is chosen by the request: `?answer=N` is N bytes of [`pattern`] with a
-//! length, `?answer=N&chunked` the same streamed in 64 KiB pieces without one; a gRPC call
+//! length, `?answer=N&chunked` the same streamed in 64 KiB pieces without one, `?status=N` that
+//! status (with no body for 204 and 304); a gRPC call
 //! (`content-type: application/grpc`) gets a gRPC answer (`grpc-status` 0 echoing the message,
 //! or 5 NOT_FOUND for the message `fail`); anything else `hello from NAME`.
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -52,9 +53,17 @@ impl Drop for EchoPod {
     }
 }
 
-/// The bytes of a body of `n` bytes in tests: not all alike, so a lost or moved piece shows.
-pub fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
+/// The bytes of a body of `n` bytes (at most 8 MiB) in tests: not all alike, so a lost or
+/// moved piece shows. Made once: test builds are unoptimised, and the table needs it often.
+pub fn pattern(n: usize) -> Bytes {
+    static ALL: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        let all: Vec<u8> = (0..8 << 20)
+            .map(|i: usize| (i % 251) as u8 ^ (i / 251) as u8)
+            .collect();
+        Bytes::from(all)
+    });
+    all.slice(..n)
 }
 
 /// FNV-1a (64 bit): a short name for a large body in a failure message.
@@ -134,7 +143,23 @@ async fn answer(name: &str, log: &Log, req: http::Request<Incoming>) -> http::Re
     let grpc_message = seen.body.get(5..).unwrap_or_default().to_vec();
     log.lock().unwrap().entry(case).or_default().push(seen);
 
-    let builder = http::Response::builder().header("x-pod", name);
+    let query = parts.uri.query().unwrap_or("");
+    let param = |key: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    let status = param("status")
+        .and_then(|s| http::StatusCode::from_u16(u16::try_from(s).ok()?).ok())
+        .unwrap_or(http::StatusCode::OK);
+    let status = status.as_u16();
+    let builder = http::Response::builder()
+        .status(status)
+        .header("x-pod", name);
+    if status == 204 || status == 304 {
+        return builder.body(Empty::new().boxed()).unwrap();
+    }
     let is_grpc = parts
         .headers
         .get("content-type")
@@ -158,19 +183,14 @@ async fn answer(name: &str, log: &Log, req: http::Request<Incoming>) -> http::Re
             .body(BodyExt::boxed(body))
             .unwrap();
     }
-    let query = parts.uri.query().unwrap_or("");
-    let size = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("answer="))
-        .and_then(|n| n.parse::<usize>().ok());
-    let Some(size) = size else {
+    let Some(size) = param("answer") else {
         let hello = Full::new(Bytes::from(format!("hello from {name}\n")));
         return builder
             .header("content-type", "text/plain")
             .body(hello.boxed())
             .unwrap();
     };
-    let bytes = Bytes::from(pattern(size));
+    let bytes = pattern(size.min(8 << 20));
     let body = if query.split('&').any(|kv| kv == "chunked") {
         let pieces: Vec<Bytes> = (0..size)
             .step_by(64 * 1024)
