@@ -120,7 +120,10 @@ async fn a_client_that_stops_reading_is_cut_off_with_its_pod_connection() {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for _ in 0..3 {
         tick.tick().await;
-        let n = s.read(&mut buf).await.unwrap();
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .expect("answer bytes in time")
+            .unwrap();
         assert!(n > 0);
     }
     let stopped = Instant::now();
@@ -190,7 +193,10 @@ async fn a_slow_client_that_keeps_reading_gets_the_whole_answer() {
     let start = Instant::now();
     while start.elapsed() < DEADLINE {
         tick.tick().await;
-        let n = s.read(&mut buf).await.unwrap();
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .expect("answer bytes in time")
+            .unwrap();
         assert!(n > 0, "closed after {} bytes", got.len());
         got.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&got[..got.len().min(200)]).to_string();
@@ -201,7 +207,10 @@ async fn a_slow_client_that_keeps_reading_gets_the_whole_answer() {
             break;
         }
     }
-    let (_, sent) = pod_ended.recv().await.unwrap();
+    let (_, sent) = tokio::time::timeout(DEADLINE, pod_ended.recv())
+        .await
+        .expect("the Pod's answer ended in time")
+        .unwrap();
     assert_eq!(sent, size);
     assert!(
         start.elapsed() > Duration::from_secs(1),
@@ -504,8 +513,10 @@ async fn watch_h2(
         }
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let mut payload = vec![0u8; len];
-        if s.read_exact(&mut payload).await.is_err() {
-            return (answered, goaway, Some(Instant::now()));
+        match tokio::time::timeout_at(until.into(), s.read_exact(&mut payload)).await {
+            Err(_) => return (answered, goaway, None),
+            Ok(Err(_)) => return (answered, goaway, Some(Instant::now())),
+            Ok(Ok(_)) => {}
         }
         let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
         match head[3] {

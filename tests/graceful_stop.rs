@@ -125,7 +125,10 @@ async fn a_request_in_flight_holds_the_stop_until_it_is_answered() {
     let addr = gw.addr;
     let asked = Instant::now();
     let slow = tokio::spawn(async move { get(addr, "a", "/").await });
-    seen.recv().await.expect("the Pod got the request");
+    tokio::time::timeout(DEADLINE, seen.recv())
+        .await
+        .expect("the Pod got the request in time")
+        .expect("the Pod got the request");
     let took = stop(&mut gw).await;
     let answer = slow
         .await
@@ -158,7 +161,10 @@ async fn an_h2_stream_in_flight_holds_the_stop_until_it_is_answered() {
         .unwrap();
     let asked = Instant::now();
     let slow = tokio::spawn(async move { send.send_request(req).await });
-    seen.recv().await.expect("the Pod got the request");
+    tokio::time::timeout(DEADLINE, seen.recv())
+        .await
+        .expect("the Pod got the request in time")
+        .expect("the Pod got the request");
     let took = stop(&mut gw).await;
     let answer = slow
         .await
@@ -180,8 +186,12 @@ async fn a_tunnel_holds_the_stop_until_it_closes() {
     .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
+    let until = Instant::now() + DEADLINE;
     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
+        let n = tokio::time::timeout_at(until.into(), s.read(&mut buf))
+            .await
+            .expect("the 101 in time")
+            .unwrap();
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
@@ -200,7 +210,10 @@ async fn a_tunnel_holds_the_stop_until_it_closes() {
         tick.tick().await;
         s.write_all(b"ping").await.unwrap();
         let mut echo = [0u8; 4];
-        s.read_exact(&mut echo).await.unwrap();
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut echo))
+            .await
+            .expect("the echo in time")
+            .unwrap();
         assert_eq!(&echo, b"ping");
         assert!(gw.exited().is_none(), "exited with a tunnel open");
     }

@@ -230,6 +230,7 @@ def case_tls(proc):
         if i >= SILENT:
             s.sendall(hello[: len(hello) // 2])
         conns.append(s)
+    opened_in = time.time() - start
     held = wait_sockets(pids, lambda n: n >= base_socks + len(conns) - 5, 5)
     time.sleep(0.5)
     after = load.rss_kib(pids)
@@ -242,31 +243,43 @@ def case_tls(proc):
         "per_conn": (after - before) * 1024 / len(conns), "held": held,
         "during": f"{'200' if ok else 'failed'} in {took * 1000:.0f} ms",
         "closed": f"{closed_at:.1f} s" if closed else f"> {CAP:.0f} s",
-        "opened": len(conns), "hello": len(hello),
+        "opened": len(conns), "hello": len(hello), "opened_in": opened_in,
     }
 
 
 def case_slow(proc):
+    """Polls the gateway's sockets while the client reads, so that a close during the 12 s
+    of reading is timed when it happens, not when the reading ends."""
     pids = pids_of(proc)
     base = sockets_of(pids)
     s = socket.socket()
     linger_reset(s)
     s.connect(("127.0.0.1", PORTS["h1"]))
+    s.settimeout(0.05)
     start = time.time()
     s.sendall(b"GET /big HTTP/1.1\r\nHost: slow.test\r\n\r\n")
-    for _ in range(12):
-        try:
-            if not s.recv(1024):
-                break
-        except OSError:
-            break
-        time.sleep(1)
+    # Timed only once the gateway holds both connections (the client's, the upstream one).
+    held = wait_sockets(pids, lambda n: n >= base + 2, 5)
+    closed_at, next_read, reading = None, start, True
+    while reading and time.time() - start < 12:
+        if time.time() >= next_read:
+            next_read += 1
+            try:
+                reading = bool(s.recv(1024))
+            except socket.timeout:
+                pass
+            except OSError:
+                reading = False
+        if closed_at is None and sockets_of(pids) <= base:
+            closed_at = time.time() - start
+        time.sleep(0.05)
     stopped = time.time() - start
-    closed = wait_sockets(pids, lambda n: n <= base, CAP)
+    if closed_at is None and wait_sockets(pids, lambda n: n <= base, CAP):
+        closed_at = time.time() - start
     took = time.time() - start
     s.close()
-    return {"closed": f"{took:.1f} s" if closed else f"> {took:.0f} s",
-            "note": f"reading stopped at {stopped:.0f} s"}
+    return {"closed": f"{closed_at:.1f} s" if closed_at is not None else f"> {took:.0f} s",
+            "note": f"reading stopped at {stopped:.0f} s", "held": held}
 
 
 def frame(kind, flags, stream, payload):
@@ -287,10 +300,11 @@ def case_h2(proc):
               + frame(0x8, 0, 0, struct.pack(">I", window - 65535))
               + frame(0x1, 0x5, 1, block))
     start = time.time()
+    held = wait_sockets(pids, lambda n: n >= base + 2, 5)
     closed = wait_sockets(pids, lambda n: n <= base, CAP)
     took = time.time() - start
     s.close()
-    return {"closed": f"{took:.1f} s" if closed else f"> {took:.0f} s"}
+    return {"closed": f"{took:.1f} s" if closed else f"> {took:.0f} s", "held": held}
 
 
 def case_stop(proc, name):
@@ -306,9 +320,25 @@ def case_stop(proc, name):
     return {"stopped": took}
 
 
+def stop(proc):
+    """Ends the gateway and every process of it: a SIGKILLed nginx master leaves its worker
+    listening on the ports."""
+    pids = pids_of(proc) if proc.poll() is None else []
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    end = time.time() + 10
+    while any(os.path.exists(f"/proc/{p}/fd") for p in pids[1:]) and time.time() < end:
+        time.sleep(0.05)
+
+
 def run_case(case, name, binary):
     with tempfile.TemporaryDirectory() as d:
         make_cert(d)
+        load.ensure_free(list(PORTS.values()))
         if name == "nginx":
             proc = start_nginx(d)
         else:
@@ -316,7 +346,14 @@ def run_case(case, name, binary):
         try:
             for p in PORTS.values():
                 load.wait_port(p)
+            # The ports must be this process's: one that failed to bind would have another's
+            # server measured. nginx: its worker must exist before its sockets are counted.
+            end = time.time() + 10
+            while name == "nginx" and not load.children(proc.pid) and time.time() < end:
+                time.sleep(0.05)
             time.sleep(0.3)
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited at start ({proc.returncode}): see {d}")
             if case == "tls":
                 return case_tls(proc)
             if case == "slow":
@@ -325,9 +362,7 @@ def run_case(case, name, binary):
                 return case_h2(proc)
             return case_stop(proc, name)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            stop(proc)
 
 
 def main():
@@ -353,14 +388,18 @@ def main():
     print("|---|---|---|")
     for (case, name), r in results.items():
         if case == "tls":
+            held = "" if r["held"] else " (never seen holding the flood: not measured)"
             text = (f"{r['per_conn']:,.0f} B per half-open connection ({r['opened']} open, "
-                    f"ClientHello {r['hello']} B); all closed {r['closed']} after the flood began; "
-                    f"HTTPS during the flood: {r['during']}")
+                    f"ClientHello {r['hello']} B, opened in {r['opened_in']:.1f} s); all closed "
+                    f"{r['closed']} after the flood began; "
+                    f"HTTPS during the flood: {r['during']}{held}")
         elif case == "stop":
             text = f"idle, signal to exit: {r['stopped']}"
         else:
             text = f"both connections closed {r['closed']} after the request" + \
                 (f" ({r['note']})" if "note" in r else "")
+            if not r["held"]:
+                text += " (never seen holding both connections: not measured)"
         print(f"| {case} | {name} | {text} |")
 
 
