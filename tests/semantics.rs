@@ -10,20 +10,17 @@
 //! the route's YAML (a policy's config), `headers` more request fields, `expect` the fields the
 //! row is about (see `semantics/harness.rs` for the field names and templates).
 //!
-//! Known differences between protocols today, which one request pipeline should remove (each a
-//! `Known` in the rows it shows in; the table fails when one disappears, so that the allowance
-//! goes with it):
-//! - HTTP/1.x clients of h2c Pods lose the length the Pod sent: answers come chunked, and a
-//!   HEAD answer has no `Content-Length` at all ([`H1_TO_H2C_DROPS_LENGTH`]; h2 clients of the
-//!   same Pods get the length). Most rows a Pod answers.
-//! - h2 clients get no `X-Request-Id` on podgate's own 404 and 405 answers; HTTP/1.x clients
-//!   do, and h2 clients do on 502 and 503 ([`H2_ERRORS_WITHOUT_ID`]). Rows `no-route-host`,
-//!   `no-route-path`, `method-not-allowed`.
-//! - h2 clients' `Expect: 100-continue` reaches h2c Pods; on the other pairs podgate answers
-//!   it and the Pod never sees it, as README says. Row `expect-continue`.
+//! Known differences between protocols today (each a `Known` in the rows it shows in; the table
+//! fails when one disappears, so that the allowance goes with it):
 //! - A small request body without a length (chunked; h2 DATA without `content-length`) reaches
 //!   an HTTP/1.1 Pod chunked from HTTP/1.x clients, as README says, but with a
-//!   `Content-Length` from h2 clients. Row `chunked-small-request`.
+//!   `Content-Length` from h2 clients (the pipeline reads it whole so that a failed attempt can
+//!   be sent again). Row `chunked-small-request`.
+//!
+//! Differences the request pipeline (issue 22) removed, with their allowances: HTTP/1.x clients
+//! of h2c Pods lost the length the Pod sent (answers came chunked, a HEAD answer had no
+//! `Content-Length`); h2 clients got no `X-Request-Id` on podgate's own 404 and 405; h2
+//! clients' `Expect: 100-continue` reached h2c Pods.
 //!
 //! Written as today's behaviour, the same on every pair (not a difference, but worth knowing):
 //! a gRPC call routed to an HTTP/1.1 upstream reaches the Pod without `te: trailers` and its
@@ -44,24 +41,6 @@ use harness::{Known, PodProto, ReqBody, Row, Table, Up, ABSENT, ROW};
 const H1: &[Client] = &[Client::Http1, Client::TlsHttp1];
 const H2C_POD: &[PodProto] = &[PodProto::H2c];
 
-/// HTTP/1.x clients of h2c Pods get every answer chunked: the length the Pod sent is dropped.
-const H1_TO_H2C_DROPS_LENGTH: Known = Known {
-    clients: H1,
-    pods: H2C_POD,
-    field: "answer.framing",
-    got: "streamed",
-    why: "h1/to_h2.rs relays every h2 answer chunked; h2 clients of the same Pod get the length",
-};
-
-/// h2 clients get no `x-request-id` on the 404 and 405 that Pingora's proxy answers.
-const H2_ERRORS_WITHOUT_ID: Known = Known {
-    clients: Client::H2,
-    pods: PodProto::BOTH,
-    field: "answer.x-request-id",
-    got: ABSENT,
-    why: "unrouted h2 streams go to pingora.rs, which answers 404/405 without a request id",
-};
-
 const NOT_FOUND: &str = r#""{\"error\":\"not_found\",\"status\":404,\"message\":\"no route matches this host and path\"}\n""#;
 
 /// A unary gRPC call from the h2 clients to an h2c Pod.
@@ -80,21 +59,18 @@ const ROWS: &[Row] = &[
         name: "host-exact",
         route: "path_prefix: /api",
         path: "/api/users",
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "host-case-port",
         hosts: &["api.{host}"],
         host: "API.{host}:8080",
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "host-wildcard",
         hosts: &["*.{host}"],
         host: "x.{host}",
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -106,7 +82,6 @@ const ROWS: &[Row] = &[
             ("answer.error", "not_found"),
             ("answer.body", NOT_FOUND),
         ],
-        known: &[H2_ERRORS_WITHOUT_ID],
         ..ROW
     },
     Row {
@@ -118,7 +93,6 @@ const ROWS: &[Row] = &[
             ("pod.count", "0"),
             ("answer.body", NOT_FOUND),
         ],
-        known: &[H2_ERRORS_WITHOUT_ID],
         ..ROW
     },
     Row {
@@ -132,7 +106,6 @@ const ROWS: &[Row] = &[
             ("answer.allow", "GET, HEAD"),
             ("answer.error", "method_not_allowed"),
         ],
-        known: &[H2_ERRORS_WITHOUT_ID],
         ..ROW
     },
     Row {
@@ -140,11 +113,6 @@ const ROWS: &[Row] = &[
         route: "methods: [GET, HEAD]",
         method: "HEAD",
         expect: &[("answer.body", "\"\"")],
-        known: &[Known {
-            got: "none",
-            why: "h1/to_h2.rs answers a HEAD without the Content-Length the Pod sent",
-            ..H1_TO_H2C_DROPS_LENGTH
-        }],
         ..ROW
     },
     Row {
@@ -153,7 +121,6 @@ const ROWS: &[Row] = &[
         more_routes: &["path_prefix: /api/v2, strip_prefix: true"],
         path: "/api/v2/items",
         expect: &[("pod.target", "/items")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     // The target and the host toward the Pod.
@@ -162,7 +129,6 @@ const ROWS: &[Row] = &[
         route: "path_prefix: /api, strip_prefix: true",
         path: "/api/items?q=1&r=a%20b",
         expect: &[("pod.target", "/items?q=1&r=a%20b")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -170,19 +136,16 @@ const ROWS: &[Row] = &[
         route: "path_prefix: /api, strip_prefix: true",
         path: "/api?x=1",
         expect: &[("pod.target", "/?x=1")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "query-string",
         path: "/search?a=1&b=%2F%3F&c&d=x+y",
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "host-header",
         upstream: Up::HostHeader,
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     // Forwarded fields and request ids.
@@ -190,7 +153,6 @@ const ROWS: &[Row] = &[
         name: "client-forwarded-for",
         headers: &[("x-forwarded-for", "10.1.2.3")],
         expect: &[("pod.x-forwarded-for", "10.1.2.3, 127.0.0.1")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -199,25 +161,21 @@ const ROWS: &[Row] = &[
             ("x-forwarded-proto", "gopher"),
             ("x-forwarded-host", "evil.example"),
         ],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "request-id-sent",
         headers: &[("x-request-id", "abc-123")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "custom-fields",
         headers: &[("x-custom", "one"), ("accept", "text/plain")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "repeated-fields",
         headers: &[("x-multi", "a"), ("x-multi", "b")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -225,7 +183,6 @@ const ROWS: &[Row] = &[
         clients: H1,
         headers: &[("connection", "x-hop"), ("x-hop", "1"), ("x-end", "2")],
         expect: &[("pod.connection", ABSENT), ("pod.x-hop", ABSENT)],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -235,23 +192,12 @@ const ROWS: &[Row] = &[
         body: ReqBody::Fixed(1000),
         // README: answered by podgate before it reads the body; not passed on.
         expect: &[("pod.expect", ABSENT)],
-        known: &[
-            H1_TO_H2C_DROPS_LENGTH,
-            Known {
-                clients: Client::H2,
-                pods: H2C_POD,
-                field: "pod.expect",
-                got: "100-continue",
-                why: "h2/to_h2.rs passes the client's fields on as they are, Expect included",
-            },
-        ],
         ..ROW
     },
     // Retries and errors.
     Row {
         name: "retry-dead-pod",
         upstream: Up::HalfDead,
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -259,7 +205,6 @@ const ROWS: &[Row] = &[
         upstream: Up::HalfDead,
         method: "POST",
         body: ReqBody::Fixed(10_000),
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -287,7 +232,6 @@ const ROWS: &[Row] = &[
         name: "pod-status",
         path: "/?status=418",
         expect: &[("status", "418")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -295,7 +239,6 @@ const ROWS: &[Row] = &[
         upstream: Up::HalfDead,
         path: "/?status=503",
         expect: &[("status", "503")],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -310,14 +253,12 @@ const ROWS: &[Row] = &[
         name: "small-body",
         method: "POST",
         body: ReqBody::Fixed(11),
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "large-request",
         method: "POST",
         body: ReqBody::Fixed(5_000_000),
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -327,14 +268,12 @@ const ROWS: &[Row] = &[
             ("answer.body", "{pattern:5000000}"),
             ("answer.framing", "length 5000000"),
         ],
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
         name: "chunked-request",
         method: "PUT",
         body: ReqBody::Streamed(1_000_000),
-        known: &[H1_TO_H2C_DROPS_LENGTH],
         ..ROW
     },
     Row {
@@ -343,16 +282,14 @@ const ROWS: &[Row] = &[
         body: ReqBody::Streamed(40_000),
         // README: bodies up to 64 KiB with a length are read first; chunked ones stream.
         expect: &[("pod.framing", "streamed")],
-        known: &[
-            H1_TO_H2C_DROPS_LENGTH,
-            Known {
-                clients: Client::H2,
-                pods: &[PodProto::Http1],
-                field: "pod.framing",
-                got: "length 40000",
-                why: "h2/to_h1.rs reads a small h2 body without a length whole and sends a length",
-            },
-        ],
+        known: &[Known {
+            clients: Client::H2,
+            pods: &[PodProto::Http1],
+            field: "pod.framing",
+            got: "length 40000",
+            why: "the pipeline reads a small h2 body without a length whole (so that it can be \
+                  sent again) and sends it to an HTTP/1.1 Pod with a length",
+        }],
         ..ROW
     },
     Row {
