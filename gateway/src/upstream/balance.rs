@@ -325,17 +325,22 @@ impl Balancer {
             if !Arc::ptr_eq(&rot.selection, &guard) {
                 rot.follow(arc_swap::Guard::into_inner(guard));
             }
-            // Stop after one full lap of distinct choices: better a refused one than none.
+            // One lap of the rotation as long as the set has backends: usually the first pick
+            // is taken.
             let lap = rot.selection.len();
-            let mut tries = 0;
-            loop {
+            for _ in 0..lap {
                 let (class, i) = rot.next();
                 let backend = rot.selection.member(class, i, &mut rot.part[class]);
-                tries += 1;
-                if tries >= lap || !skip(backend) {
+                if !skip(backend) {
                     return Some(backend.clone());
                 }
             }
+            // With unequal weights a lap can land on the same refused backend each time
+            // (weights 100:1 pick the heavy one ~100 times in a row): look through the whole set
+            // for one `skip` lets through, heaviest first; better a refused one than none.
+            let selection = &rot.selection;
+            let found = selection.iter().find(|b| !skip(b));
+            found.or_else(|| selection.iter().next()).cloned()
         })
     }
 }
@@ -457,6 +462,27 @@ mod tests {
         assert!(Selection::default()
             .find(&SocketAddr::from(([10, 0, 0, 1], 80)))
             .is_none());
+    }
+
+    /// A retry must reach another backend even when the rotation would give the refused one
+    /// again and again (found by tests/semantics.rs: weights 100:1, the heavy Pod dead, every
+    /// retry went back to it).
+    #[test]
+    fn a_refused_heavy_backend_does_not_hide_a_light_one() {
+        for weights in [[100, 1], [1, 100], [50, 3]] {
+            let b = Balancer::new(Selection::new(vec![
+                backend(1, weights[0]),
+                backend(2, weights[1]),
+            ]));
+            for _ in 0..300 {
+                let first = b.pick(|_| false).unwrap();
+                let other = b.pick(|c| c.addr == first.addr).unwrap();
+                assert_ne!(other.addr, first.addr, "weights {weights:?}");
+            }
+        }
+        let one = Balancer::new(Selection::new(vec![backend(1, 100)]));
+        let only = one.pick(|_| true).expect("a refused one rather than none");
+        assert_eq!(only.addr, backend(1, 100).addr);
     }
 
     fn picks(b: &Balancer, n: usize) -> Vec<u8> {
