@@ -45,6 +45,12 @@ pub mod jwt;
 pub mod jwt_crypto;
 mod path;
 mod redirect;
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests_auth;
+#[cfg(test)]
+mod tests_request;
 
 pub use client::{client_address, client_of, TrustedProxies};
 pub use identities::Identities;
