@@ -54,7 +54,7 @@ pub fn client_address<'a>(
     trusted: &TrustedProxies,
 ) -> Option<IpAddr> {
     let peer = peer.map(|p| p.to_canonical());
-    let Some(p) = peer else { return None };
+    let p = peer?;
     if !trusted.trusts(p) {
         return peer;
     }

@@ -49,7 +49,9 @@ fn content(path: &Path) -> Option<[u8; 32]> {
 }
 
 /// Cheap evidence of a change for the poll: size, modification time, inode.
-fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+type Stamp = (u64, std::time::SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.len(), m.modified().ok()?, m.ino()))
@@ -99,11 +101,10 @@ pub fn watch(
             None
         }
     };
-    let mut seen: HashMap<PathBuf, (Option<[u8; 32]>, Option<(u64, std::time::SystemTime, u64)>)> =
-        paths
-            .iter()
-            .map(|p| (p.clone(), (content(p), stamp(p))))
-            .collect();
+    let mut seen: HashMap<PathBuf, (Option<[u8; 32]>, Option<Stamp>)> = paths
+        .iter()
+        .map(|p| (p.clone(), (content(p), stamp(p))))
+        .collect();
     std::thread::Builder::new()
         .name("podgate-policy-files".into())
         .spawn(move || loop {
@@ -178,12 +179,12 @@ mod tests {
         std::fs::write(&tmp, "2").unwrap();
         std::fs::rename(&tmp, &a).unwrap();
         wait_for("the change of a", || !calls.lock().unwrap().is_empty());
-        assert_eq!(calls.lock().unwrap()[0], [a.clone()]);
+        assert_eq!(calls.lock().unwrap()[0], std::slice::from_ref(&a));
         // The same bytes again: no call. Then b is removed: reported (now unreadable).
         std::fs::write(&a, "2").unwrap();
         std::fs::remove_file(&b).unwrap();
         wait_for("the removal of b", || calls.lock().unwrap().len() >= 2);
-        assert_eq!(calls.lock().unwrap()[1], [b.clone()]);
+        assert_eq!(calls.lock().unwrap()[1], std::slice::from_ref(&b));
         drop(guard);
     }
 }

@@ -433,6 +433,11 @@ thread_local! {
     static CACHE: RefCell<HashMap<(u64, u128), Arc<Verified>>> = RefCell::new(HashMap::new());
 }
 
+/// Forgets this thread's verified tokens (for benchmarks of the uncached path).
+pub fn clear_cache() {
+    CACHE.with(|c| c.borrow_mut().clear());
+}
+
 /// Entries in this thread's cache (for tests).
 pub fn cached_tokens() -> usize {
     CACHE.with(|c| c.borrow().len())
