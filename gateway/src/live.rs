@@ -516,3 +516,21 @@ impl BackgroundService for Checker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_with_route_policies_is_refused_until_they_are_enforced() {
+        let dir = std::env::temp_dir();
+        let text = "listeners: [{address: \"127.0.0.1:18080\"}]\n\
+                    upstreams: [{name: u, nodes: [{address: \"127.0.0.1:9\"}]}]\n\
+                    routes:\n  - {name: r, upstream: u, policies: {ip_allow: [192.0.2.0/24]}}\n";
+        let config = config::parse("t.yaml", text, &dir).unwrap();
+        let err = Live::start(config).err().expect("refused");
+        assert!(err.contains("route r: `policies` are checked but not enforced"), "{err}");
+        let plain = text.replace(", policies: {ip_allow: [192.0.2.0/24]}", "");
+        assert!(Live::start(config::parse("t.yaml", &plain, &dir).unwrap()).is_ok());
+    }
+}
