@@ -529,7 +529,10 @@ mod tests {
                     routes:\n  - {name: r, upstream: u, policies: {ip_allow: [192.0.2.0/24]}}\n";
         let config = config::parse("t.yaml", text, &dir).unwrap();
         let err = Live::start(config).err().expect("refused");
-        assert!(err.contains("route r: `policies` are checked but not enforced"), "{err}");
+        assert!(
+            err.contains("route r: `policies` are checked but not enforced"),
+            "{err}"
+        );
         let plain = text.replace(", policies: {ip_allow: [192.0.2.0/24]}", "");
         assert!(Live::start(config::parse("t.yaml", &plain, &dir).unwrap()).is_ok());
     }

@@ -7,12 +7,16 @@ use super::model::*;
 use super::policy_files::{read_api_keys, read_jwks, read_secret};
 use super::report::{child, line, Report};
 use super::schema;
-use super::validate::Resolve;
 use super::yaml::{List, Pairs, Sect, Val};
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Turns a relative path of the file into one relative to the file's folder (as
+/// `validate::Resolve`, spelled out: validate calls this module, not the other way round).
+type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 /// Fields podgate itself decides toward the Pod: a rule may not set, add or remove them.
 const REQUEST_OWN: &[&str] = &[
