@@ -11,6 +11,8 @@
 
 mod model;
 mod names;
+mod policies;
+pub mod policy_files;
 mod report;
 mod schema;
 mod units;
@@ -20,6 +22,7 @@ mod yaml;
 
 pub use model::*;
 pub use names::{dns1035_label, dns1123_label, label_key, label_value};
+pub use policies::{cidr, origin_pattern};
 pub use report::{ConfigError, ConfigErrors};
 pub use units::{parse_address, parse_duration, parse_size};
 

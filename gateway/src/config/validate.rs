@@ -5,6 +5,7 @@
 
 use super::model::*;
 use super::names::{check_host, check_name, label_value};
+use super::policies;
 use super::report::{child, line, Report};
 use super::schema;
 use super::upstreams;
@@ -94,10 +95,17 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         }
     }
 
+    let consumers = policies::consumers(r, file.consumers.as_ref(), resolve);
+    let jwt_providers = policies::jwt_providers(r, file.jwt_providers.as_ref(), resolve);
+    let known = policies::Known {
+        consumers: &consumers,
+        providers: &jwt_providers,
+    };
+
     let mut routes: Vec<RouteConf> = Vec::new();
     let items = file.routes.as_ref().map(|l| r.list(l, "routes"));
     for (path, s) in items.unwrap_or_default() {
-        let Some(new) = route(r, s, &path, &upstreams) else {
+        let Some(new) = route(r, s, &path, &upstreams, &known) else {
             continue;
         };
         if routes.iter().any(|x| x.name == new.name) {
@@ -128,6 +136,8 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         clusters,
         upstreams,
         routes,
+        consumers,
+        jwt_providers,
     }
 }
 
@@ -305,6 +315,7 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
         header_memory: DEFAULT_HEADER_MEMORY,
         zone: None,
         zone_from_node: None,
+        trusted_proxies: Vec::new(),
     };
     let Some(f) = sect.and_then(|x| r.sect(x, "server")) else {
         return s;
@@ -367,6 +378,7 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
             }
         }
     }
+    s.trusted_proxies = policies::cidrs(r, f.trusted_proxies.as_ref(), "server.trusted_proxies");
     if let Some(p) = r.opt(&f.upgrade_sock, "server.upgrade_sock") {
         s.upgrade_sock = resolve(p);
     }
@@ -498,6 +510,7 @@ fn route(
     s: &Sect<schema::Route>,
     path: &str,
     upstreams: &[Arc<UpstreamConf>],
+    known: &policies::Known,
 ) -> Option<RouteConf> {
     let route = r.sect(s, path)?;
     let name = r.required(&route.name, s.line, &child(path, "name"));
@@ -544,6 +557,12 @@ fn route(
             r.error(line(&route.upstream), &child(path, "upstream"), message);
         }
     }
+    let bits = policies::RouteBits {
+        strip_prefix,
+        strip_line: line(&route.strip_prefix),
+        methods: &methods,
+    };
+    let policies = policies::route_policies(r, route.policies.as_ref(), path, known, &bits);
     Some(RouteConf {
         name: name?.clone(),
         hosts,
@@ -551,5 +570,6 @@ fn route(
         methods,
         strip_prefix,
         upstream: upstream?.clone(),
+        policies,
     })
 }
