@@ -88,6 +88,53 @@ pub fn client_of(
     client_address(peer, fields.values("x-forwarded-for"), trusted)
 }
 
+/// The part of one `X-Forwarded-For` value `field` that [`client_address`] reads the client
+/// from, for a request from `peer`: `None` when the peer is not trusted (the list is its own
+/// writing), else the entries from the client on (all of them when every entry is trusted;
+/// after an entry that is not an address, what follows it). What a proxy passes on then starts
+/// with the client it decided.
+pub fn forwarded_chain<'a>(
+    peer: IpAddr,
+    field: &'a [u8],
+    trusted: &TrustedProxies,
+) -> Option<&'a [u8]> {
+    if !trusted.trusts(peer) {
+        return None;
+    }
+    // Entry boundaries from the right: (start, end) byte offsets.
+    let mut end = field.len();
+    let mut start_of_kept = None;
+    let mut hops = 0;
+    loop {
+        let start = field[..end]
+            .iter()
+            .rposition(|b| *b == b',')
+            .map_or(0, |i| i + 1);
+        let entry = &field[start..end];
+        if !entry.trim_ascii().is_empty() {
+            hops += 1;
+            if hops > MAX_HOPS {
+                break;
+            }
+            match parse_entry(entry) {
+                None => break,
+                Some(ip) => {
+                    start_of_kept = Some(start);
+                    if !trusted.trusts(ip) {
+                        break;
+                    }
+                }
+            }
+        }
+        if start == 0 {
+            break;
+        }
+        end = start - 1;
+    }
+    let kept = field.get(start_of_kept?..)?.trim_ascii();
+    (!kept.is_empty()).then_some(kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +196,50 @@ mod tests {
         assert_eq!(client("10.0.0.1", &[" , ,"]), ip("10.0.0.1"));
     }
 
+    #[test]
+    fn the_chain_passed_on_starts_with_the_client() {
+        let chain = |peer: &str, xff: &'static str| {
+            forwarded_chain(ip(peer), xff.as_bytes(), &trusted())
+                .map(|c| std::str::from_utf8(c).unwrap().to_string())
+        };
+        assert_eq!(chain("198.51.100.7", "1.2.3.4"), None);
+        assert_eq!(
+            chain("10.0.0.1", "6.6.6.6, 203.0.113.9, 10.0.0.2").as_deref(),
+            Some("203.0.113.9, 10.0.0.2")
+        );
+        assert_eq!(
+            chain("10.0.0.1", "10.0.0.3,10.0.0.2").as_deref(),
+            Some("10.0.0.3,10.0.0.2")
+        );
+        assert_eq!(
+            chain("10.0.0.1", "203.0.113.9, junk, 10.0.0.2").as_deref(),
+            Some("10.0.0.2")
+        );
+        assert_eq!(chain("10.0.0.1", "junk"), None);
+        assert_eq!(chain("10.0.0.1", " , "), None);
+    }
+
     proptest! {
+        /// Any bytes: no panic, and the chain's first entry is the client `client_address`
+        /// finds (when the chain is not empty).
+        #[test]
+        fn the_chain_agrees_with_the_client(
+            field in proptest::collection::vec(any::<u8>(), 0..60),
+            trusted_peer in any::<bool>(),
+        ) {
+            let peer = if trusted_peer { ip("10.1.1.1") } else { ip("192.0.2.1") };
+            let got = forwarded_chain(peer, &field, &trusted());
+            let client = client_address(Some(peer), std::iter::once(&field[..]), &trusted());
+            match got {
+                None => prop_assert_eq!(client, Some(peer)),
+                Some(c) => {
+                    let first = c.split(|b| *b == b',').next().and_then(parse_entry);
+                    prop_assert_eq!(first, client);
+                }
+            }
+        }
+
+
         /// Any bytes: no panic, and the answer is the peer or an address the header names.
         #[test]
         fn forwarded_for_parsing_never_panics(

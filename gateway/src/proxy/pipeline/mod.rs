@@ -135,6 +135,13 @@ async fn serve<C: ClientSide>(
         }
     };
     let target = &route.upstream;
+    if !route.lists(inc.method) && !is_preflight(inc) {
+        // Only a CORS route's preflights pass the methods the route lists.
+        let fields = answer::allow(&route.methods);
+        let local = answer::error(405, inc.grpc, &fields, request_id, edits, false);
+        answer_local(client, rec, &local).await;
+        return Some(route);
+    }
     let ip = inc.peer.map(|a| a.ip());
     let view = RequestView {
         method: inc.method,
@@ -142,7 +149,7 @@ async fn serve<C: ClientSide>(
         path_and_query: inc.path_and_query,
         fields: inc.fields,
         peer: ip,
-        client: ip,
+        client: crate::policies::client_of(ip, inc.fields, &target.trusted),
         tls: inc.tls,
         grpc: inc.grpc,
         content_length: inc.content_length,
@@ -181,6 +188,17 @@ async fn serve<C: ClientSide>(
         Protocol::H2 | Protocol::H2c => Box::pin(at.run::<C, H2Pod>(client, rec)).await,
     }
     Some(route)
+}
+
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
+fn is_preflight(inc: &Incoming<'_>) -> bool {
+    *inc.method == http::Method::OPTIONS
+        && inc.fields.values("origin").next().is_some()
+        && inc
+            .fields
+            .values("access-control-request-method")
+            .next()
+            .is_some()
 }
 
 /// Sends an answer podgate made itself and notes it in the record.

@@ -87,7 +87,7 @@ impl<'a> Forward<'a> {
                 crate::config::Scheme::Http => "http",
             },
             client_ip: inc.peer.map(|a| a.ip()),
-            forwarded_for: inc.forwarded_for.filter(|p| !p.is_empty()),
+            forwarded_for: forwarded_chain(inc, &route.upstream.trusted),
             proto: if inc.tls { b"https" } else { b"http" },
             forwarded_host: inc.authority,
             request_id,
@@ -137,6 +137,23 @@ impl<'a> Forward<'a> {
         let _ = std::io::Write::write_fmt(out, format_args!("{ip}"));
         true
     }
+}
+
+/// The client's `X-Forwarded-For` to keep in front of the peer's address. Without
+/// `trusted_proxies`, all of it (nginx's `$proxy_add_x_forwarded_for`). With them, only what
+/// the client address the policies saw (`policies::client_of`) was read from: nothing from a
+/// peer that is not trusted (its list is its own writing), and from a trusted one the entries
+/// from the client on. So the Pod's first entry is the client podgate decided, and entries a
+/// client wrote to pass for someone else never reach it.
+fn forwarded_chain<'a>(
+    inc: &Incoming<'a>,
+    trusted: &crate::policies::TrustedProxies,
+) -> Option<&'a [u8]> {
+    let sent = inc.forwarded_for.filter(|p| !p.is_empty())?;
+    if trusted.is_empty() {
+        return Some(sent);
+    }
+    crate::policies::client::forwarded_chain(inc.peer?.ip(), sent, trusted)
 }
 
 /// Hop-by-hop fields, framing fields and the fields the pipeline itself sets (`Host`, the
