@@ -173,7 +173,10 @@ pub fn write_atomically(path: &Path, text: &str) {
 /// A `podgate` process run on a config in a temp folder; killed when dropped.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener's address, in the order they were asked for.
+    pub addrs: Vec<SocketAddr>,
     pub admin: SocketAddr,
     child: Child,
     pub log: PathBuf,
@@ -228,7 +231,30 @@ impl Gateway {
         server: &str,
         body: &str,
     ) -> Gateway {
-        Self::start_inner(dir, listener_extra, "", server, body, &[]).await
+        Self::start_inner(dir, &[listener_extra], "", server, body, &[]).await
+    }
+
+    /// Starts podgate with one listener per entry of `listener_extras` (each entry added to its
+    /// listener's mapping, e.g. `tls: {...}` or `h2c: true`; empty for a plain one); their
+    /// addresses are in [`Gateway::addrs`], in the same order.
+    pub async fn start_listeners(
+        dir: tempfile::TempDir,
+        listener_extras: &[&str],
+        body: &str,
+    ) -> Gateway {
+        let server = "threads: 1\n  grace_period: 1s";
+        Self::start_inner(dir, listener_extras, "", server, body, &[]).await
+    }
+
+    /// [`Gateway::start_listeners`] with `server` as the body of the `server:` mapping (as in
+    /// [`Gateway::start_full`]).
+    pub async fn start_listeners_with(
+        dir: tempfile::TempDir,
+        listener_extras: &[&str],
+        server: &str,
+        body: &str,
+    ) -> Gateway {
+        Self::start_inner(dir, listener_extras, "", server, body, &[]).await
     }
 
     /// Like [`Gateway::start_full`], with environment variables for the process (e.g.
@@ -239,7 +265,7 @@ impl Gateway {
         body: &str,
         env: &[(&str, &str)],
     ) -> Gateway {
-        Self::start_inner(dir, "", "", server, body, env).await
+        Self::start_inner(dir, &[""], "", server, body, env).await
     }
 
     /// Like [`Gateway::start_in`], with `admin_extra` (e.g. `token_file: t`) in `admin:`.
@@ -250,7 +276,7 @@ impl Gateway {
     ) -> Gateway {
         Self::start_inner(
             dir,
-            "",
+            &[""],
             admin_extra,
             "threads: 1\n  grace_period: 1s",
             body,
@@ -261,7 +287,7 @@ impl Gateway {
 
     async fn start_inner(
         dir: tempfile::TempDir,
-        listener_extra: &str,
+        listener_extras: &[&str],
         admin_extra: &str,
         server: &str,
         body: &str,
@@ -271,11 +297,6 @@ impl Gateway {
             String::new()
         } else {
             format!("  {admin_extra}\n")
-        };
-        let extra = if listener_extra.is_empty() {
-            String::new()
-        } else {
-            format!("    {listener_extra}\n")
         };
         // Each gateway its own pid file, so that tests running at once never share one.
         let pid_file = if server.contains("pid_file") {
@@ -288,15 +309,25 @@ impl Gateway {
         // A port found free can be taken by another test (or an outgoing connection) before
         // podgate binds it; then podgate says so and this tries other ports.
         for attempt in 1..=3 {
-            // Two ports released one after the other can be the same one.
-            let (port, admin_port) = loop {
-                let (p, a) = (free_port(), free_port());
-                if p != a {
-                    break (p, a);
+            // Ports released one after the other can be the same one: the admin's port first,
+            // then one per listener, all distinct.
+            let mut ports: Vec<u16> = Vec::new();
+            while ports.len() <= listener_extras.len() {
+                let p = free_port();
+                if !ports.contains(&p) {
+                    ports.push(p);
                 }
-            };
+            }
+            let admin_port = ports[0];
+            let mut listeners = String::new();
+            for (port, extra) in ports[1..].iter().zip(listener_extras) {
+                listeners.push_str(&format!("  - address: 127.0.0.1:{port}\n"));
+                if !extra.is_empty() {
+                    listeners.push_str(&format!("    {extra}\n"));
+                }
+            }
             let conf_head = format!(
-                "listeners:\n  - address: 127.0.0.1:{port}\n{extra}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
+                "listeners:\n{listeners}admin:\n  address: 127.0.0.1:{admin_port}\n{admin_extra}\
                  server:\n  {server}\n{pid_file}"
             );
             std::fs::write(&conf_path, format!("{conf_head}{body}")).unwrap();
@@ -312,7 +343,11 @@ impl Gateway {
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
                 .expect("spawn podgate");
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let addrs: Vec<SocketAddr> = ports[1..]
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect();
+            let addr = addrs[0];
             let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
             let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
             let start = Instant::now();
@@ -330,8 +365,12 @@ impl Gateway {
                         log_text()
                     );
                 }
-                let up = TcpStream::connect(addr).await.is_ok()
-                    && matches!(get(admin, "x", "/healthz").await, Ok(r) if r.status == 200);
+                let mut up = true;
+                for a in &addrs {
+                    up = up && TcpStream::connect(a).await.is_ok();
+                }
+                let up =
+                    up && matches!(get(admin, "x", "/healthz").await, Ok(r) if r.status == 200);
                 if up {
                     break true;
                 }
@@ -344,6 +383,7 @@ impl Gateway {
                 return Gateway {
                     dir,
                     addr,
+                    addrs,
                     admin,
                     child,
                     log,
@@ -733,4 +773,23 @@ pub fn steady_load(
         }));
     }
     (counts, tasks)
+}
+
+/// A TLS connector that trusts only the CA in `ca` and offers `alpn` (e.g. `[b"h2"]`).
+pub fn tls_connector(ca: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
