@@ -186,14 +186,15 @@ pub(crate) fn removed_from_answers(edits: &Edits, name: &[u8]) -> bool {
 }
 
 /// Fields an answer podgate makes or relays gets from a policy (`response_add`), or has of its
-/// own (a 405's `Allow`, a policy answer's), without the ones podgate decides itself and those
-/// `response_remove` drops.
+/// own (a 405's `Allow`, a policy answer's: `Location`, `WWW-Authenticate`, a preflight's CORS
+/// fields), without the ones podgate decides itself. `response_remove` is about the Pod's
+/// fields (a CORS route drops the Pod's `Access-Control-*`): it never takes back what a policy
+/// answered.
 pub(crate) fn answer_fields<'e>(
     own: &'e [(HeaderName, HeaderValue)],
     edits: &'e Edits,
 ) -> impl Iterator<Item = &'e (HeaderName, HeaderValue)> {
     own.iter()
-        .filter(|(n, _)| !removed_from_answers(edits, n.as_str().as_bytes()))
         .chain(edits.response_add.iter())
         .filter(|(n, _)| !set_on_answers(n.as_str().as_bytes()))
 }
