@@ -574,4 +574,36 @@ mod tests {
         };
         assert!(!r.upstream.policies.is_empty());
     }
+
+    #[test]
+    fn a_reload_keeps_the_identities_while_consumers_and_providers_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shop.keys"), "k1\n").unwrap();
+        let path = dir.path().join("podgate.yaml");
+        let text = |route: &str, consumers: &str| {
+            format!(
+                "listeners: [{{address: \"127.0.0.1:18080\"}}]\n\
+                 upstreams: [{{name: u, nodes: [{{address: \"127.0.0.1:9\"}}]}}]\n\
+                 consumers: [{consumers}]\n\
+                 routes:\n  - {{name: {route}, upstream: u, policies: {{auth: {{api_key: {{}}}}}}}}\n"
+            )
+        };
+        std::fs::write(&path, text("r", "{name: shop, api_keys_file: shop.keys}")).unwrap();
+        let live = Live::start(config::load(&path).unwrap()).unwrap();
+        let current = |live: &Live| live.identities.lock().unwrap().identities.clone();
+        let first = current(&live);
+        // Routes change, consumers stay: the same identities (and file watch) go on.
+        std::fs::write(&path, text("r2", "{name: shop, api_keys_file: shop.keys}")).unwrap();
+        live.reload().unwrap();
+        assert!(Arc::ptr_eq(&first, &current(&live)));
+        // A new consumer: read anew.
+        std::fs::write(
+            &path,
+            text("r2", "{name: shop, api_keys_file: shop.keys}, {name: b}"),
+        )
+        .unwrap();
+        live.reload().unwrap();
+        assert!(!Arc::ptr_eq(&first, &current(&live)));
+        assert_eq!(current(&live).consumers().len(), 2);
+    }
 }

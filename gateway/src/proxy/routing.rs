@@ -194,6 +194,17 @@ mod tests {
     }
 
     #[test]
+    fn a_route_that_answers_preflights_takes_options_whatever_its_methods() {
+        let h = Vec::<String>::new;
+        let mut cors = route("cors", "/api", &["GET"]);
+        cors.answers_preflights = true;
+        let r = Router::new(vec![(h(), cors), (h(), route("plain", "/other", &["GET"]))]);
+        assert_eq!(name(r.find("h", "/api/x", &Method::OPTIONS)), "cors");
+        assert_eq!(name(r.find("h", "/api/x", &Method::POST)), "405 [GET]");
+        assert_eq!(name(r.find("h", "/other", &Method::OPTIONS)), "405 [GET]");
+    }
+
+    #[test]
     fn matching_table() {
         let h = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let r = Router::new(vec![
