@@ -665,6 +665,19 @@ async fn grpc(fx: &Fx, c: Client, k: &str) {
         );
         assert!(seen.is_none(), "{at}: reached the Pod");
     }
+    // A declared length past max_body: RESOURCE_EXHAUSTED, trailers-only.
+    let big = b"\0\0\0\0\x28012345678901234567890123456789012345678901";
+    let grpc_fields = [("content-type", "application/grpc"), ("te", "trailers")];
+    let (a, seen) = fx
+        .send(c, k, "POST", "/body/x", &grpc_fields, Body::Fixed(big))
+        .await;
+    assert_eq!(
+        header(&a, "grpc-status").as_deref(),
+        Some("8"),
+        "{c:?} {k}: {:?}",
+        a.headers
+    );
+    assert!(a.body.is_empty() && a.trailers.is_none() && seen.is_none());
     if k == "h2c" {
         let (a, seen) = call(vec![("x-api-key", "shop-key-1".to_string())]).await;
         assert_eq!(a.status, 200);
