@@ -11,6 +11,7 @@
 
 mod model;
 mod names;
+mod rate_limit;
 mod report;
 mod schema;
 mod units;
@@ -20,6 +21,10 @@ mod yaml;
 
 pub use model::*;
 pub use names::{dns1035_label, dns1123_label, label_key, label_value};
+pub use rate_limit::{
+    Mode as RateLimitMode, OnError, Rate, RateKey, RateLimitRule, RateLimitStoreConf, RedisTarget,
+    RuleStore, Secret,
+};
 pub use report::{ConfigError, ConfigErrors};
 pub use units::{parse_address, parse_duration, parse_size};
 

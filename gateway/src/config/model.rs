@@ -23,6 +23,8 @@ pub struct Config {
     pub upstreams: Vec<Arc<UpstreamConf>>,
     pub routes: Vec<RouteConf>,
     pub access_log: AccessLogSink,
+    /// `rate_limit_stores`: the shared (Redis) stores rate-limit rules may name.
+    pub rate_limit_stores: Vec<Arc<super::RateLimitStoreConf>>,
 }
 
 impl Config {
@@ -260,6 +262,14 @@ pub struct RouteConf {
     pub methods: Vec<http::Method>,
     pub strip_prefix: bool,
     pub upstream: String,
+    pub policies: RoutePolicies,
+}
+
+/// A route's `policies:`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RoutePolicies {
+    /// `rate_limit`: every rule must admit a request.
+    pub rate_limit: Vec<super::RateLimitRule>,
 }
 
 // Defaults, each chosen to match what users of nginx/Envoy expect, and documented in the README.

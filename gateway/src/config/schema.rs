@@ -28,6 +28,7 @@ pub struct File {
     pub clusters: Option<List<Sect<Cluster>>>,
     pub upstreams: Option<List<Sect<Upstream>>>,
     pub routes: Option<List<Sect<Route>>>,
+    pub rate_limit_stores: Option<List<Sect<super::rate_limit::StoreSchema>>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -169,4 +170,12 @@ pub struct Route {
     pub methods: Option<List<Val<http::Method>>>,
     pub strip_prefix: Option<Val<bool>>,
     pub upstream: Option<Val<String>>,
+    pub policies: Option<Sect<RoutePolicies>>,
+}
+
+/// `routes[].policies`: what the route decides before a Pod sees a request.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePolicies {
+    pub rate_limit: Option<List<Sect<super::rate_limit::RuleSchema>>>,
 }

@@ -94,10 +94,12 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         }
     }
 
+    let rate_limit_stores = super::rate_limit::stores(r, file.rate_limit_stores.as_ref(), resolve);
+
     let mut routes: Vec<RouteConf> = Vec::new();
     let items = file.routes.as_ref().map(|l| r.list(l, "routes"));
     for (path, s) in items.unwrap_or_default() {
-        let Some(new) = route(r, s, &path, &upstreams) else {
+        let Some(new) = route(r, s, &path, &upstreams, &rate_limit_stores) else {
             continue;
         };
         if routes.iter().any(|x| x.name == new.name) {
@@ -128,6 +130,7 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         clusters,
         upstreams,
         routes,
+        rate_limit_stores,
     }
 }
 
@@ -498,6 +501,7 @@ fn route(
     s: &Sect<schema::Route>,
     path: &str,
     upstreams: &[Arc<UpstreamConf>],
+    rate_limit_stores: &[Arc<super::RateLimitStoreConf>],
 ) -> Option<RouteConf> {
     let route = r.sect(s, path)?;
     let name = r.required(&route.name, s.line, &child(path, "name"));
@@ -544,7 +548,18 @@ fn route(
             r.error(line(&route.upstream), &child(path, "upstream"), message);
         }
     }
+    let mut policies = RoutePolicies::default();
+    if let Some(p) = &route.policies {
+        let at = child(path, "policies");
+        if let Some(p) = r.sect(p, &at) {
+            if let Some(list) = &p.rate_limit {
+                let at = child(&at, "rate_limit");
+                policies.rate_limit = super::rate_limit::rules(r, list, &at, rate_limit_stores);
+            }
+        }
+    }
     Some(RouteConf {
+        policies,
         name: name?.clone(),
         hosts,
         path_prefix,
