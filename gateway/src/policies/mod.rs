@@ -22,6 +22,8 @@
 //! redirect → CORS preflight → IP rules → authentication → consumers → rate limits → body limit
 //! → request header rules and rewrite; response header rules and CORS fields go on the answer.
 
+pub mod rate_limit;
+
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 use std::net::IpAddr;
@@ -160,16 +162,31 @@ pub enum Verdict {
 
 /// The policies of one route, built from its `policies:` when the config is loaded.
 #[derive(Default, Debug)]
-pub struct Policies {}
+pub struct Policies {
+    /// `rate_limit`: after authentication, before the body limit.
+    rate_limit: Option<rate_limit::RateLimits>,
+}
 
 impl Policies {
+    /// The policies of `route` (a validated config: every store it names exists).
+    pub fn new(route: &crate::config::RouteConf) -> Policies {
+        Policies {
+            rate_limit: rate_limit::RateLimits::new(&route.name, &route.policies.rate_limit),
+        }
+    }
+
     /// No policy is set: the pipeline skips [`Policies::on_request`].
     pub fn is_empty(&self) -> bool {
-        true
+        self.rate_limit.is_none()
     }
 
     /// Decides about one request; fills `edits` for a request that goes on.
-    pub async fn on_request(&self, _req: &RequestView<'_>, _edits: &mut Edits) -> Verdict {
+    pub async fn on_request(&self, req: &RequestView<'_>, edits: &mut Edits) -> Verdict {
+        if let Some(limits) = &self.rate_limit {
+            if let Some(answer) = limits.check(req, edits).await {
+                return Verdict::Answer(answer);
+            }
+        }
         Verdict::Continue
     }
 }
