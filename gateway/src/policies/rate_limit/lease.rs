@@ -14,8 +14,16 @@
 //! alone (exact), so no replica ever holds more than one lease per key. The mark carries a
 //! deadline (the store's timeout), so a refill whose request went away does not hold it.
 //!
-//! State per key, one u64 in the [`Table`]: tokens (bits 41..63), refilling (bit 40) and a
-//! deadline in milliseconds on the process clock (bits 0..39, 34 years).
+//! A refusal is kept too: when Redis grants nothing it says when the next token is due, and
+//! until then this replica refuses the key without asking again. So traffic over the limit —
+//! the heavy part of an attack — costs Redis one call per key and replica per refill interval,
+//! not one per request; requests that come while the refill after a refusal runs are refused
+//! too (the tokens they miss stay in Redis for the next one). The token then due may go to
+//! another replica: never more is admitted.
+//!
+//! State per key, one u64 in the [`Table`]: tokens (bits 42..63), refused (bit 41), refilling
+//! (bit 40) and a deadline in milliseconds on the process clock (bits 0..39, 34 years): when the
+//! lease ends, the refusal ends, or the refill may be taken over.
 
 use super::table::{Rank, Table, Update};
 
@@ -25,13 +33,15 @@ pub const LIFETIME: std::time::Duration = std::time::Duration::from_millis(LIFET
 
 const DEADLINE: u64 = (1 << 40) - 1;
 const REFILLING: u64 = 1 << 40;
+const REFUSED: u64 = 1 << 41;
+const ONE: u64 = 1 << 42;
 
-fn pack(tokens: u64, refilling: bool, deadline_ms: u64) -> u64 {
-    (tokens.min((1 << 23) - 1) << 41) | (u64::from(refilling) << 40) | (deadline_ms & DEADLINE)
+fn pack(tokens: u64, flags: u64, deadline_ms: u64) -> u64 {
+    (tokens.min((1 << 22) - 1) << 42) | flags | (deadline_ms & DEADLINE)
 }
 
 fn tokens(s: u64) -> u64 {
-    s >> 41
+    s >> 42
 }
 
 fn deadline(s: u64) -> u64 {
@@ -47,6 +57,8 @@ pub enum Take {
     Refill,
     /// Another request is refilling: ask Redis for this request alone.
     Exact,
+    /// Redis refused the key lately: no token is due for this long.
+    Refused(std::time::Duration),
 }
 
 struct ByDeadline {
@@ -58,7 +70,7 @@ impl Rank for ByDeadline {
         deadline(s)
     }
     fn idle(&self, s: u64) -> bool {
-        deadline(s) <= self.now_ms || (tokens(s) == 0 && s & REFILLING == 0)
+        deadline(s) <= self.now_ms || (tokens(s) == 0 && s & (REFILLING | REFUSED) == 0)
     }
 }
 
@@ -88,12 +100,25 @@ impl Leases {
         impl Update for T {
             type Out = Take;
             fn update(&mut self, s: Option<u64>) -> (Option<u64>, Take) {
-                match s {
-                    Some(s) if deadline(s) > self.now && tokens(s) > 0 => {
-                        (Some(s - (1 << 41)), Take::Served)
-                    }
-                    Some(s) if deadline(s) > self.now && s & REFILLING != 0 => (None, Take::Exact),
-                    _ => (Some(pack(0, true, self.now + self.refill)), Take::Refill),
+                // A refill after a refusal keeps the refused mark while it runs.
+                let refill = |s: Option<u64>| {
+                    let flags = REFILLING | s.map_or(0, |s| s & REFUSED);
+                    (Some(pack(0, flags, self.now + self.refill)), Take::Refill)
+                };
+                let wait = |s: u64| std::time::Duration::from_millis(deadline(s) - self.now);
+                let Some(s) = s.filter(|s| deadline(*s) > self.now) else {
+                    return refill(s);
+                };
+                if tokens(s) > 0 {
+                    (Some(s - ONE), Take::Served)
+                } else if s & REFUSED != 0 {
+                    // Refused, or refilling right after a refusal: the key was over its limit a
+                    // moment ago, so the others wait for that refill instead of asking too.
+                    (None, Take::Refused(wait(s)))
+                } else if s & REFILLING != 0 {
+                    (None, Take::Exact)
+                } else {
+                    refill(Some(s))
                 }
             }
         }
@@ -110,8 +135,21 @@ impl Leases {
     }
 
     /// After a refill: `tokens` more for this replica (the request's own already taken), or
-    /// none when Redis granted nothing or failed; the refilling mark is cleared either way.
+    /// none when Redis failed; the refilling mark is cleared either way.
     pub fn deposit(&self, key: u64, tokens: u64, now_ms: u64) {
+        let state = match tokens {
+            0 => pack(0, 0, now_ms),
+            n => pack(n, 0, now_ms + LIFETIME_MS),
+        };
+        self.set(key, state, now_ms)
+    }
+
+    /// After a refill Redis refused: refuse the key here until `until_ms`.
+    pub fn refuse(&self, key: u64, until_ms: u64, now_ms: u64) {
+        self.set(key, pack(0, REFUSED, until_ms.max(now_ms + 1)), now_ms)
+    }
+
+    fn set(&self, key: u64, state: u64, now_ms: u64) {
         struct D(u64);
         impl Update for D {
             type Out = ();
@@ -119,10 +157,6 @@ impl Leases {
                 (Some(self.0), ())
             }
         }
-        let state = match tokens {
-            0 => pack(0, false, now_ms),
-            n => pack(n, false, now_ms + LIFETIME_MS),
-        };
         self.table.apply(key, &ByDeadline { now_ms }, D(state))
     }
 }
@@ -154,5 +188,12 @@ mod tests {
         // A refill that never came back lets the next request refill after the timeout.
         assert_eq!(l.take(9, 1005 + LIFETIME_MS + 10), Take::Exact);
         assert_eq!(l.take(9, 1005 + LIFETIME_MS + 22), Take::Refill);
+        // A refusal holds until the next token is due, then the key is asked for again.
+        l.refuse(9, 5000, 3000);
+        assert_eq!(l.take(9, 3000), Take::Refused(Duration::from_millis(2000)));
+        assert_eq!(l.take(9, 5000), Take::Refill);
+        assert_eq!(l.take(9, 5001), Take::Refused(Duration::from_millis(20)));
+        l.deposit(9, 3, 5002);
+        assert_eq!(l.take(9, 5003), Take::Served);
     }
 }

@@ -20,7 +20,8 @@
 //! `q` per window `w` seconds (the configured rate); `RateLimit: "consumer 100/s";r=19;t=1`
 //! gives what the bucket admits now (`r`) and the seconds until it is full again (`t`). In
 //! batched mode an answer served from a lease carries no `RateLimit` item for that rule (its
-//! numbers would be this replica's, not the shared bucket's).
+//! numbers would be this replica's, not the shared bucket's), and a 429 from a refusal this
+//! replica remembers gives `t` as the time until the next token is due.
 //!
 //! Keys: `consumer` without a consumer, and `header NAME` without the header (or with an empty
 //! value), count by the client address instead, as Kong and APISIX do — a request without the
@@ -271,6 +272,14 @@ impl RateLimits {
                                 reset: Duration::ZERO,
                             });
                         }
+                        Some(Take::Refused(retry_after)) => {
+                            rule.metrics.limited.inc();
+                            for (l, hash) in taken {
+                                l.refund(hash, now);
+                            }
+                            let refused = [(rule, retry_after, retry_after)];
+                            return Some(self.refusal(&refused));
+                        }
                         Some(Take::Refill) => {
                             let want = leases.as_ref().map_or(1, |l| l.lease);
                             calls.push((i, hash, key.redis_key(prefix), want, true));
@@ -312,7 +321,8 @@ impl RateLimits {
                     }
                     Ok(r) => {
                         if let Some(l) = leases {
-                            l.deposit(*hash, 0, now_ms);
+                            let due = now_ms + r.retry_after.as_millis() as u64;
+                            l.refuse(*hash, due, now_ms);
                         }
                         rule.metrics.limited.inc();
                         Step::Refuse {
