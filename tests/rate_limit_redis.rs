@@ -99,7 +99,13 @@ fn metric(family: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// Two replicas hammer one key from 8 tasks each for `secs`: (admitted, expected by the exact
 /// GCRA over the time the load ran).
-async fn two_replicas(a: Arc<RateLimits>, b: Arc<RateLimits>, rate: u64, burst: u64, secs: f64) -> (u64, f64) {
+async fn two_replicas(
+    a: Arc<RateLimits>,
+    b: Arc<RateLimits>,
+    rate: u64,
+    burst: u64,
+    secs: f64,
+) -> (u64, f64) {
     let admitted = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let run = Duration::from_secs_f64(secs);
@@ -151,8 +157,13 @@ async fn two_replicas_sharing_one_redis_admit_within_5_percent_exact_and_batched
             .iter()
             .map(|n| metric("podgate_rate_limit_redis_duration_seconds", &[("store", n)]))
             .sum();
-        let requests = metric("podgate_rate_limit_requests_total", &[("route", route), ("result", "limited")])
-            + metric("podgate_rate_limit_requests_total", &[("route", route), ("result", "allowed")]);
+        let requests = metric(
+            "podgate_rate_limit_requests_total",
+            &[("route", route), ("result", "limited")],
+        ) + metric(
+            "podgate_rate_limit_requests_total",
+            &[("route", route), ("result", "allowed")],
+        );
         let error = (admitted as f64 - expected) / expected;
         eprintln!(
             "{mode:?}: admitted {admitted} of {expected:.0} expected ({:+.2} %), {requests} \
@@ -163,7 +174,10 @@ async fn two_replicas_sharing_one_redis_admit_within_5_percent_exact_and_batched
         if mode == RateLimitMode::Batched {
             // The bound: at most replicas × (lease − 1) = 2 × 9 over the exact limit. (Under it,
             // leases still held at the end and the refusals remembered until a token is due.)
-            assert!(admitted as f64 - expected <= 18.0, "{admitted} vs {expected:.0}");
+            assert!(
+                admitted as f64 - expected <= 18.0,
+                "{admitted} vs {expected:.0}"
+            );
         }
         let skipped = metric(
             "podgate_rate_limit_redis_errors_total",
@@ -191,11 +205,17 @@ async fn killing_redis_follows_on_error_and_recovers_when_it_returns() {
         let answer = hit(&deny, "k").await.expect("on_error: deny refuses");
         assert_eq!(answer.status, 500);
         assert!(matches!(answer.body, AnswerBody::Error));
-        assert!(hit(&allow, "k").await.is_none(), "on_error: allow lets through");
+        assert!(
+            hit(&allow, "k").await.is_none(),
+            "on_error: allow lets through"
+        );
         assert!(start.elapsed() < 2 * timeout + Duration::from_millis(500));
     }
     let label = |route: &str, result: &str| {
-        metric("podgate_rate_limit_requests_total", &[("route", route), ("result", result)])
+        metric(
+            "podgate_rate_limit_requests_total",
+            &[("route", route), ("result", result)],
+        )
     };
     assert_eq!(label("kill-deny", "error_denied"), 50.0);
     assert_eq!(label("kill-allow", "error_allowed"), 50.0);
@@ -239,9 +259,15 @@ async fn a_redis_that_answers_slowly_never_holds_a_call_longer_than_timeout() {
     for c in calls {
         let (allowed, took) = c.await.unwrap();
         assert!(allowed, "on_error: allow");
-        assert!(took < timeout + Duration::from_millis(300), "a call took {took:?}");
+        assert!(
+            took < timeout + Duration::from_millis(300),
+            "a call took {took:?}"
+        );
     }
-    assert!(paused.elapsed() < Duration::from_secs(2), "all answered during the pause");
+    assert!(
+        paused.elapsed() < Duration::from_secs(2),
+        "all answered during the pause"
+    );
     let timeouts = metric(
         "podgate_rate_limit_redis_errors_total",
         &[("store", "slow"), ("reason", "timeout")],
@@ -249,10 +275,18 @@ async fn a_redis_that_answers_slowly_never_holds_a_call_longer_than_timeout() {
     assert!(timeouts >= 1.0);
     // Once Redis runs again, calls are answered by it.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let served = || metric("podgate_rate_limit_requests_total", &[("route", "slow"), ("result", "allowed")]);
+    let served = || {
+        metric(
+            "podgate_rate_limit_requests_total",
+            &[("route", "slow"), ("result", "allowed")],
+        )
+    };
     let before = served();
     while served() == before {
-        assert!(Instant::now() < deadline, "no call reached Redis after the pause");
+        assert!(
+            Instant::now() < deadline,
+            "no call reached Redis after the pause"
+        );
         hit(&limits, "k").await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -279,7 +313,10 @@ async fn a_redis_cluster_keeps_every_key_exact_across_its_nodes() {
         .iter()
         .filter(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0) > 0)
         .count();
-    assert!(holding >= 2, "keys spread over the cluster's slots ({holding} nodes hold some)");
+    assert!(
+        holding >= 2,
+        "keys spread over the cluster's slots ({holding} nodes hold some)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

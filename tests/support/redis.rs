@@ -48,7 +48,12 @@ impl RedisServer {
 
     /// A server in cluster mode (not yet part of a cluster).
     pub fn start_cluster_node() -> RedisServer {
-        let args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ];
         Self::start_with(args.iter().map(|s| s.to_string()).collect(), None)
     }
 
@@ -85,10 +90,17 @@ impl RedisServer {
                 cmd.args(["--port", &port]);
             }
             Some(t) => {
-                cmd.args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"])
-                    .args(["--tls-cert-file", &t.cert.display().to_string()])
-                    .args(["--tls-key-file", &t.key.display().to_string()])
-                    .args(["--tls-ca-cert-file", &t.ca.display().to_string()]);
+                cmd.args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .args(["--tls-cert-file", &t.cert.display().to_string()])
+                .args(["--tls-key-file", &t.key.display().to_string()])
+                .args(["--tls-ca-cert-file", &t.ca.display().to_string()]);
             }
         }
         let mut child = cmd
@@ -123,7 +135,8 @@ impl RedisServer {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 64];
                 s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
             }
             Some(_) => self.cli(&["PING"]).trim() == "PONG",
         }
@@ -136,7 +149,11 @@ impl RedisServer {
         if let Some(t) = &self.tls {
             cmd.args(["--tls", "--cacert", &t.ca.display().to_string()]);
         }
-        let out = cmd.args(args).stderr(Stdio::null()).output().expect("redis-cli runs");
+        let out = cmd
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -188,7 +205,10 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_cluster_node()).collect();
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")

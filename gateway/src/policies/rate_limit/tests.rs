@@ -179,3 +179,18 @@ fn redis_keys_are_short_and_carry_no_hash_tag() {
     let v6 = "::ffff:10.0.0.1".parse::<IpAddr>().unwrap().to_canonical();
     assert_eq!(Key::Ip(v6).redis_key(b"p:"), b"p:i:10.0.0.1");
 }
+
+proptest::proptest! {
+    /// Any header value a client sends makes a bounded Redis key without a hash tag, and two
+    /// different values never make the same key.
+    #[test]
+    fn any_header_value_makes_a_short_tagless_key(a in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                                                  b in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+        let ka = Key::Text(b'h', &a).redis_key(b"p:");
+        let kb = Key::Text(b'h', &b).redis_key(b"p:");
+        proptest::prop_assert!(ka.len() <= 2 + 2 + 64 + 1);
+        let tagless = !ka.contains(&b'{') && !ka.contains(&b'}');
+        proptest::prop_assert!(tagless, "hash tag in {:?}", ka);
+        proptest::prop_assert_eq!(ka == kb, a == b);
+    }
+}
