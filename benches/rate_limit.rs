@@ -33,6 +33,22 @@ fn local(c: &mut Criterion) {
     g.bench_function("hit", |b| {
         b.iter(|| black_box(l.check(black_box(0x1234_5678_9abc_def1), clock())))
     });
+    // The baseline the table's opening comment compares with: the same GCRA update on a
+    // `Mutex<HashMap>` (uncontended; contended it is worse, and a lock is not allowed).
+    let gcra = l.gcra;
+    let map = std::sync::Mutex::new(std::collections::HashMap::<u64, u64>::new());
+    g.bench_function("mutex_hashmap_hit_baseline", |b| {
+        b.iter(|| {
+            let now = clock();
+            let mut m = map.lock().unwrap();
+            let tat = m.entry(black_box(0x1234_5678_9abc_def1)).or_insert(0);
+            let (new, outcome) = gcra.decide(*tat, now);
+            if let Some(new) = new {
+                *tat = new;
+            }
+            black_box(outcome)
+        })
+    });
     // A 1024-slot table full of keys whose buckets are not full: each new key evicts one.
     let l = LocalLimiter {
         gcra: Gcra::new(Duration::from_secs(3600), 10),

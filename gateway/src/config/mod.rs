@@ -23,7 +23,7 @@ pub use model::*;
 pub use names::{dns1035_label, dns1123_label, label_key, label_value};
 pub use rate_limit::{
     Mode as RateLimitMode, OnError, Rate, RateKey, RateLimitRule, RateLimitStoreConf, RedisTarget,
-    RuleStore, Secret,
+    RuleStore, Secret, MAX_RULES as MAX_RATE_LIMIT_RULES,
 };
 pub use report::{ConfigError, ConfigErrors};
 pub use units::{parse_address, parse_duration, parse_size};

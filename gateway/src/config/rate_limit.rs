@@ -44,6 +44,8 @@ pub const DEFAULT_LEASE: u32 = 10;
 /// each, so 1 MiB per rule.
 pub const DEFAULT_MAX_KEYS: u32 = 65_536;
 pub const DEFAULT_KEY_PREFIX: &str = "podgate:rl:";
+/// Rules one route may have.
+pub const MAX_RULES: usize = 8;
 /// The reserved store name: per-process limits.
 pub const LOCAL: &str = "local";
 
@@ -629,7 +631,15 @@ pub fn rules(
     stores: &[Arc<RateLimitStoreConf>],
 ) -> Vec<RateLimitRule> {
     let mut out: Vec<(usize, RateLimitRule)> = Vec::new();
-    for (i, (at, s)) in r.list(list, path).into_iter().enumerate() {
+    let items = r.list(list, path);
+    if items.len() > MAX_RULES {
+        let message = format!(
+            "{} rules; a route may have at most {MAX_RULES}",
+            items.len()
+        );
+        r.error(Some(list.line), path, message);
+    }
+    for (i, (at, s)) in items.into_iter().enumerate() {
         let Some(new) = rule(r, s, &at, stores) else {
             continue;
         };

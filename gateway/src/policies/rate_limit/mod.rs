@@ -47,7 +47,10 @@ pub use local::LocalLimiter;
 pub use table::Table;
 
 use super::{AnswerBody, Edits, LocalAnswer, RequestView};
-use crate::config::{OnError, RateKey, RateLimitRule, RateLimitStoreConf, RuleStore};
+use crate::config::{
+    OnError, RateKey, RateLimitRule, RateLimitStoreConf, RuleStore,
+    MAX_RATE_LIMIT_RULES as MAX_RULES,
+};
 use crate::telemetry::rate_limit::RuleMetrics;
 use http::{HeaderName, HeaderValue};
 use std::hash::BuildHasher;
@@ -206,6 +209,8 @@ impl RateLimits {
         if rules.is_empty() {
             return None;
         }
+        // Validation refuses more; a hand-built list is cut rather than overrun.
+        let rules = &rules[..rules.len().min(MAX_RULES)];
         let rules: Vec<Rule> = rules.iter().map(|r| build_rule(route, r)).collect();
         let items: Vec<String> = rules
             .iter()
@@ -230,11 +235,11 @@ impl RateLimits {
     pub async fn check(&self, req: &RequestView<'_>, edits: &mut Edits) -> Option<LocalAnswer> {
         let now = clock();
         let now_ms = now / 1_000_000;
-        let consumer = edits.consumer.clone();
-        let consumer = consumer.as_deref();
-        let mut steps: Vec<Option<Step>> = vec![None; self.rules.len()];
-        // Local buckets that admitted, to give back if a later rule refuses.
-        let mut taken: Vec<(&LocalLimiter, u64)> = Vec::new();
+        let consumer = edits.consumer.as_deref();
+        // Per rule (at most MAX_RULES, which validation holds): what it said, and its key's hash
+        // when a local bucket admitted (to give back if a later rule refuses).
+        let mut steps: [Option<Step>; MAX_RULES] = [None; MAX_RULES];
+        let mut taken: [Option<u64>; MAX_RULES] = [None; MAX_RULES];
         // Shared rules that need Redis: (rule, key hash, Redis key, tokens wanted, refill).
         let mut calls: Vec<(usize, u64, Vec<u8>, u64, bool)> = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
@@ -245,7 +250,7 @@ impl RateLimits {
                     match l.check(hash, now) {
                         Outcome::Admit { remaining, reset } => {
                             rule.metrics.allowed.inc();
-                            taken.push((l, hash));
+                            taken[i] = Some(hash);
                             steps[i] = Some(Step::Admit {
                                 remaining: Some(remaining),
                                 reset,
@@ -253,9 +258,7 @@ impl RateLimits {
                         }
                         Outcome::Refuse { retry_after, reset } => {
                             rule.metrics.limited.inc();
-                            for (l, hash) in taken {
-                                l.refund(hash, now);
-                            }
+                            self.refund(&taken, now);
                             let refused = [(rule, retry_after, reset)];
                             return Some(self.refusal(&refused));
                         }
@@ -274,9 +277,7 @@ impl RateLimits {
                         }
                         Some(Take::Refused(retry_after)) => {
                             rule.metrics.limited.inc();
-                            for (l, hash) in taken {
-                                l.refund(hash, now);
-                            }
+                            self.refund(&taken, now);
                             let refused = [(rule, retry_after, retry_after)];
                             return Some(self.refusal(&refused));
                         }
@@ -357,9 +358,7 @@ impl RateLimits {
             .iter()
             .any(|s| matches!(s, Some(Step::Failed(OnError::Deny))));
         if !refused.is_empty() || denied {
-            for (l, hash) in taken {
-                l.refund(hash, now);
-            }
+            self.refund(&taken, now);
         }
         if !refused.is_empty() {
             return Some(self.refusal(&refused));
@@ -373,30 +372,37 @@ impl RateLimits {
         }
         if let Some(policy) = &self.policy {
             edits.response_add.push((RATELIMIT_POLICY, policy.clone()));
-            let items: Vec<String> = self
-                .rules
-                .iter()
-                .zip(&steps)
-                .filter(|(rule, _)| rule.conf.headers)
-                .filter_map(|(rule, s)| match s {
+            // One string, written in place: this runs for every admitted request.
+            let mut field = String::with_capacity(48 * self.rules.len());
+            for (rule, step) in self.rules.iter().zip(&steps) {
+                if let (
+                    true,
                     Some(Step::Admit {
                         remaining: Some(r),
                         reset,
-                    }) => Some(format!(
-                        "\"{}\";r={r};t={}",
-                        rule.name,
-                        whole_secs(*reset, 0)
-                    )),
-                    _ => None,
-                })
-                .collect();
-            if let Ok(v) = HeaderValue::from_str(&items.join(", ")) {
-                if !items.is_empty() {
-                    edits.response_add.push((RATELIMIT, v));
+                    }),
+                ) = (rule.conf.headers, step)
+                {
+                    use std::fmt::Write;
+                    let sep = if field.is_empty() { "" } else { ", " };
+                    let t = whole_secs(*reset, 0);
+                    let _ = write!(field, "{sep}\"{}\";r={r};t={t}", rule.name);
                 }
+            }
+            if let (false, Ok(v)) = (field.is_empty(), HeaderValue::try_from(field)) {
+                edits.response_add.push((RATELIMIT, v));
             }
         }
         None
+    }
+
+    /// Gives back what local buckets admitted for a request a later rule refused.
+    fn refund(&self, taken: &[Option<u64>; MAX_RULES], now: u64) {
+        for (rule, hash) in self.rules.iter().zip(taken) {
+            if let (Engine::Local(l), Some(hash)) = (&rule.engine, hash) {
+                l.refund(*hash, now);
+            }
+        }
     }
 
     /// The 429 for the rules that refused: the longest wait in `Retry-After`.
