@@ -22,7 +22,6 @@
 use super::names::check_name;
 use super::report::{child, line, Report};
 use super::units::Int;
-use super::validate::Resolve;
 use super::yaml::{Leaf, List, Scalar, Sect, Val};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -31,6 +30,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Turns a path of the file into one relative to the file's folder (as `validate.rs` does).
+type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 /// Envoy's rate-limit filter waits 20 ms for its service by default; a Redis in the same
 /// cluster answers in well under a millisecond.
