@@ -13,6 +13,7 @@ mod model;
 mod names;
 mod policies;
 pub mod policy_files;
+mod rate_limit;
 mod report;
 mod schema;
 mod units;
@@ -23,6 +24,10 @@ mod yaml;
 pub use model::*;
 pub use names::{dns1035_label, dns1123_label, label_key, label_value};
 pub use policies::{cidr, origin_pattern};
+pub use rate_limit::{
+    Mode as RateLimitMode, OnError, Rate, RateKey, RateLimitRule, RateLimitStoreConf, RedisTarget,
+    RuleStore, Secret, MAX_RULES as MAX_RATE_LIMIT_RULES,
+};
 pub use report::{ConfigError, ConfigErrors};
 pub use units::{parse_address, parse_duration, parse_size};
 

@@ -26,6 +26,8 @@ pub struct Config {
     /// Identities routes authenticate callers as (`consumers`).
     pub consumers: Vec<ConsumerConf>,
     pub jwt_providers: Vec<Arc<JwtProviderConf>>,
+    /// `rate_limit_stores`: the shared (Redis) stores rate-limit rules may name.
+    pub rate_limit_stores: Vec<Arc<super::RateLimitStoreConf>>,
 }
 
 impl Config {
@@ -435,6 +437,9 @@ pub struct RoutePolicyConf {
     pub ip_allow: Vec<ipnet::IpNet>,
     pub ip_deny: Vec<ipnet::IpNet>,
     pub cors: Option<CorsConf>,
+    /// `rate_limit`: every rule must admit a request (after authentication, so a rule keyed by
+    /// consumer sees who called).
+    pub rate_limit: Vec<super::RateLimitRule>,
     pub request_headers: HeaderRulesConf,
     pub response_headers: HeaderRulesConf,
     pub rewrite: Option<RewriteConf>,

@@ -372,6 +372,8 @@ fn header_rules(
 pub struct Known<'a> {
     pub consumers: &'a [ConsumerConf],
     pub providers: &'a [Arc<JwtProviderConf>],
+    /// `rate_limit_stores`, which `rate_limit` rules name.
+    pub rate_limit_stores: &'a [Arc<super::RateLimitStoreConf>],
 }
 
 /// What the policies need to know of their route.
@@ -448,6 +450,10 @@ pub fn route_policies(
         ip_allow: cidrs(r, p.ip_allow.as_ref(), &child(&path, "ip_allow")),
         ip_deny: cidrs(r, p.ip_deny.as_ref(), &child(&path, "ip_deny")),
         cors,
+        rate_limit: p.rate_limit.as_ref().map_or_else(Vec::new, |list| {
+            let at = child(&path, "rate_limit");
+            super::rate_limit::rules(r, list, &at, known.rate_limit_stores)
+        }),
         request_headers: header_rules(
             r,
             p.request_headers.as_ref(),

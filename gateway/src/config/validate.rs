@@ -95,11 +95,13 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         }
     }
 
+    let rate_limit_stores = super::rate_limit::stores(r, file.rate_limit_stores.as_ref(), resolve);
     let consumers = policies::consumers(r, file.consumers.as_ref(), resolve);
     let jwt_providers = policies::jwt_providers(r, file.jwt_providers.as_ref(), resolve);
     let known = policies::Known {
         consumers: &consumers,
         providers: &jwt_providers,
+        rate_limit_stores: &rate_limit_stores,
     };
 
     let mut routes: Vec<RouteConf> = Vec::new();
@@ -138,6 +140,7 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         routes,
         consumers,
         jwt_providers,
+        rate_limit_stores,
     }
 }
 

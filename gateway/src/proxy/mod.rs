@@ -154,6 +154,10 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
             "payload_too_large",
             "the request body is too large for this upstream",
         ),
+        429 => (
+            "too_many_requests",
+            "the route's rate limit is exceeded; retry after the Retry-After seconds",
+        ),
         431 => (
             "request_header_fields_too_large",
             "the request head is too large",
