@@ -2,6 +2,7 @@
 //! check becomes a [`Config`], so everything downstream can trust the values (ports in range,
 //! names unique, references resolved). The file's own format is in `schema.rs`.
 
+use super::limits::{RateLimitRule, RateLimitStoreConf};
 use podgate_discovery::PortRef;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ pub struct Config {
     pub consumers: Vec<ConsumerConf>,
     pub jwt_providers: Vec<Arc<JwtProviderConf>>,
     /// `rate_limit_stores`: the shared (Redis) stores rate-limit rules may name.
-    pub rate_limit_stores: Vec<Arc<super::RateLimitStoreConf>>,
+    pub rate_limit_stores: Vec<Arc<RateLimitStoreConf>>,
 }
 
 impl Config {
@@ -439,7 +440,7 @@ pub struct RoutePolicyConf {
     pub cors: Option<CorsConf>,
     /// `rate_limit`: every rule must admit a request (after authentication, so a rule keyed by
     /// consumer sees who called).
-    pub rate_limit: Vec<super::RateLimitRule>,
+    pub rate_limit: Vec<RateLimitRule>,
     pub request_headers: HeaderRulesConf,
     pub response_headers: HeaderRulesConf,
     pub rewrite: Option<RewriteConf>,

@@ -8,6 +8,7 @@ use super::names::{check_host, check_name, label_value};
 use super::policies;
 use super::report::{child, line, Report};
 use super::schema;
+use super::units::Resolve;
 use super::upstreams;
 use super::yaml::{Sect, Val};
 use podgate_discovery::Access;
@@ -15,9 +16,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Turns a relative path of the file into one relative to the file's folder.
-pub type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &Path) -> Config {
     let resolve = |p: &str| -> PathBuf {
