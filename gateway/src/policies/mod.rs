@@ -29,7 +29,9 @@
 //! is `identities.rs` (with `files.rs`); the client address behind trusted proxies is
 //! `client.rs`.
 //!
-//! What the pipeline calls: [`client::client_of`] once per request to fill
+//! What the pipeline calls: [`RouteSet::build`] once per config generation (next to the
+//! router), [`RouteSet::take`] per route, [`RouteSet::client`] once per request to fill
+//! [`RequestView::client`]. Underneath, [`client::client_of`] once per request to fill
 //! [`RequestView::client`]; [`Identities::start`] once per config generation; [`Policies::build`]
 //! once per route; [`Policies::on_request`] once per request of a route whose policies are not
 //! [`Policies::is_empty`].
@@ -47,6 +49,7 @@ pub mod jwt_crypto;
 mod path;
 pub mod rate_limit;
 mod redirect;
+mod routes;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
@@ -56,6 +59,7 @@ mod tests_request;
 
 pub use client::{client_address, client_of, TrustedProxies};
 pub use identities::Identities;
+pub use routes::RouteSet;
 
 use crate::config::RouteConf;
 use crate::telemetry::metrics;
