@@ -2,6 +2,7 @@
 //! check becomes a [`Config`], so everything downstream can trust the values (ports in range,
 //! names unique, references resolved). The file's own format is in `schema.rs`.
 
+use super::limits::{RateLimitRule, RateLimitStoreConf};
 use podgate_discovery::PortRef;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +27,8 @@ pub struct Config {
     /// Identities routes authenticate callers as (`consumers`).
     pub consumers: Vec<ConsumerConf>,
     pub jwt_providers: Vec<Arc<JwtProviderConf>>,
+    /// `rate_limit_stores`: the shared (Redis) stores rate-limit rules may name.
+    pub rate_limit_stores: Vec<Arc<RateLimitStoreConf>>,
 }
 
 impl Config {
@@ -435,6 +438,9 @@ pub struct RoutePolicyConf {
     pub ip_allow: Vec<ipnet::IpNet>,
     pub ip_deny: Vec<ipnet::IpNet>,
     pub cors: Option<CorsConf>,
+    /// `rate_limit`: every rule must admit a request (after authentication, so a rule keyed by
+    /// consumer sees who called).
+    pub rate_limit: Vec<RateLimitRule>,
     pub request_headers: HeaderRulesConf,
     pub response_headers: HeaderRulesConf,
     pub rewrite: Option<RewriteConf>,

@@ -3,20 +3,17 @@
 //! line and field path, and the files policies read (key files, JWKS, secrets) are read once
 //! here, so a file podgate could not use fails the check, not the first request.
 
+use super::limits::RateLimitStoreConf;
 use super::model::*;
 use super::policy_files::{read_api_keys, read_jwks, read_secret};
 use super::report::{child, line, Report};
 use super::schema;
+use super::units::Resolve;
 use super::yaml::{List, Pairs, Sect, Val};
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-
-/// Turns a relative path of the file into one relative to the file's folder (as
-/// `validate::Resolve`, spelled out: validate calls this module, not the other way round).
-type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 /// Fields podgate itself decides toward the Pod: a rule may not set, add or remove them.
 const REQUEST_OWN: &[&str] = &[
@@ -372,6 +369,8 @@ fn header_rules(
 pub struct Known<'a> {
     pub consumers: &'a [ConsumerConf],
     pub providers: &'a [Arc<JwtProviderConf>],
+    /// `rate_limit_stores`, which `rate_limit` rules name.
+    pub rate_limit_stores: &'a [Arc<RateLimitStoreConf>],
 }
 
 /// What the policies need to know of their route.
@@ -448,6 +447,10 @@ pub fn route_policies(
         ip_allow: cidrs(r, p.ip_allow.as_ref(), &child(&path, "ip_allow")),
         ip_deny: cidrs(r, p.ip_deny.as_ref(), &child(&path, "ip_deny")),
         cors,
+        rate_limit: p.rate_limit.as_ref().map_or_else(Vec::new, |list| {
+            let at = child(&path, "rate_limit");
+            super::rate_limit::rules(r, list, &at, known.rate_limit_stores)
+        }),
         request_headers: header_rules(
             r,
             p.request_headers.as_ref(),

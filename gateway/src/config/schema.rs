@@ -30,6 +30,7 @@ pub struct File {
     pub routes: Option<List<Sect<Route>>>,
     pub consumers: Option<List<Sect<Consumer>>>,
     pub jwt_providers: Option<List<Sect<JwtProvider>>>,
+    pub rate_limit_stores: Option<List<Sect<super::rate_limit::StoreSchema>>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -206,6 +207,7 @@ pub struct RoutePolicies {
     pub ip_allow: Option<List<Val<String>>>,
     pub ip_deny: Option<List<Val<String>>>,
     pub cors: Option<Sect<Cors>>,
+    pub rate_limit: Option<List<Sect<super::rate_limit::RuleSchema>>>,
     pub request_headers: Option<Sect<HeaderRules>>,
     pub response_headers: Option<Sect<HeaderRules>>,
     pub rewrite: Option<Sect<Rewrite>>,

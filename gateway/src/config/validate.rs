@@ -8,6 +8,7 @@ use super::names::{check_host, check_name, label_value};
 use super::policies;
 use super::report::{child, line, Report};
 use super::schema;
+use super::units::Resolve;
 use super::upstreams;
 use super::yaml::{Sect, Val};
 use podgate_discovery::Access;
@@ -15,9 +16,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Turns a relative path of the file into one relative to the file's folder.
-pub type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &Path) -> Config {
     let resolve = |p: &str| -> PathBuf {
@@ -95,11 +93,13 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         }
     }
 
+    let rate_limit_stores = super::rate_limit::stores(r, file.rate_limit_stores.as_ref(), resolve);
     let consumers = policies::consumers(r, file.consumers.as_ref(), resolve);
     let jwt_providers = policies::jwt_providers(r, file.jwt_providers.as_ref(), resolve);
     let known = policies::Known {
         consumers: &consumers,
         providers: &jwt_providers,
+        rate_limit_stores: &rate_limit_stores,
     };
 
     let mut routes: Vec<RouteConf> = Vec::new();
@@ -138,6 +138,7 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         routes,
         consumers,
         jwt_providers,
+        rate_limit_stores,
     }
 }
 

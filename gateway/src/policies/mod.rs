@@ -23,14 +23,16 @@
 //! → request header rules and rewrite; response header rules and CORS fields go on the answer.
 //!
 //! One file per policy: `redirect.rs`, `cors.rs`, `ip.rs`, `auth.rs` (with `api_key.rs`,
-//! `jwt.rs` and its ring adapter `jwt_crypto.rs`), `path.rs` (rewrite), `headers.rs`. What
+//! `jwt.rs` and its ring adapter `jwt_crypto.rs`), `rate_limit/` (local GCRA buckets and the
+//! Redis store), `path.rs` (rewrite), `headers.rs`. What
 //! routes share — consumers' keys and JWT providers, and the watch that re-reads their files —
 //! is `identities.rs` (with `files.rs`); the client address behind trusted proxies is
 //! `client.rs`.
 //!
-//! What the pipeline calls: [`client::client_of`] once per request to fill
-//! [`RequestView::client`]; [`Identities::start`] once per config generation; [`Policies::build`]
-//! once per route; [`Policies::on_request`] once per request of a route whose policies are not
+//! What the pipeline and `live.rs` call: [`Identities::start`] once per config generation
+//! whose consumers or JWT providers changed (`live.rs` keeps them across other reloads);
+//! [`Policies::build`] once per route; [`client::client_of`] once per request to fill
+//! [`RequestView::client`]; [`Policies::on_request`] once per request of a route whose policies are not
 //! [`Policies::is_empty`].
 
 mod api_key;
@@ -44,6 +46,7 @@ mod ip;
 pub mod jwt;
 pub mod jwt_crypto;
 mod path;
+pub mod rate_limit;
 mod redirect;
 #[cfg(test)]
 mod test_support;
@@ -213,6 +216,8 @@ pub struct Policies {
     auth: Option<auth::Auth>,
     /// Only these consumers may call (empty: anyone `auth` accepts).
     consumers: Vec<Arc<str>>,
+    /// `rate_limit`: after authentication and consumers, before the body limit.
+    rate_limit: Option<rate_limit::RateLimits>,
     max_body: Option<u64>,
     request_headers: headers::HeaderRules,
     response_headers: headers::HeaderRules,
@@ -273,6 +278,7 @@ impl Policies {
             ip,
             auth,
             consumers: conf.consumers.clone(),
+            rate_limit: rate_limit::RateLimits::new(name, &conf.rate_limit),
             max_body: conf.max_body,
             request_headers: headers::HeaderRules::new(&conf.request_headers),
             response_headers: headers::HeaderRules::new(&conf.response_headers),
@@ -293,6 +299,7 @@ impl Policies {
                 && self.cors.is_none()
                 && self.ip.is_none()
                 && self.auth.is_none()
+                && self.rate_limit.is_none()
                 && self.max_body.is_none()
                 && self.request_headers.is_empty()
                 && self.response_headers.is_empty()
@@ -307,14 +314,25 @@ impl Policies {
 
     /// Decides about one request; fills `edits` for a request that goes on.
     pub async fn on_request(&self, req: &RequestView<'_>, edits: &mut Edits) -> Verdict {
-        match self.decide(req, edits) {
+        if let Err(answer) = self.admit(req, edits) {
+            return Verdict::Answer(answer);
+        }
+        // Only here may a policy wait (a shared store's call, bounded by its `timeout`): after
+        // authentication, so that `edits.consumer` keys `key: consumer` rules.
+        if let Some(limits) = &self.rate_limit {
+            if let Some(answer) = limits.check(req, edits).await {
+                return Verdict::Answer(answer);
+            }
+        }
+        match self.shape(req, edits) {
             Ok(()) => Verdict::Continue,
             Err(answer) => Verdict::Answer(answer),
         }
     }
 
-    /// [`Policies::on_request`] without the parts that wait (rate limits, once there).
-    fn decide(&self, req: &RequestView<'_>, edits: &mut Edits) -> Result<(), LocalAnswer> {
+    /// The decisions before rate limits: redirect, CORS preflight, IP rules, authentication,
+    /// consumers.
+    fn admit(&self, req: &RequestView<'_>, edits: &mut Edits) -> Result<(), LocalAnswer> {
         if let Some(answer) = self.redirect.as_ref().and_then(|r| r.on_request(req)) {
             return Err(answer);
         }
@@ -336,6 +354,12 @@ impl Policies {
                 return Err(refuse(403));
             }
         }
+        Ok(())
+    }
+
+    /// The decisions after rate limits: the body limit, then what goes to the Pod (header rules,
+    /// the path).
+    fn shape(&self, req: &RequestView<'_>, edits: &mut Edits) -> Result<(), LocalAnswer> {
         if let Some(max) = self.max_body {
             if req.content_length.is_some_and(|l| l > max) {
                 count(&self.refusals.max_body);

@@ -225,7 +225,7 @@ impl Outcome {
     }
 }
 
-fn run_with(p: &Policies, r: &Req, fields: Fields<'_>) -> Outcome {
+pub fn run_with(p: &Policies, r: &Req, fields: Fields<'_>) -> Outcome {
     let view = RequestView {
         method: &r.method,
         host: r.host,

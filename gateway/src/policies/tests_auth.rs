@@ -492,3 +492,65 @@ fn any_of_takes_either_credential_and_names_both_when_refusing() {
         ]
     );
 }
+
+/// Rate limits run after authentication (a `key: consumer` rule counts each consumer apart, and
+/// a refused credential spends no token) and before the body limit (an over-limit request with
+/// a too-large body is answered 429, not 413).
+#[test]
+fn rate_limits_count_the_authenticated_consumer_before_the_body_limit() {
+    let yaml = format!(
+        "{KEYS}routes:
+  - name: limited
+    upstream: u
+    policies:
+      auth: {{api_key: {{}}}}
+      rate_limit: [{{key: consumer, rate: 1/h, burst: 2}}]
+      max_body: 10
+"
+    );
+    let fx = Fixture::new(&yaml, &key_files());
+    let p = fx.route("limited");
+    // Once per request: `run` asks twice (both field forms), which a bucket would count twice.
+    let run = |p: &super::Policies, r: &Req| {
+        let mut map = http::HeaderMap::new();
+        for (n, v) in &r.headers {
+            map.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        run_with(p, r, super::Fields::Map(&map))
+    };
+    assert!(!p.is_empty());
+    let shop = || get("/a").header("x-api-key", "shop-key-1");
+    // Bad keys are refused by auth and take nothing from any bucket.
+    for _ in 0..5 {
+        let bad = run(&p, &get("/a").header("x-api-key", "nope"));
+        assert_eq!(bad.status(), Some(401));
+    }
+    for _ in 0..2 {
+        let ok = run(&p, &shop());
+        assert_eq!(ok.status(), None);
+        assert_eq!(ok.edits.consumer.as_deref(), Some("shop"));
+        assert_eq!(
+            ok.answer_field("ratelimit-policy").len(),
+            1,
+            "the fields go on the answer"
+        );
+    }
+    let mut big = shop();
+    big.content_length = Some(11);
+    let over = run(&p, &big);
+    assert_eq!(
+        over.status(),
+        Some(429),
+        "the limit decides before max_body"
+    );
+    assert!(!over.answer_field("retry-after").is_empty());
+    // Another consumer from the same address has a bucket of its own; its big body is 413.
+    let ops = || get("/a").header("x-api-key", "ops-key");
+    assert_eq!(run(&p, &ops()).status(), None);
+    let mut big = ops();
+    big.content_length = Some(11);
+    assert_eq!(run(&p, &big).status(), Some(413));
+}

@@ -153,7 +153,10 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
             "payload_too_large",
             "the request body is larger than the route accepts",
         ),
-        429 => ("too_many_requests", "the route's rate limit is exceeded"),
+        429 => (
+            "too_many_requests",
+            "the route's rate limit is exceeded; retry after the Retry-After seconds",
+        ),
         431 => (
             "request_header_fields_too_large",
             "the request head is too large",
