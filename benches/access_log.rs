@@ -152,10 +152,12 @@ fn route_and_backend() -> (GatewayRoute, Backend) {
         path_prefix: "/".into(),
         methods: Vec::new(),
         strip_prefix: false,
+        answers_preflights: false,
         upstream: Target {
             upstream: Arc::new(upstream),
             metrics: RouteMetrics::new("httpbin-api", "httpbin"),
             policies: podgate_gateway::policies::Policies::default(),
+            trusted: Default::default(),
         },
     };
     let backend = Backend {

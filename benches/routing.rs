@@ -23,6 +23,7 @@ fn router(n: usize) -> Router<usize> {
                     vec![]
                 },
                 strip_prefix: false,
+                answers_preflights: false,
                 upstream: i,
             };
             (hosts, route)

@@ -4,7 +4,10 @@
 //! config → telemetry → upstream → policies → proxy → live → admin → server.
 //!
 //! A file that refers to its own parent (`super::Engine` in `proxy/h1/sniff.rs`) extends the
-//! parent's type across files; that edge is not counted as a cycle, every other one is.
+//! parent's type across files; that edge is not counted as a cycle, every other one is. A name
+//! the parent only re-exports (`pub use model::*;` in `config/mod.rs`, then
+//! `super::RateLimitRule` in `config/model.rs`) is an edge to the module that defines it: a
+//! re-export must not hide a cycle between siblings.
 //!
 //! Inside the proxy layer, the protocol code (`proxy/h1`, `proxy/h2`: the codecs) leaves the
 //! gateway's decisions to the request pipeline (`proxy/pipeline`): it picks no Pod
@@ -59,6 +62,64 @@ fn ident(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
 }
 
+/// The names module `m` re-exports from its children (`pub use child::{A, B as C};`,
+/// `pub use child::A;`, and for `pub use child::*;` every `pub` item of the child), each with
+/// the child that defines it.
+fn reexports(m: &Module, all: &BTreeMap<Module, String>) -> BTreeMap<String, Module> {
+    let mut out = BTreeMap::new();
+    let Some(text) = all.get(m) else {
+        return out;
+    };
+    let code = code(text);
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find("pub use ") {
+        rest = &rest[at + "pub use ".len()..];
+        let stmt = &rest[..rest.find(';').unwrap_or(rest.len())];
+        let Some((child, names)) = stmt.split_once("::") else {
+            continue;
+        };
+        let mut module = m.clone();
+        module.push(child.trim().to_string());
+        if !all.contains_key(&module) {
+            continue;
+        }
+        let names = names.trim().trim_start_matches('{').trim_end_matches('}');
+        if names.trim() == "*" {
+            let child_code = code_of(&module, all);
+            for line in child_code.lines() {
+                let line = line.trim_start();
+                let Some(item) = line.strip_prefix("pub ") else {
+                    continue;
+                };
+                for kind in [
+                    "struct ", "enum ", "const ", "fn ", "type ", "static ", "trait ",
+                ] {
+                    if let Some(name) = item.strip_prefix(kind) {
+                        let name: String = name
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
+                        out.insert(name, module.clone());
+                    }
+                }
+            }
+            continue;
+        }
+        for name in names.split(',') {
+            // `A as B`: the parent's name is B.
+            let name = name.split(" as ").last().unwrap_or("").trim();
+            if !name.is_empty() {
+                out.insert(name.to_string(), module.clone());
+            }
+        }
+    }
+    out
+}
+
+fn code_of(m: &Module, all: &BTreeMap<Module, String>) -> String {
+    all.get(m).map(|t| code(t)).unwrap_or_default()
+}
+
 /// The modules `text` (the file of module `me`) refers to.
 fn references(me: &Module, text: &str, all: &BTreeMap<Module, String>) -> BTreeSet<Module> {
     let code = code(text);
@@ -101,6 +162,15 @@ fn references(me: &Module, text: &str, all: &BTreeMap<Module, String>) -> BTreeS
             }
         }
         let followed_by_path = j + 1 < bytes.len() && bytes[j] == ':' && bytes[j + 1] == ':';
+        // The item the path names (`Rule` in `super::Rule`), whatever its case.
+        let item: String = if followed_by_path {
+            bytes[j + 2..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || **c == '_')
+                .collect()
+        } else {
+            String::new()
+        };
         i = j.max(i + 1);
         if segs.len() < 2 && !followed_by_path {
             continue;
@@ -116,9 +186,16 @@ fn references(me: &Module, text: &str, all: &BTreeMap<Module, String>) -> BTreeS
             }
             _ => continue,
         };
-        let mut path: Module = base.into_iter().chain(rest.iter().cloned()).collect();
+        let full: Module = base.into_iter().chain(rest.iter().cloned()).collect();
+        let mut path = full.clone();
         while !path.is_empty() && !all.contains_key(&path) {
             path.pop();
+        }
+        // `parent::Name` where the parent only re-exports Name: the module that defines it.
+        if let Some(item) = full.get(path.len()).or(Some(&item)) {
+            if let Some(defining) = reexports(&path, all).get(item) {
+                path = defining.clone();
+            }
         }
         if !path.is_empty() && &path != me {
             out.insert(path);
@@ -336,6 +413,29 @@ fn the_checker_sees_crate_super_and_child_paths() {
     );
     let names: Vec<String> = refs.iter().map(|m| m.join("::")).collect();
     assert_eq!(names, ["config", "proxy::h1", "upstream::pool"]);
+    let mut all2 = all.clone();
+    all2.insert(
+        vec!["config".into()],
+        "mod model;\npub use model::*;\npub use units::{Int, Size as Bytes};\n".into(),
+    );
+    all2.insert(
+        vec!["config".into(), "model".into()],
+        "pub struct Rule;\n".into(),
+    );
+    all2.insert(vec!["config".into(), "units".into()], String::new());
+    all2.insert(vec!["config".into(), "names".into()], String::new());
+    let me: Module = vec!["config".into(), "names".into()];
+    let refs = references(
+        &me,
+        "fn f(_: super::Rule, _: crate::config::Bytes) {}",
+        &all2,
+    );
+    let names: Vec<String> = refs.iter().map(|m| m.join("::")).collect();
+    assert_eq!(
+        names,
+        ["config::model", "config::units"],
+        "a re-export is the module behind it"
+    );
     let me: Module = vec!["proxy".into(), "h1".into()];
     let refs = references(&me, "use super::{Gateway, error_json};", &all);
     assert_eq!(refs.len(), 1);

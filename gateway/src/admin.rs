@@ -90,7 +90,23 @@ fn config_json(c: &crate::config::Config) -> Value {
             "name": r.name, "hosts": r.hosts, "path_prefix": r.path_prefix,
             "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
             "strip_prefix": r.strip_prefix, "upstream": r.upstream,
+            "policies": policies_json(&r.policies),
         })).collect::<Vec<_>>(),
+        "consumers": c.consumers.iter().map(|k| json!({
+            "name": &*k.name,
+            "api_keys_file": k.api_keys_file.as_ref().map(|_| "(redacted)"),
+        })).collect::<Vec<_>>(),
+        "jwt_providers": c.jwt_providers.iter().map(|p| json!({
+            "name": &*p.name, "issuer": p.issuer, "audiences": p.audiences,
+            "jwks_file": p.jwks_file.as_ref().map(|f| f.display().to_string()),
+            "secret_file": p.secret_file.as_ref().map(|_| "(redacted)"),
+            "consumer_claim": p.consumer_claim,
+            "claims_to_headers": p.claims_to_headers.iter()
+                .map(|(c, h)| (c.clone(), h.as_str().to_string())).collect::<BTreeMap<_, _>>(),
+            "leeway": dur(p.leeway),
+        })).collect::<Vec<_>>(),
+        "trusted_proxies": c.server.trusted_proxies.iter().map(ToString::to_string)
+            .collect::<Vec<_>>(),
         "access_log": {
             "path": match &c.access_log.sink {
                 AccessLogSink::Off => Value::Null,
@@ -101,6 +117,77 @@ fn config_json(c: &crate::config::Config) -> Value {
             "buffer": c.access_log.buffer,
             "flush": dur(c.access_log.flush),
         },
+    })
+}
+
+/// A route's `policies:` as JSON: what each policy does, never a credential. Values that
+/// request header rules send to Pods may be credentials of their own, so only their names show.
+fn policies_json(p: &crate::config::RoutePolicyConf) -> Value {
+    use crate::config::{AuthMethod, KeySource, OriginPattern, RewriteConf, Scheme};
+    let names =
+        |v: &[http::HeaderName]| -> Vec<String> { v.iter().map(|n| n.to_string()).collect() };
+    let nets = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let rules = |r: &crate::config::HeaderRulesConf, show_values: bool| {
+        let pairs = |v: &[(http::HeaderName, http::HeaderValue)]| {
+            v.iter()
+                .map(|(n, v)| {
+                    let shown = match (show_values, v.to_str()) {
+                        (true, Ok(s)) => s,
+                        _ => "(redacted)",
+                    };
+                    json!([n.as_str(), shown])
+                })
+                .collect::<Vec<_>>()
+        };
+        json!({"set": pairs(&r.set), "add": pairs(&r.add), "remove": names(&r.remove)})
+    };
+    let auth = p.auth.as_ref().map(|a| {
+        let methods: Vec<Value> = a
+            .methods
+            .iter()
+            .map(|m| match m {
+                AuthMethod::ApiKey(KeySource::Header(h)) => {
+                    json!({"api_key": {"header": h.as_str()}})
+                }
+                AuthMethod::ApiKey(KeySource::Query(q)) => json!({"api_key": {"query": q}}),
+                AuthMethod::Jwt(name) => json!({"jwt": &**name}),
+            })
+            .collect();
+        json!({"any_of": methods, "forward": a.forward,
+               "consumer_header": a.consumer_header.as_str()})
+    });
+    let cors = p.cors.as_ref().map(|c| {
+        let origins: Vec<String> = c
+            .origins
+            .iter()
+            .map(|o| match o {
+                OriginPattern::Any => "*".to_string(),
+                OriginPattern::Exact(e) => e.clone(),
+                OriginPattern::Subdomains { scheme, suffix } => format!("{scheme}://*{suffix}"),
+            })
+            .collect();
+        json!({"origins": origins,
+               "methods": c.methods.iter().map(http::Method::as_str).collect::<Vec<_>>(),
+               "headers": names(&c.headers), "expose_headers": names(&c.expose_headers),
+               "max_age": c.max_age.map(|d| format!("{}s", d.as_secs())),
+               "credentials": c.credentials})
+    });
+    let rewrite = p.rewrite.as_ref().map(|r| match r {
+        RewriteConf::Regex { regex, to } => json!({"path": {"regex": regex.0.as_str(), "to": to}}),
+        RewriteConf::Prefix(to) => json!({"prefix": to}),
+    });
+    let redirect = p.redirect.as_ref().map(|r| {
+        json!({"scheme": r.scheme.map(|s| if s == Scheme::Https { "https" } else { "http" }),
+               "host": r.host, "port": r.port, "path": r.path, "status": r.status})
+    });
+    json!({
+        "auth": auth,
+        "consumers": p.consumers.iter().map(|c| &**c).collect::<Vec<_>>(),
+        "ip_allow": nets(&p.ip_allow), "ip_deny": nets(&p.ip_deny),
+        "cors": cors,
+        "request_headers": rules(&p.request_headers, false),
+        "response_headers": rules(&p.response_headers, true),
+        "rewrite": rewrite, "redirect": redirect, "max_body": p.max_body,
     })
 }
 

@@ -7,6 +7,7 @@
 //! rotation, the router is swapped atomically, and clusters no longer named are stopped last.
 
 use crate::config::{self, Cluster, ClusterKind, Config};
+use crate::policies::{Identities, Policies, TrustedProxies};
 use crate::proxy::routing::Route;
 use crate::proxy::{GatewayRoute, GatewayRouter, Target};
 use crate::telemetry::metrics::RouteMetrics;
@@ -102,6 +103,8 @@ pub struct Live {
     config: ArcSwap<Config>,
     /// One reload at a time.
     reloading: Mutex<()>,
+    /// The consumers and JWT providers the current routes use (reloads only).
+    identities: Mutex<CurrentIdentities>,
     /// The zone learned from the node at start-up (zone, source), re-applied to every reloaded
     /// config; see `server::node_zone`.
     node_zone: Mutex<Option<(Option<String>, String)>>,
@@ -143,20 +146,31 @@ fn services_of(config: &Config, cluster: &str) -> Vec<WatchSpec> {
     out
 }
 
-fn build_router(config: &Config, upstreams: &Upstreams) -> GatewayRouter {
+/// The routes of `config` with their policies, over `identities` (the consumers and JWT
+/// providers of the same config).
+fn build_router(
+    config: &Config,
+    upstreams: &Upstreams,
+    identities: &Arc<Identities>,
+) -> GatewayRouter {
+    // One set for every route: the client address is decided the same way everywhere.
+    let trusted = Arc::new(TrustedProxies::new(&config.server.trusted_proxies));
     let routes = config
         .routes
         .iter()
         .map(|r| {
+            let policies = Policies::build(r, identities);
             let route: GatewayRoute = Route {
                 name: r.name.clone(),
                 path_prefix: r.path_prefix.clone(),
                 methods: r.methods.clone(),
                 strip_prefix: r.strip_prefix,
+                answers_preflights: policies.answers_preflights(),
                 upstream: Target {
                     metrics: RouteMetrics::new(&r.name, &r.upstream),
                     upstream: upstreams.by_name[&r.upstream].clone(),
-                    policies: crate::policies::Policies::default(),
+                    policies,
+                    trusted: trusted.clone(),
                 },
             };
             (r.hosts.clone(), route)
@@ -201,6 +215,37 @@ fn init_series(config: &Config) {
     }
 }
 
+/// The consumers and JWT providers of one config, with what they were built from.
+struct CurrentIdentities {
+    consumers: Vec<config::ConsumerConf>,
+    providers: Vec<Arc<config::JwtProviderConf>>,
+    identities: Arc<Identities>,
+}
+
+impl CurrentIdentities {
+    fn start(config: &Config) -> CurrentIdentities {
+        CurrentIdentities {
+            consumers: config.consumers.clone(),
+            providers: config.jwt_providers.clone(),
+            identities: Identities::start(config),
+        }
+    }
+
+    /// The identities for `config`: these when its consumers and providers are the same (their
+    /// files stay watched, their remembered JWT verifications stay valid), else new ones read
+    /// now; the old ones stop watching when the last route of the old config goes.
+    fn for_config(&self, config: &Config) -> Option<CurrentIdentities> {
+        let same = self.consumers == config.consumers && self.providers == config.jwt_providers;
+        (!same).then(|| CurrentIdentities::start(config))
+    }
+}
+
+fn same_server_but_proxies(a: &config::ServerSettings, b: &config::ServerSettings) -> bool {
+    let mut a = a.clone();
+    a.trusted_proxies.clone_from(&b.trusted_proxies);
+    a == *b
+}
+
 fn warn_insecure(config: &Config) {
     for u in &config.upstreams {
         if u.scheme == config::Scheme::Https && !u.tls.verify {
@@ -227,7 +272,8 @@ impl Live {
         }
         warn_insecure(&config);
         let upstreams = Upstreams::new(&config.upstreams, store.clone())?;
-        let router = build_router(&config, &upstreams);
+        let identities = CurrentIdentities::start(&config);
+        let router = build_router(&config, &upstreams, &identities.identities);
         init_series(&config);
         let upstreams = Arc::new(ArcSwap::new(upstreams));
         store.subscribe(Arc::new(Forward(upstreams.clone())));
@@ -238,6 +284,7 @@ impl Live {
             clusters: Mutex::new(clusters),
             config: ArcSwap::from_pointee(config),
             reloading: Mutex::new(()),
+            identities: Mutex::new(identities),
             node_zone: Mutex::new(None),
             started: Instant::now(),
         }))
@@ -381,7 +428,8 @@ impl Live {
         for (what, changed) in [
             ("listeners", new.listeners != old.listeners),
             ("admin", new.admin != old.admin),
-            ("server", new.server != old.server),
+            // Trusted proxies apply with the new routes; the rest of `server` does not.
+            ("server", !same_server_but_proxies(&new.server, &old.server)),
             ("access_log", new.access_log != old.access_log),
         ] {
             if changed {
@@ -414,7 +462,12 @@ impl Live {
             .values()
             .filter(|u| previous.contains(u))
             .count();
-        let router = build_router(&new, &upstreams);
+        let mut identities = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fresh) = identities.for_config(&new) {
+            *identities = fresh;
+        }
+        let router = build_router(&new, &upstreams, &identities.identities);
+        drop(identities);
         self.upstreams.store(upstreams.clone());
         // Events that reached the previous upstreams between building and swapping are caught up.
         upstreams.rebuild_all();
@@ -499,5 +552,58 @@ impl BackgroundService for Checker {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_with_route_policies_starts_and_its_routes_enforce_them() {
+        let dir = std::env::temp_dir();
+        let text = "listeners: [{address: \"127.0.0.1:18080\"}]\n\
+                    upstreams: [{name: u, nodes: [{address: \"127.0.0.1:9\"}]}]\n\
+                    routes:\n  - {name: r, upstream: u, policies: {ip_allow: [192.0.2.0/24]}}\n";
+        let config = config::parse("t.yaml", text, &dir).unwrap();
+        let live = Live::start(config).expect("policies are enforced, so they start");
+        let router = live.router.load();
+        let crate::proxy::routing::Match::Found(r) = router.find("h", "/", &http::Method::GET)
+        else {
+            panic!("route r matches")
+        };
+        assert!(!r.upstream.policies.is_empty());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_identities_while_consumers_and_providers_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shop.keys"), "k1\n").unwrap();
+        let path = dir.path().join("podgate.yaml");
+        let text = |route: &str, consumers: &str| {
+            format!(
+                "listeners: [{{address: \"127.0.0.1:18080\"}}]\n\
+                 upstreams: [{{name: u, nodes: [{{address: \"127.0.0.1:9\"}}]}}]\n\
+                 consumers: [{consumers}]\n\
+                 routes:\n  - {{name: {route}, upstream: u, policies: {{auth: {{api_key: {{}}}}}}}}\n"
+            )
+        };
+        std::fs::write(&path, text("r", "{name: shop, api_keys_file: shop.keys}")).unwrap();
+        let live = Live::start(config::load(&path).unwrap()).unwrap();
+        let current = |live: &Live| live.identities.lock().unwrap().identities.clone();
+        let first = current(&live);
+        // Routes change, consumers stay: the same identities (and file watch) go on.
+        std::fs::write(&path, text("r2", "{name: shop, api_keys_file: shop.keys}")).unwrap();
+        live.reload().unwrap();
+        assert!(Arc::ptr_eq(&first, &current(&live)));
+        // A new consumer: read anew.
+        std::fs::write(
+            &path,
+            text("r2", "{name: shop, api_keys_file: shop.keys}, {name: b}"),
+        )
+        .unwrap();
+        live.reload().unwrap();
+        assert!(!Arc::ptr_eq(&first, &current(&live)));
+        assert_eq!(current(&live).consumers().len(), 2);
     }
 }

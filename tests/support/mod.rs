@@ -246,6 +246,17 @@ impl Gateway {
         Self::start_inner(dir, listener_extras, "", server, body, &[]).await
     }
 
+    /// [`Gateway::start_listeners`] with `server` as the body of the `server:` mapping (as in
+    /// [`Gateway::start_full`]).
+    pub async fn start_listeners_with(
+        dir: tempfile::TempDir,
+        listener_extras: &[&str],
+        server: &str,
+        body: &str,
+    ) -> Gateway {
+        Self::start_inner(dir, listener_extras, "", server, body, &[]).await
+    }
+
     /// Like [`Gateway::start_full`], with environment variables for the process (e.g.
     /// `NODE_NAME`).
     pub async fn start_env(
@@ -634,6 +645,7 @@ pub async fn https_pod(name: &str, pki: &TestPki) -> Pod {
     }
 }
 pub mod fake_kube;
+pub mod redis;
 pub mod wire;
 
 /// Counts of a load run.

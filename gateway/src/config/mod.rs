@@ -9,8 +9,12 @@
 //! Relative paths in the file (manifests folders, kubeconfigs, certificates) are relative to the
 //! folder of the config file, so `podgate -c conf/quickstart.yaml` works from any directory.
 
+mod limits;
 mod model;
 mod names;
+mod policies;
+pub mod policy_files;
+mod rate_limit;
 mod report;
 mod schema;
 mod units;
@@ -18,8 +22,13 @@ mod upstreams;
 mod validate;
 mod yaml;
 
+pub use limits::{
+    Mode as RateLimitMode, OnError, Rate, RateKey, RateLimitRule, RateLimitStoreConf, RedisTarget,
+    RuleStore, Secret, MAX_RULES as MAX_RATE_LIMIT_RULES,
+};
 pub use model::*;
 pub use names::{dns1035_label, dns1123_label, label_key, label_value};
+pub use policies::{cidr, origin_pattern};
 pub use report::{ConfigError, ConfigErrors};
 pub use units::{parse_address, parse_duration, parse_size};
 

@@ -2,6 +2,7 @@
 //! check becomes a [`Config`], so everything downstream can trust the values (ports in range,
 //! names unique, references resolved). The file's own format is in `schema.rs`.
 
+use super::limits::{RateLimitRule, RateLimitStoreConf};
 use podgate_discovery::PortRef;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +24,11 @@ pub struct Config {
     pub upstreams: Vec<Arc<UpstreamConf>>,
     pub routes: Vec<RouteConf>,
     pub access_log: AccessLogSettings,
+    /// Identities routes authenticate callers as (`consumers`).
+    pub consumers: Vec<ConsumerConf>,
+    pub jwt_providers: Vec<Arc<JwtProviderConf>>,
+    /// `rate_limit_stores`: the shared (Redis) stores rate-limit rules may name.
+    pub rate_limit_stores: Vec<Arc<RateLimitStoreConf>>,
 }
 
 impl Config {
@@ -96,6 +102,9 @@ pub struct ServerSettings {
     /// the `NODE_NAME` environment variable) and its zone label. `server.zone_from_node`, or
     /// else the one `in_cluster: true` cluster; `None` when `zone` is set or neither exists.
     pub zone_from_node: Option<Arc<str>>,
+    /// Peers whose `X-Forwarded-For` names the client (`server.trusted_proxies`); empty: the
+    /// client is always the TCP peer.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -260,6 +269,8 @@ pub struct RouteConf {
     pub methods: Vec<http::Method>,
     pub strip_prefix: bool,
     pub upstream: String,
+    /// `policies:`; [`RoutePolicyConf::is_empty`] when the route has none.
+    pub policies: RoutePolicyConf,
 }
 
 // Defaults, each chosen to match what users of nginx/Envoy expect, and documented in the README.
@@ -418,3 +429,159 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// most 20 services per upstream a handful is all anyone uses.
 pub const MAX_PRIORITY: u32 = 9;
 pub const DEFAULT_WEIGHT: u32 = 1;
+
+/// A consumer: a name that API keys (and JWT claims) authenticate as.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerConf {
+    pub name: Arc<str>,
+    /// One key per line; re-read on change. `None`: the consumer is reached through a JWT
+    /// provider's `consumer_claim` only.
+    pub api_keys_file: Option<PathBuf>,
+}
+
+/// A JWT issuer whose tokens routes accept (`jwt_providers[]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct JwtProviderConf {
+    pub name: Arc<str>,
+    /// The `iss` a token must carry; `None`: not checked.
+    pub issuer: Option<String>,
+    /// A token's `aud` must hold one of these; empty: not checked.
+    pub audiences: Vec<String>,
+    /// Public keys (RS*, PS*, ES256, ES384, EdDSA); re-read on change.
+    pub jwks_file: Option<PathBuf>,
+    /// The shared secret of HS256/HS384/HS512 tokens; only with this are HS* tokens accepted.
+    pub secret_file: Option<PathBuf>,
+    /// A claim whose (string) value is the request's consumer.
+    pub consumer_claim: Option<String>,
+    /// Claim name → request field toward the Pod.
+    pub claims_to_headers: Vec<(String, http::HeaderName)>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONSUMER_HEADER: &str = "x-consumer";
+pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+
+/// A route's `policies:`, validated. Each part is off when absent.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RoutePolicyConf {
+    pub auth: Option<AuthConf>,
+    /// Only these consumers may call (empty: any authenticated caller).
+    pub consumers: Vec<Arc<str>>,
+    pub ip_allow: Vec<ipnet::IpNet>,
+    pub ip_deny: Vec<ipnet::IpNet>,
+    pub cors: Option<CorsConf>,
+    /// `rate_limit`: every rule must admit a request (after authentication, so a rule keyed by
+    /// consumer sees who called).
+    pub rate_limit: Vec<RateLimitRule>,
+    pub request_headers: HeaderRulesConf,
+    pub response_headers: HeaderRulesConf,
+    pub rewrite: Option<RewriteConf>,
+    pub redirect: Option<RedirectConf>,
+    pub max_body: Option<u64>,
+}
+
+impl RoutePolicyConf {
+    /// Nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == RoutePolicyConf::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuthConf {
+    /// The request passes when one of these accepts its credential (`any_of`; one entry
+    /// otherwise), tried in order.
+    pub methods: Vec<AuthMethod>,
+    /// Pass the credential on to the Pod (`auth.forward`); removed by default.
+    pub forward: bool,
+    /// The field that carries the consumer's name to the Pod (`auth.consumer_header`).
+    pub consumer_header: http::HeaderName,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AuthMethod {
+    /// A key of one of the consumers' `api_keys_file`s.
+    ApiKey(KeySource),
+    /// A bearer token of the JWT provider of this name.
+    Jwt(Arc<str>),
+}
+
+/// Where a request carries its API key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KeySource {
+    Header(http::HeaderName),
+    /// A query parameter, by its name as written in the query (not decoded).
+    Query(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CorsConf {
+    pub origins: Vec<OriginPattern>,
+    pub methods: Vec<http::Method>,
+    pub headers: Vec<http::HeaderName>,
+    pub expose_headers: Vec<http::HeaderName>,
+    pub max_age: Option<Duration>,
+    pub credentials: bool,
+}
+
+/// An allowed CORS origin, normalised: lower case, without the scheme's default port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OriginPattern {
+    /// `*`: any origin.
+    Any,
+    /// `https://shop.example.com` (`port` only when not the scheme's default).
+    Exact(String),
+    /// `https://*.example.com`: any subdomain (not the domain itself). `suffix` is
+    /// `.example.com`, with `:port` after it when one was given.
+    Subdomains { scheme: String, suffix: String },
+}
+
+/// Header rules (`request_headers`, `response_headers`): names lower case, values checked.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct HeaderRulesConf {
+    /// Replace every field of that name.
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Append a field.
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub remove: Vec<http::HeaderName>,
+}
+
+impl HeaderRulesConf {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RewriteConf {
+    /// The path (without query) through `regex.replace(path, to)`; a path the regex does not
+    /// match goes unchanged.
+    Regex { regex: PathRegex, to: String },
+    /// The route's `path_prefix` replaced by this.
+    Prefix(String),
+}
+
+/// A compiled regex, equal to another when the pattern is.
+#[derive(Clone, Debug)]
+pub struct PathRegex(pub regex::Regex);
+
+impl PartialEq for PathRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+/// `redirect:`, answered by podgate. Only `scheme` given: a redirect only when the request
+/// came in over the other scheme; with `host` or `path`: always.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedirectConf {
+    pub scheme: Option<Scheme>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Replaces the path; the query is kept.
+    pub path: Option<String>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}

@@ -28,6 +28,9 @@ pub struct File {
     pub clusters: Option<List<Sect<Cluster>>>,
     pub upstreams: Option<List<Sect<Upstream>>>,
     pub routes: Option<List<Sect<Route>>>,
+    pub consumers: Option<List<Sect<Consumer>>>,
+    pub jwt_providers: Option<List<Sect<JwtProvider>>>,
+    pub rate_limit_stores: Option<List<Sect<super::rate_limit::StoreSchema>>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -77,6 +80,7 @@ pub struct Server {
     pub header_memory: Option<Val<Size>>,
     pub zone: Option<Val<String>>,
     pub zone_from_node: Option<Val<String>>,
+    pub trusted_proxies: Option<List<Val<String>>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -171,4 +175,106 @@ pub struct Route {
     pub methods: Option<List<Val<http::Method>>>,
     pub strip_prefix: Option<Val<bool>>,
     pub upstream: Option<Val<String>>,
+    pub policies: Option<Sect<RoutePolicies>>,
+}
+
+/// An identity API keys (or a JWT claim) authenticate as.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    pub name: Option<Val<String>>,
+    pub api_keys_file: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProvider {
+    pub name: Option<Val<String>>,
+    pub issuer: Option<Val<String>>,
+    pub audiences: Option<List<Val<String>>>,
+    pub jwks_file: Option<Val<String>>,
+    pub secret_file: Option<Val<String>>,
+    pub consumer_claim: Option<Val<String>>,
+    pub claims_to_headers: Option<Pairs>,
+    pub leeway: Option<Val<Duration>>,
+}
+
+/// `routes[].policies`: what the route decides before a Pod sees a request (see
+/// `config/policies.rs` for the rules, `policies/` for the behaviour).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePolicies {
+    pub auth: Option<Sect<Auth>>,
+    pub consumers: Option<List<Val<String>>>,
+    pub ip_allow: Option<List<Val<String>>>,
+    pub ip_deny: Option<List<Val<String>>>,
+    pub cors: Option<Sect<Cors>>,
+    pub rate_limit: Option<List<Sect<super::rate_limit::RuleSchema>>>,
+    pub request_headers: Option<Sect<HeaderRules>>,
+    pub response_headers: Option<Sect<HeaderRules>>,
+    pub rewrite: Option<Sect<Rewrite>>,
+    pub redirect: Option<Sect<Redirect>>,
+    pub max_body: Option<Val<Size>>,
+}
+
+/// One credential check (`api_key` or `jwt`), or `any_of` several; `forward` and
+/// `consumer_header` only at the top.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub api_key: Option<Sect<ApiKey>>,
+    pub jwt: Option<Val<String>>,
+    pub any_of: Option<List<Sect<Auth>>>,
+    pub forward: Option<Val<bool>>,
+    pub consumer_header: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub header: Option<Val<String>>,
+    pub query: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    pub origins: Option<List<Val<String>>>,
+    pub methods: Option<List<Val<http::Method>>>,
+    pub headers: Option<List<Val<String>>>,
+    pub expose_headers: Option<List<Val<String>>>,
+    pub max_age: Option<Val<Duration>>,
+    pub credentials: Option<Val<bool>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    pub set: Option<Pairs>,
+    pub add: Option<Pairs>,
+    pub remove: Option<List<Val<String>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    pub path: Option<Sect<RewritePath>>,
+    pub prefix: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewritePath {
+    pub regex: Option<Val<String>>,
+    pub to: Option<Val<String>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    pub scheme: Option<Val<Scheme>>,
+    pub host: Option<Val<String>>,
+    pub port: Option<Val<Int<1, 65535>>>,
+    pub path: Option<Val<String>>,
+    pub status: Option<Val<Int<300, 399>>>,
 }

@@ -1,33 +1,22 @@
 //! The kinds of scalar a config value can be, and how each is written: durations (`250ms`),
 //! sizes (`128MiB`), `ip:port` addresses, bounded whole numbers, keywords (`scheme: https`),
-//! HTTP methods and statuses. Each is a [`Leaf`]: it takes one YAML scalar and says in words what
-//! is wrong with it; the field path and line are added by the validation pass.
+//! HTTP methods and statuses, rate-limit rates and keys. Each is a [`Leaf`]: it takes one YAML
+//! scalar and says in words what is wrong with it; the field path and line are added by the
+//! validation pass. Paths in the file are resolved against the file's folder ([`Resolve`]).
 
+use super::limits::{Mode, OnError, Rate, RateKey};
 use super::model::{CheckKind, HashOn, Protocol, Scheme};
 use super::yaml::{Leaf, Scalar};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Turns a path written in the file into one relative to the file's folder (built once by
+/// `validate.rs`, handed to every part that reads files).
+pub type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 fn expected(what: &str, found: &Scalar) -> String {
     format!("expected {what}, found {}", found.kind())
-}
-
-impl Leaf for String {
-    fn from_scalar(s: Scalar) -> Result<Self, String> {
-        match s {
-            Scalar::Str(s) => Ok(s),
-            other => Err(expected("a string", &other)),
-        }
-    }
-}
-
-impl Leaf for bool {
-    fn from_scalar(s: Scalar) -> Result<Self, String> {
-        match s {
-            Scalar::Bool(b) => Ok(b),
-            other => Err(expected("true or false", &other)),
-        }
-    }
 }
 
 /// A whole number in `MIN..=MAX`; the bounds are part of the field's type in the schema.
@@ -117,6 +106,72 @@ keywords!(CheckKind, "a check kind", "http" => CheckKind::Http, "tcp" => CheckKi
     "grpc" => CheckKind::Grpc);
 keywords!(Protocol, "a protocol", "http1" => Protocol::Http1, "h2" => Protocol::H2,
     "h2c" => Protocol::H2c);
+
+keywords!(OnError, "an on_error choice", "allow" => OnError::Allow, "deny" => OnError::Deny);
+
+keywords!(Mode, "a mode", "exact" => Mode::Exact, "batched" => Mode::Batched);
+
+impl Leaf for RateKey {
+    fn from_scalar(s: Scalar) -> Result<Self, String> {
+        let text = String::from_scalar(s)?;
+        let bad = || {
+            format!("`{text}` is not a rate-limit key: use consumer, client_ip or `header NAME`")
+        };
+        match text.split_once(' ') {
+            None if text == "consumer" => Ok(RateKey::Consumer),
+            None if text == "client_ip" => Ok(RateKey::ClientIp),
+            Some(("header", name)) => {
+                let name = name.trim();
+                match http::HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(h) => Ok(RateKey::Header(h.as_str().to_string())),
+                    Err(_) => Err(format!("`{name}` is not a header name")),
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Leaf for Rate {
+    fn from_scalar(s: Scalar) -> Result<Self, String> {
+        let text = match s {
+            Scalar::Str(s) => s,
+            Scalar::Int(i) => return Err(format!("`{i}` is not a rate: add a unit, e.g. {i}/s")),
+            other => {
+                return Err(format!(
+                    "expected a rate such as 100/s, found {}",
+                    other.kind()
+                ))
+            }
+        };
+        let bad = || {
+            format!(
+                "`{text}` is not a rate: write COUNT/UNIT with UNIT s, m (or min), h or d, e.g. \
+                 100/s or 6000/min"
+            )
+        };
+        let (count, unit) = text.split_once('/').ok_or_else(bad)?;
+        let per_secs = match unit.trim() {
+            "s" => 1,
+            "m" | "min" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        let count: u64 = count.trim().parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(format!(
+                "`{text}`: the count must be at least 1 (to refuse every request, use another \
+                 policy)"
+            ));
+        }
+        // One request must take at least a nanosecond of the bucket's time.
+        if count > per_secs * 1_000_000_000 {
+            return Err(format!("`{text}` is more than 1000000000/s"));
+        }
+        Ok(Rate { count, per_secs })
+    }
+}
 
 /// The word of `balance`; `consistent_hash` takes its key from `hash_on` (see `upstreams.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,8 +5,10 @@
 
 use super::model::*;
 use super::names::{check_host, check_name, label_value};
+use super::policies;
 use super::report::{child, line, Report};
 use super::schema;
+use super::units::Resolve;
 use super::upstreams;
 use super::yaml::{Sect, Val};
 use podgate_discovery::Access;
@@ -14,9 +16,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Turns a relative path of the file into one relative to the file's folder.
-pub type Resolve<'a> = &'a dyn Fn(&str) -> PathBuf;
 
 pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &Path) -> Config {
     let resolve = |p: &str| -> PathBuf {
@@ -94,10 +93,19 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         }
     }
 
+    let rate_limit_stores = super::rate_limit::stores(r, file.rate_limit_stores.as_ref(), resolve);
+    let consumers = policies::consumers(r, file.consumers.as_ref(), resolve);
+    let jwt_providers = policies::jwt_providers(r, file.jwt_providers.as_ref(), resolve);
+    let known = policies::Known {
+        consumers: &consumers,
+        providers: &jwt_providers,
+        rate_limit_stores: &rate_limit_stores,
+    };
+
     let mut routes: Vec<RouteConf> = Vec::new();
     let items = file.routes.as_ref().map(|l| r.list(l, "routes"));
     for (path, s) in items.unwrap_or_default() {
-        let Some(new) = route(r, s, &path, &upstreams) else {
+        let Some(new) = route(r, s, &path, &upstreams, &known) else {
             continue;
         };
         if routes.iter().any(|x| x.name == new.name) {
@@ -128,6 +136,9 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
         clusters,
         upstreams,
         routes,
+        consumers,
+        jwt_providers,
+        rate_limit_stores,
     }
 }
 
@@ -336,6 +347,7 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
         header_memory: DEFAULT_HEADER_MEMORY,
         zone: None,
         zone_from_node: None,
+        trusted_proxies: Vec::new(),
     };
     let Some(f) = sect.and_then(|x| r.sect(x, "server")) else {
         return s;
@@ -398,6 +410,7 @@ fn server(r: &mut Report, sect: Option<&Sect<schema::Server>>, resolve: Resolve)
             }
         }
     }
+    s.trusted_proxies = policies::cidrs(r, f.trusted_proxies.as_ref(), "server.trusted_proxies");
     if let Some(p) = r.opt(&f.upgrade_sock, "server.upgrade_sock") {
         s.upgrade_sock = resolve(p);
     }
@@ -529,6 +542,7 @@ fn route(
     s: &Sect<schema::Route>,
     path: &str,
     upstreams: &[Arc<UpstreamConf>],
+    known: &policies::Known,
 ) -> Option<RouteConf> {
     let route = r.sect(s, path)?;
     let name = r.required(&route.name, s.line, &child(path, "name"));
@@ -575,6 +589,12 @@ fn route(
             r.error(line(&route.upstream), &child(path, "upstream"), message);
         }
     }
+    let bits = policies::RouteBits {
+        strip_prefix,
+        strip_line: line(&route.strip_prefix),
+        methods: &methods,
+    };
+    let policies = policies::route_policies(r, route.policies.as_ref(), path, known, &bits);
     Some(RouteConf {
         name: name?.clone(),
         hosts,
@@ -582,5 +602,6 @@ fn route(
         methods,
         strip_prefix,
         upstream: upstream?.clone(),
+        policies,
     })
 }

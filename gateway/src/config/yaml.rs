@@ -1,5 +1,6 @@
-//! How the config file is read: serde-saphyr into the derived types of [`super::schema`], through
-//! wrappers that keep reading after a mistake.
+//! How the config file is read: serde-saphyr into derived types (the config's are in
+//! `schema.rs`), through wrappers that keep reading after a mistake. This module knows no config
+//! key: the scalar kinds beyond strings and booleans are `units.rs`'s.
 //!
 //! serde stops at the first error, but operators want every mistake of a file in one go. So no
 //! value of the schema can make deserialization fail: a scalar is a [`Val`] holding its parsed
@@ -202,6 +203,24 @@ impl<'de> Deserialize<'de> for Scalar {
 /// them (the field path and line are added by the caller).
 pub trait Leaf: Sized {
     fn from_scalar(s: Scalar) -> Result<Self, String>;
+}
+
+impl Leaf for String {
+    fn from_scalar(s: Scalar) -> Result<Self, String> {
+        match s {
+            Scalar::Str(s) => Ok(s),
+            other => Err(format!("expected a string, found {}", other.kind())),
+        }
+    }
+}
+
+impl Leaf for bool {
+    fn from_scalar(s: Scalar) -> Result<Self, String> {
+        match s {
+            Scalar::Bool(b) => Ok(b),
+            other => Err(format!("expected true or false, found {}", other.kind())),
+        }
+    }
 }
 
 /// A scalar field: its line, and its value or what is wrong with it.

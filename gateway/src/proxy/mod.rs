@@ -23,7 +23,7 @@ pub mod routing;
 pub mod tls_accept;
 pub mod write_deadline;
 
-use crate::policies::Policies;
+use crate::policies::{Policies, TrustedProxies};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{self, RouteMetrics};
 use crate::upstream::balance::Backend;
@@ -39,6 +39,9 @@ pub struct Target {
     pub upstream: Arc<Upstream>,
     pub metrics: RouteMetrics,
     pub policies: Policies,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client (the same set for
+    /// every route of a config).
+    pub trusted: Arc<TrustedProxies>,
 }
 
 pub type GatewayRoute = Route<Target>;
@@ -156,10 +159,19 @@ fn error_body(status: u16) -> (&'static str, &'static str) {
         503 => ("no_endpoint", "the upstream has no ready endpoint"),
         504 => ("gateway_timeout", "the upstream did not answer in time"),
         400 => ("bad_request", "the request could not be processed"),
+        401 => (
+            "unauthorized",
+            "the route requires a valid credential (see WWW-Authenticate)",
+        ),
+        403 => ("forbidden", "the caller is not allowed on this route"),
         408 => ("request_timeout", "the request head did not arrive in time"),
         413 => (
             "payload_too_large",
-            "the request body is too large for this upstream",
+            "the request body is larger than the route accepts",
+        ),
+        429 => (
+            "too_many_requests",
+            "the route's rate limit is exceeded; retry after the Retry-After seconds",
         ),
         431 => (
             "request_header_fields_too_large",

@@ -21,11 +21,19 @@ pub struct Route<U> {
     pub path_prefix: String,
     pub methods: Vec<Method>,
     pub strip_prefix: bool,
+    /// The route's policies answer CORS preflights: `OPTIONS` reaches it whatever `methods`
+    /// say (the pipeline refuses an `OPTIONS` that is not a preflight with 405 then).
+    pub answers_preflights: bool,
     pub upstream: U,
 }
 
 impl<U> Route<U> {
     fn allows(&self, m: &Method) -> bool {
+        self.lists(m) || (self.answers_preflights && *m == Method::OPTIONS)
+    }
+
+    /// `methods` (none: every method) has `m`.
+    pub fn lists(&self, m: &Method) -> bool {
         self.methods.is_empty() || self.methods.contains(m)
     }
 
@@ -172,6 +180,7 @@ mod tests {
                 .map(|m| Method::from_bytes(m.as_bytes()).unwrap())
                 .collect(),
             strip_prefix: true,
+            answers_preflights: false,
             upstream: "u",
         }
     }
@@ -182,6 +191,17 @@ mod tests {
             Match::NotFound => "404".into(),
             Match::MethodNotAllowed(ms) => format!("405 {ms:?}"),
         }
+    }
+
+    #[test]
+    fn a_route_that_answers_preflights_takes_options_whatever_its_methods() {
+        let h = Vec::<String>::new;
+        let mut cors = route("cors", "/api", &["GET"]);
+        cors.answers_preflights = true;
+        let r = Router::new(vec![(h(), cors), (h(), route("plain", "/other", &["GET"]))]);
+        assert_eq!(name(r.find("h", "/api/x", &Method::OPTIONS)), "cors");
+        assert_eq!(name(r.find("h", "/api/x", &Method::POST)), "405 [GET]");
+        assert_eq!(name(r.find("h", "/other", &Method::OPTIONS)), "405 [GET]");
     }
 
     #[test]

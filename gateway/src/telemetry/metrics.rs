@@ -308,6 +308,9 @@ pub fn forget_removed(known: &Known) {
         &["route", "upstream", "grpc_status"],
         route_known,
     );
+    retain(&POLICY_REFUSALS, &["route", "policy", "status"], |v| {
+        known.routes.iter().any(|(route, _)| route == v[0])
+    });
     let upstream_known = |v: &[&str]| known.upstreams.contains(v[0]);
     retain(&UPSTREAM_DURATION, &["upstream"], upstream_known);
     retain(&RETRIES, &["upstream"], upstream_known);
@@ -334,6 +337,40 @@ pub fn render(extra: &Registry) -> Vec<u8> {
         log::error!("cannot encode metrics: {e}");
     }
     out
+}
+
+static POLICY_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_policy_refusals_total",
+        "Requests a route policy refused, by route, policy (ip, auth, consumers, max_body) and \
+         status (401, 403, 413).",
+        &["route", "policy", "status"]
+    )
+    .expect("metric registers once")
+});
+
+static POLICY_FILE_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "podgate_policy_file_reloads_total",
+        "Reads of the files policies use, by kind (api_keys, jwks, secret), the consumer or jwt \
+         provider they belong to, and result (success; failure: the last good content stays).",
+        &["kind", "name", "result"]
+    )
+    .expect("metric registers once")
+});
+
+/// The refusal counter of one route policy; created (at zero) when the route is built, so the
+/// request path only increments.
+pub fn policy_refusals(route: &str, policy: &str, status: u16) -> IntCounter {
+    POLICY_REFUSALS.with_label_values(&[route, policy, &status.to_string()])
+}
+
+/// Counts one read of a policy file (`kind` and `name` come from the config).
+pub fn policy_file_reload(kind: &str, name: &str, success: bool) {
+    let result = if success { "success" } else { "failure" };
+    POLICY_FILE_RELOADS
+        .with_label_values(&[kind, name, result])
+        .inc();
 }
 
 /// Active health check probes (written by `upstream::health_check`).

@@ -11,6 +11,7 @@ pub mod code {
     pub const OK: u32 = 0;
     pub const DEADLINE_EXCEEDED: u32 = 4;
     pub const PERMISSION_DENIED: u32 = 7;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
     pub const UNIMPLEMENTED: u32 = 12;
     pub const INTERNAL: u32 = 13;
     pub const UNAVAILABLE: u32 = 14;
@@ -68,6 +69,14 @@ pub fn status_for(http_status: u16) -> (u32, &'static str) {
         405 => (code::UNIMPLEMENTED, "the route does not accept this method"),
         401 => (code::UNAUTHENTICATED, "unauthenticated"),
         403 => (code::PERMISSION_DENIED, "permission denied"),
+        413 => (
+            code::RESOURCE_EXHAUSTED,
+            "the request is larger than the route accepts",
+        ),
+        429 => (
+            code::RESOURCE_EXHAUSTED,
+            "the route's rate limit is exceeded",
+        ),
         502 => (code::UNAVAILABLE, "the upstream could not be reached"),
         503 => (code::UNAVAILABLE, "the upstream has no ready endpoint"),
         504 | 408 => (

@@ -51,10 +51,12 @@ static ROUTE: LazyLock<GatewayRoute> = LazyLock::new(|| {
         path_prefix: "/".into(),
         methods: Vec::new(),
         strip_prefix: false,
+        answers_preflights: false,
         upstream: Target {
             upstream: Arc::new(upstream),
             metrics: RouteMetrics::new("web-route", "web-pods"),
             policies: crate::policies::Policies::default(),
+            trusted: Default::default(),
         },
     }
 });

@@ -156,6 +156,13 @@ async fn serve<C: ClientSide>(
         }
     };
     let target = &route.upstream;
+    if !route.lists(inc.method) && !is_preflight(inc) {
+        // Only a CORS route's preflights pass the methods the route lists.
+        let fields = answer::allow(&route.methods);
+        let local = answer::error(405, inc.grpc, &fields, request_id, &NO_EDITS, false);
+        answer_local(client, rec, &local).await;
+        return Some(route);
+    }
     let ip = inc.peer.map(|a| a.ip());
     let hashed = Hashed(RequestView {
         method: inc.method,
@@ -163,7 +170,7 @@ async fn serve<C: ClientSide>(
         path_and_query: inc.path_and_query,
         fields: inc.fields,
         peer: ip,
-        client: ip,
+        client: crate::policies::client_of(ip, inc.fields, &target.trusted),
         tls: inc.tls,
         grpc: inc.grpc,
         content_length: inc.content_length,
@@ -218,6 +225,17 @@ static NO_EDITS: Edits = Edits {
     response_add: Vec::new(),
     max_body: None,
 };
+
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
+fn is_preflight(inc: &Incoming<'_>) -> bool {
+    *inc.method == http::Method::OPTIONS
+        && inc.fields.values("origin").next().is_some()
+        && inc
+            .fields
+            .values("access-control-request-method")
+            .next()
+            .is_some()
+}
 
 /// Sends an answer podgate made itself and notes it in the record.
 async fn answer_local<C: ClientSide>(client: &mut C, rec: &mut Record, local: &Local<'_>) {

@@ -87,7 +87,7 @@ impl<'a> Forward<'a> {
                 crate::config::Scheme::Http => "http",
             },
             client_ip: inc.peer.map(|a| a.ip()),
-            forwarded_for: inc.forwarded_for.filter(|p| !p.is_empty()),
+            forwarded_for: forwarded_chain(inc, &route.upstream.trusted),
             proto: if inc.tls { b"https" } else { b"http" },
             forwarded_host: inc.authority,
             request_id,
@@ -159,6 +159,23 @@ impl<'a> Forward<'a> {
     }
 }
 
+/// The client's `X-Forwarded-For` to keep in front of the peer's address. Without
+/// `trusted_proxies`, all of it (nginx's `$proxy_add_x_forwarded_for`). With them, only what
+/// the client address the policies saw (`policies::client_of`) was read from: nothing from a
+/// peer that is not trusted (its list is its own writing), and from a trusted one the entries
+/// from the client on. So the Pod's first entry is the client podgate decided, and entries a
+/// client wrote to pass for someone else never reach it.
+fn forwarded_chain<'a>(
+    inc: &Incoming<'a>,
+    trusted: &crate::policies::TrustedProxies,
+) -> Option<&'a [u8]> {
+    let sent = inc.forwarded_for.filter(|p| !p.is_empty())?;
+    if trusted.is_empty() {
+        return Some(sent);
+    }
+    crate::policies::client::forwarded_chain(inc.peer?.ip(), sent, trusted)
+}
+
 /// Hop-by-hop fields, framing fields and the fields the pipeline itself sets (`Host`, the
 /// forwarding fields, `X-Request-Id`, `Expect`, answered by podgate); `Upgrade` unless the request
 /// is an upgrade. `te` is among them: an HTTP/1.1 hop's; h2 Pods get `te: trailers` from
@@ -191,14 +208,15 @@ pub(crate) fn removed_from_answers(edits: &Edits, name: &[u8]) -> bool {
 }
 
 /// Fields an answer podgate makes or relays gets from a policy (`response_add`), or has of its
-/// own (a 405's `Allow`, a policy answer's), without the ones podgate decides itself and those
-/// `response_remove` drops.
+/// own (a 405's `Allow`, a policy answer's: `Location`, `WWW-Authenticate`, a preflight's CORS
+/// fields), without the ones podgate decides itself. `response_remove` is about the Pod's
+/// fields (a CORS route drops the Pod's `Access-Control-*`): it never takes back what a policy
+/// answered.
 pub(crate) fn answer_fields<'e>(
     own: &'e [(HeaderName, HeaderValue)],
     edits: &'e Edits,
 ) -> impl Iterator<Item = &'e (HeaderName, HeaderValue)> {
     own.iter()
-        .filter(|(n, _)| !removed_from_answers(edits, n.as_str().as_bytes()))
         .chain(edits.response_add.iter())
         .filter(|(n, _)| !set_on_answers(n.as_str().as_bytes()))
 }
