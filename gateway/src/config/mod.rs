@@ -9,6 +9,7 @@
 //! Relative paths in the file (manifests folders, kubeconfigs, certificates) are relative to the
 //! folder of the config file, so `podgate -c conf/quickstart.yaml` works from any directory.
 
+mod identities;
 mod limits;
 mod model;
 mod names;
@@ -16,6 +17,7 @@ mod policies;
 pub mod policy_files;
 mod rate_limit;
 mod report;
+mod request_rules;
 mod schema;
 mod units;
 mod upstreams;

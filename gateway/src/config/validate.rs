@@ -3,6 +3,7 @@
 //! express: defaults, required keys, files and folders that must exist, names that must be unique
 //! or must refer to something defined, and rules across fields. Upstreams are in `upstreams.rs`.
 
+use super::identities;
 use super::model::*;
 use super::names::{check_host, check_name, label_value};
 use super::policies;
@@ -94,8 +95,8 @@ pub fn config(r: &mut Report, file: &schema::File, line_of_file: usize, base: &P
     }
 
     let rate_limit_stores = super::rate_limit::stores(r, file.rate_limit_stores.as_ref(), resolve);
-    let consumers = policies::consumers(r, file.consumers.as_ref(), resolve);
-    let jwt_providers = policies::jwt_providers(r, file.jwt_providers.as_ref(), resolve);
+    let consumers = identities::consumers(r, file.consumers.as_ref(), resolve);
+    let jwt_providers = identities::jwt_providers(r, file.jwt_providers.as_ref(), resolve);
     let known = policies::Known {
         consumers: &consumers,
         providers: &jwt_providers,
