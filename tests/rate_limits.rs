@@ -10,8 +10,9 @@
 //! free loopback port, killed at the end): requests spread over both, at once, are admitted N in
 //! total (exact mode) or within the documented bound (batched mode). Then Redis is killed:
 //! `on_error: allow` lets requests through a bucket that Redis had emptied, `on_error: deny`
-//! answers 500 with `Retry-After: 1`, and the deny route serves again once Redis is back. Every
-//! wait polls a condition with a deadline.
+//! answers 500 with `Retry-After: 1`, and the deny route serves again once Redis is back. A
+//! Redis that never answers holds no request much past the store's `timeout`. Every wait polls a
+//! condition with a deadline.
 //!
 //! redis-server is required (`.ci/run` installs it): without it the shared test fails, naming it.
 
@@ -447,5 +448,67 @@ async fn shared_limits_hold_across_two_processes() {
             hit(gw, &log, "/strict/a").await.0.status == 200
         })
         .await;
+    }
+}
+
+/// A Redis that never answers (a loopback listener that accepts and reads, silent): no request
+/// waits much past the store's `timeout`, then `on_error` decides. The bound is loose (a debug
+/// build on a shared machine), far below the test's 20 s deadline a request without a timeout
+/// would hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_holds_no_request_past_the_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let log = Log::default();
+    let pod = pod::start("pod-a", log.clone()).await;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let conf = format!(
+        "rate_limit_stores:\n\
+         \x20 - {{name: allow, redis: \"{url}\", timeout: 100ms, on_error: allow}}\n\
+         \x20 - {{name: deny, redis: \"{url}\", timeout: 100ms, on_error: deny}}\n\
+         upstreams:\n  - {{name: h1, protocol: http1, retries: 0, nodes: [{{address: \"{pod}\"}}]}}\n\
+         routes:\n\
+         \x20 - {{name: allow, path_prefix: /allow, upstream: h1, policies: {{rate_limit: [{{key: client_ip, rate: 10/s, store: allow}}]}}}}\n\
+         \x20 - {{name: deny, path_prefix: /deny, upstream: h1, policies: {{rate_limit: [{{key: client_ip, rate: 10/s, store: deny}}]}}}}\n",
+        pod = pod.addr,
+    );
+    let gw = Gateway::start_listeners(tempfile::tempdir().unwrap(), &[""], &conf).await;
+    let timed = |path: &'static str| {
+        let (gw, log) = (&gw, &log);
+        async move {
+            let start = std::time::Instant::now();
+            let (r, reached) = hit(gw, log, path).await;
+            (r.status, reached, start.elapsed())
+        }
+    };
+    let all = (0..10).map(|i| timed(if i % 2 == 0 { "/allow/a" } else { "/deny/a" }));
+    for (i, (status, reached, took)) in futures::future::join_all(all).await.into_iter().enumerate()
+    {
+        let want = if i % 2 == 0 {
+            (200, true)
+        } else {
+            (500, false)
+        };
+        assert_eq!((status, reached), want, "request {i}");
+        assert!(
+            took < std::time::Duration::from_millis(1500),
+            "request {i} waited {took:?} on a silent Redis (timeout 100ms)"
+        );
+    }
+    let text = metrics(&gw).await;
+    for store in ["allow", "deny"] {
+        let series = format!(
+            "podgate_rate_limit_redis_errors_total{{reason=\"timeout\",store=\"{store}\"}} "
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(&series)),
+            "no {series}in the metrics"
+        );
     }
 }
