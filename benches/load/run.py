@@ -9,6 +9,15 @@ line to a file: `access_log FILE combined;`), then with access logs off for all.
 logs to syslog only) and the bare Pingora proxy (no access log) run only in the logs-off part.
 LOGS="on" or LOGS="off" runs one part only.
 
+POLICY=NAME adds a contestant "podgate-policy": the same podgate binary whose one route carries
+route policies, beside plain "podgate", so a policy's cost is a ratio within one run. NAME:
+api_key (every request sends a valid `x-api-key`), jwt (an HS256 bearer token, verified once and
+then from podgate's cache), rate_local (a local `client_ip` limit high enough to admit all),
+rate_exact and rate_batched (the same limit in a redis-server started for the run, one Redis call
+per request or leases of 100). For the rate limits nginx gets a second server, "nginx-limit",
+with `limit_req` (local, `$binary_remote_addr`, as high a rate): nginx's peer figure. Every
+proxy gets the same request headers. Run with PROXIES="nginx podgate podgate-policy".
+
 SYSCALLS=1 counts, with `perf stat` on each proxy while wrk runs, its futex calls, writes
 (write, writev, pwrite64) and context switches per request. The counting slows every proxy, so
 its req/s are not the ones to quote.
@@ -30,6 +39,15 @@ PODGATE_ADMIN = BASE + 10  # one per podgate contestant, counting up
 BASELINE = os.environ.get("BASELINE")
 if BASELINE:
     PORTS["podgate-baseline"] = BASE + 6
+POLICY = os.environ.get("POLICY")
+if POLICY:
+    PORTS["podgate-policy"] = BASE + 7
+    if POLICY.startswith("rate"):
+        PORTS["nginx-limit"] = BASE + 8
+REDIS_PORT = BASE + 9
+# The credential every request carries (to every proxy alike, so all parse the same bytes).
+API_KEY = "bench-key-4f1c9a2e7d3b8a60"
+JWT_SECRET = "bench-secret-of-at-least-32-bytes-0123456789"
 # PROXIES="nginx podgate" runs only those (nginx always: ratios are to it).
 PROXIES = os.environ.get("PROXIES")
 if PROXIES:
@@ -41,7 +59,7 @@ BARE_PINGORA = os.environ.get("BARE_PINGORA",
                               os.path.join(TARGET, "release", "examples", "bare-pingora"))
 LOGS = os.environ.get("LOGS", "on off").split()
 # Proxies that write an access log file like nginx does; the others run with logs off only.
-LOGGING = {"nginx", "podgate", "podgate-baseline"}
+LOGGING = {"nginx", "podgate", "podgate-baseline", "podgate-policy", "nginx-limit"}
 SYSCALLS = os.environ.get("SYSCALLS") == "1"
 PERF_EVENTS = ["syscalls:sys_enter_futex", "syscalls:sys_enter_write",
                "syscalls:sys_enter_writev", "syscalls:sys_enter_pwrite64", "context-switches"]
@@ -128,6 +146,62 @@ def access_log_path(d, name):
     return f"{d}/{name}-access.log"
 
 
+def nginx_limit():
+    """nginx's peer of a local rate limit: a second server with `limit_req` (same process)."""
+    if "nginx-limit" not in PORTS:
+        return ""
+    return (f"  limit_req_zone $binary_remote_addr zone=bench:10m rate=10000000r/s;\n"
+            f"  server {{ listen 127.0.0.1:{PORTS['nginx-limit']}; location / {{ "
+            f"limit_req zone=bench burst=1000000 nodelay; proxy_pass http://pods; "
+            f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n")
+
+
+def jwt_token():
+    """An HS256 token for `JWT_SECRET`, valid for a day."""
+    import base64, hashlib, hmac, json
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": "bench", "exp": int(time.time()) + 86400}).encode())
+    sig = b64(hmac.new(JWT_SECRET.encode(), head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
+
+
+def request_headers():
+    """What every request carries (wrk -H), whatever the proxy."""
+    if POLICY == "api_key":
+        return [f"x-api-key: {API_KEY}"]
+    if POLICY == "jwt":
+        return [f"authorization: Bearer {jwt_token()}"]
+    return []
+
+
+def policy_conf(d):
+    """Top-level config and the route's `policies:` for POLICY."""
+    write(f"{d}/bench.keys", API_KEY + "\n")
+    write(f"{d}/bench.secret", JWT_SECRET)
+    rule = "{key: client_ip, rate: 100000000/s, burst: 1000000"
+    top = {
+        "api_key": "consumers: [{name: bench, api_keys_file: bench.keys}]\n",
+        "jwt": "jwt_providers: [{name: bench, secret_file: bench.secret}]\n",
+        "rate_local": "",
+        "rate_exact": "rate_limit_stores: [{name: r, redis: "
+                      f"\"redis://127.0.0.1:{REDIS_PORT}/0\", timeout: 100ms}}]\n",
+        "rate_batched": "rate_limit_stores: [{name: r, redis: "
+                        f"\"redis://127.0.0.1:{REDIS_PORT}/0\", timeout: 100ms, mode: batched, "
+                        "lease: 100}]\n",
+    }
+    route = {
+        "api_key": "{auth: {api_key: {}}}",
+        "jwt": "{auth: {jwt: bench}}",
+        "rate_local": f"{{rate_limit: [{rule}}}]}}",
+        "rate_exact": f"{{rate_limit: [{rule}, store: r}}]}}",
+        "rate_batched": f"{{rate_limit: [{rule}, store: r}}]}}",
+    }
+    if POLICY not in top:
+        raise SystemExit(f"POLICY={POLICY}: one of {', '.join(top)}")
+    return top[POLICY], route[POLICY]
+
+
 def start_proxies(d, threads, pin, procs, names, logs):
     """Starts the proxies `names` into `procs` (filled as they start, so a failure stops the
     others), with access logs to files in `d` if `logs`."""
@@ -143,7 +217,7 @@ http {{ {nginx_log} keepalive_requests 1000000;
   }}
   server {{ listen 127.0.0.1:{PORTS['nginx']}; location / {{ proxy_pass http://pods;
     proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
-}}
+{nginx_limit()}}}
 """)
     if threads > 1:
         # master_process off runs a single worker; with several, nginx needs its master.
@@ -151,6 +225,9 @@ http {{ {nginx_log} keepalive_requests 1000000;
                                                       f"worker_processes {threads};")
         write(f"{d}/nginx.conf", text)
     procs["nginx"] = subprocess.Popen(pre + ["nginx", "-p", d, "-c", f"{d}/nginx.conf"])
+    if "nginx-limit" in names:
+        # The same nginx process serves both; each is measured while only it has traffic.
+        procs["nginx-limit"] = procs["nginx"]
 
     servers = "\n".join(f"  server u{i} 127.0.0.1:{p}" for i, p in enumerate(UPSTREAMS))
     write(f"{d}/haproxy.cfg", f"""global
@@ -180,11 +257,12 @@ backend pods
             stderr=subprocess.DEVNULL)
 
     nodes = ", ".join(f'{{address: "127.0.0.1:{p}"}}' for p in UPSTREAMS)
-    builds = {"podgate": PODGATE, "podgate-baseline": BASELINE}
+    builds = {"podgate": PODGATE, "podgate-baseline": BASELINE, "podgate-policy": PODGATE}
     builds = {n: b for n, b in builds.items() if n in names}
     for i, (name, binary) in enumerate(builds.items()):
         # podgate's access log as users have it: the default (JSON lines), to a file.
         log_conf = f"path: {access_log_path(d, name)}" if logs else "enabled: false"
+        top, policies = policy_conf(d) if name == "podgate-policy" else ("", "")
         write(f"{d}/{name}.yaml", f"""listeners:
   - address: 127.0.0.1:{PORTS[name]}
 admin:
@@ -199,11 +277,11 @@ access_log:
 upstreams:
   - name: pods
     nodes: [{nodes}]
-routes:
+{top}routes:
   - name: all
     path_prefix: /
     upstream: pods
-""")
+""" + (f"    policies: {policies}\n" if policies else ""))
         env = dict(os.environ, RUST_LOG="warn")
         procs[name] = subprocess.Popen(
             pre + [binary, "-c", f"{d}/{name}.yaml"],
@@ -226,8 +304,10 @@ def to_ms(text):
 
 def wrk(port, seconds, pin):
     pre = ["taskset", "-c", "0"] if pin else []
-    out = subprocess.run(pre + ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
-                                f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    headers = [a for h in request_headers() for a in ("-H", h)]
+    out = subprocess.run(pre + ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency"]
+                         + headers + [f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True).stdout
     if "Requests/sec" not in out or "99%" not in out:
         raise SystemExit(f"wrk against 127.0.0.1:{port} gave no result:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -279,6 +359,14 @@ def run(mode, logs):
     with tempfile.TemporaryDirectory() as d:
         up = start_upstreams(d)
         procs = {}
+        if POLICY in ("rate_exact", "rate_batched"):
+            # Redis on CPU 0 with wrk and the upstreams, as a shared store would be elsewhere.
+            procs["redis"] = subprocess.Popen(
+                (["taskset", "-c", "0"] if pin else []) + [
+                    "redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--dir", d],
+                stdout=subprocess.DEVNULL)
+            wait_port(REDIS_PORT)
         try:
             # Inside the try: whatever started is stopped, even when a later start fails.
             start_proxies(d, threads, pin, procs, names, logs == "on")
@@ -344,9 +432,10 @@ def run(mode, logs):
             print(f"\nnginx on this machine ({mode}, access logs {logs}): {nginx_rps:,.0f} req/s")
             print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         finally:
-            for p in list(procs.values()) + [up]:
+            unique = list({id(p): p for p in procs.values()}.values())
+            for p in unique + [up]:
                 p.terminate()
-            for p in list(procs.values()) + [up]:
+            for p in unique + [up]:
                 try:
                     p.wait(5)
                 except subprocess.TimeoutExpired:
