@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/build-deps.sh
 ensure_build_deps
+ensure_test_deps
 cargo test --workspace --all-targets "$@"

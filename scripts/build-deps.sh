@@ -13,3 +13,16 @@ ensure_build_deps() {
     return 1
   fi
 }
+
+# Sourced by test.sh (and so by .ci/run): the rate-limit tests start real Redis servers and
+# clusters (tests/support/redis.rs), so the suite needs Debian's redis-server (with TLS) and
+# redis-cli (redis-tools). Those tests fail, naming it, when it is missing.
+ensure_test_deps() {
+  command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing redis-server redis-tools (the rate-limit tests start real Redis servers)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+  else
+    echo "the rate-limit tests need redis-server and redis-cli: install them (e.g. sudo apt-get install -y redis-server redis-tools)" >&2
+  fi
+}
