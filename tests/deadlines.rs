@@ -9,6 +9,7 @@ mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::h2_frames::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -409,23 +410,6 @@ async fn a_tls_client_that_handshakes_but_sends_no_request_is_closed_at_the_same
 
 // h2, frame by frame (RFC 9113 §4.1; HPACK static-table entries only), over an `h2c: true`
 // listener: the client does exactly what the test says.
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = Vec::with_capacity(9 + payload.len());
-    f.extend_from_slice(&len.to_be_bytes()[1..]);
-    f.push(kind);
-    f.push(flags);
-    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
 
 /// HEADERS (END_STREAM | END_HEADERS) of `GET path` for host `a` on `stream`: `:method GET`
 /// and `:scheme http` indexed, `:path` and `:authority` literals with indexed names.

@@ -645,6 +645,7 @@ pub async fn https_pod(name: &str, pki: &TestPki) -> Pod {
     }
 }
 pub mod fake_kube;
+pub mod h2_frames;
 pub mod redis;
 pub mod wire;
 
