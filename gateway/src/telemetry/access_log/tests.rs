@@ -199,6 +199,22 @@ fn request_ids_differ() {
 }
 
 #[test]
+fn request_ids_are_the_seed_then_the_counter_in_hex() {
+    let (a, b) = (request_id(), request_id());
+    assert!(a
+        .bytes()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_eq!(a[..16], b[..16], "one seed per process");
+    let (na, nb) = (
+        u64::from_str_radix(&a[16..], 16).unwrap(),
+        u64::from_str_radix(&b[16..], 16).unwrap(),
+    );
+    assert!(nb > na, "the counter counts up: {a} then {b}");
+    assert_eq!(super::hex16(0x0123_4567_89ab_cdef), *b"0123456789abcdef");
+    assert_eq!(super::hex16(u64::MAX), *b"ffffffffffffffff");
+}
+
+#[test]
 fn lines_a_full_disk_refuses_are_counted_as_dropped() {
     // /dev/full fails every write with ENOSPC, as a full disk does.
     let log = AccessLog::start(&settings(
