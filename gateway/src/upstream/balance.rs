@@ -18,7 +18,6 @@
 
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -281,7 +280,7 @@ pub struct Balancer {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    static ROTATIONS: RefCell<HashMap<u64, Rotation>> = RefCell::new(HashMap::new());
+    static ROTATIONS: RefCell<super::PodMap<u64, Rotation>> = RefCell::new(Default::default());
 }
 
 impl Default for Balancer {

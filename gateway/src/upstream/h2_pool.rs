@@ -18,7 +18,6 @@ use super::pool::{Connector, Members};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +51,7 @@ enum Slot {
 }
 
 thread_local! {
-    static CONNS: RefCell<HashMap<(SocketAddr, u64), Slot>> = RefCell::new(HashMap::new());
+    static CONNS: RefCell<super::PodMap<(SocketAddr, u64), Slot>> = RefCell::new(Default::default());
 }
 
 /// Marks a connection being opened; when dropped (opened, failed or given up) it clears the mark

@@ -31,6 +31,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The per-thread maps keyed by Pod address or balancer id, looked up on every request: foldhash
+/// instead of SipHash (keys come from the config and discovery, never from clients).
+pub(crate) type PodMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// What an upstream's last rebuild found for one of its services (for the admin view and logs).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceView {

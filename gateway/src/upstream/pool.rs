@@ -13,7 +13,6 @@ use pingora_core::tls::{
     UnixTime,
 };
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -167,7 +166,7 @@ pub trait Members: Send + Sync {
 }
 
 struct Pool {
-    idle: HashMap<(SocketAddr, u64), Vec<Idle>>,
+    idle: super::PodMap<(SocketAddr, u64), Vec<Idle>>,
     swept: Instant,
 }
 
@@ -193,7 +192,7 @@ impl Idle {
 }
 
 thread_local! {
-    static POOL: RefCell<Pool> = RefCell::new(Pool { idle: HashMap::new(), swept: Instant::now() });
+    static POOL: RefCell<Pool> = RefCell::new(Pool { idle: Default::default(), swept: Instant::now() });
 }
 
 /// A connection to a Pod and its read buffer (kept with it, so reuse allocates nothing).
