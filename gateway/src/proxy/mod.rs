@@ -17,6 +17,7 @@
 pub mod h1;
 pub mod h2;
 pub mod in_flight;
+pub(crate) mod lazy_timeout;
 pub mod log_line;
 pub(crate) mod pipeline;
 pub mod routing;

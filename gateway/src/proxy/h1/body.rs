@@ -13,6 +13,7 @@
 
 use super::chunked::write_chunk;
 pub use super::chunked::{is_dropped_trailer, is_tchar, write_trailers, BadChunk, Chunked, Piece};
+use crate::proxy::lazy_timeout::within;
 use bytes::BytesMut;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -132,7 +133,7 @@ pub async fn read_more<R: AsyncRead + Unpin>(
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
-    match tokio::time::timeout(timeout, src.read_buf(buf)).await {
+    match within(timeout, src.read_buf(buf)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -235,14 +236,14 @@ async fn pass_on<W: AsyncWrite + Unpin>(
     let stalled = || RelayError::Write(std::io::ErrorKind::TimedOut.into());
     let mut at = 0;
     while at < piece.len() {
-        match tokio::time::timeout(timeout, dst.write(&piece[at..])).await {
+        match within(timeout, dst.write(&piece[at..])).await {
             Ok(Ok(0)) => return Err(RelayError::Write(std::io::ErrorKind::WriteZero.into())),
             Ok(Ok(n)) => at += n,
             Ok(Err(e)) => return Err(RelayError::Write(e)),
             Err(_) => return Err(stalled()),
         }
     }
-    match tokio::time::timeout(timeout, dst.flush()).await {
+    match within(timeout, dst.flush()).await {
         Ok(r) => r.map_err(RelayError::Write)?,
         Err(_) => return Err(stalled()),
     }

@@ -44,7 +44,7 @@ pub mod spread;
 use crate::config::ServerSettings;
 use crate::proxy::tls_accept::{self, TlsListeners};
 use crate::proxy::write_deadline::CLIENT_WRITE_TIMEOUT;
-use crate::proxy::{error_json, in_flight, Gateway};
+use crate::proxy::{error_json, in_flight, lazy_timeout, Gateway};
 use async_trait::async_trait;
 use bytes::BytesMut;
 use client_io::{client_io, ClientIo, Transport};
@@ -522,7 +522,7 @@ impl Engine {
                 }
                 c.buf.reserve(more);
             }
-            let read = tokio::time::timeout_at(deadline.into(), c.io.read_buf(&mut c.buf)).await;
+            let read = lazy_timeout::until(deadline, c.io.read_buf(&mut c.buf)).await;
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(NoHead::Done),
                 Ok(Ok(_)) => {

@@ -137,7 +137,7 @@ async fn write(up: &mut pool::Conn, bytes: &[u8], timeout: Duration) -> std::io:
         up.io.write_all(bytes).await?;
         up.io.flush().await
     };
-    match tokio::time::timeout(timeout, sent).await {
+    match crate::proxy::lazy_timeout::within(timeout, sent).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
