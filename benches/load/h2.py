@@ -4,6 +4,9 @@ the client. Only 127.0.0.1 is ever a target. Run through h2.sh (which builds pod
 Modes (arguments; all by default):
   h2c   h2 by prior knowledge to the proxy, HTTP/1.1 upstreams (nginx returning 64 bytes)
   tls   the same over TLS with ALPN h2 (self-signed certificate), the issue's production shape
+  tls-h1  HTTP/1.1 over TLS 1.3 (h2load --h1: ALPN http/1.1, one request at a time on each of
+        the connections), HTTP/1.1 upstreams: TLS as most HTTPS clients (curl, browsers'
+        fallback, load balancers' health checks, service meshes' HTTP/1.1) use it
   grpc  unary gRPC calls (h2load with gRPC framing: one 5-byte message, `te: trailers`) to
         gRPC upstreams speaking h2c; nginx proxies them with `grpc_pass`, podgate with
         `protocol: h2c`. The upstreams are demo-grpc-pod (hyper's h2 server answering
@@ -116,9 +119,11 @@ routes:
     return procs
 
 
-def h2load(port, tls, grpc, seconds, d):
+def h2load(port, tls, grpc, seconds, d, h1=False):
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}" + (GRPC_PATH if grpc else "/")
-    args = ["taskset", "-c", "0", "h2load", "-t1", f"-c{CONNECTIONS}", f"-m{STREAMS}",
+    # HTTP/1.1: one request at a time per connection (h2load would pipeline with -m > 1).
+    streams = ["--h1", "-m1"] if h1 else [f"-m{STREAMS}"]
+    args = ["taskset", "-c", "0", "h2load", "-t1", f"-c{CONNECTIONS}", *streams,
             f"-D{seconds}", "--warm-up-time=1"]
     if grpc:
         args += ["-d", f"{d}/grpc-request", "-H", "content-type: application/grpc",
@@ -134,7 +139,7 @@ def h2load(port, tls, grpc, seconds, d):
 
 
 def bench(mode):
-    tls, grpc = mode == "tls", mode == "grpc"
+    tls, grpc, h1 = mode in ("tls", "tls-h1"), mode == "grpc", mode == "tls-h1"
     run.ensure_free(run.UPSTREAMS + GRPC_UPSTREAMS + [NGINX, PODGATE_PORT, ADMIN])
     with tempfile.TemporaryDirectory() as d:
         with open(f"{d}/grpc-request", "wb") as f:
@@ -147,12 +152,14 @@ def bench(mode):
             procs = start_proxies(d, tls)
             ports = {"nginx": NGINX, "podgate": PODGATE_PORT}
             for n, p in ports.items():
-                h2load(p, tls, grpc, 2, d)
+                h2load(p, tls, grpc, 2, d, h1)
             what = {"h2c": "h2 prior knowledge, HTTP/1.1 upstreams",
                     "tls": "h2 over TLS 1.3 (ALPN), HTTP/1.1 upstreams",
+                    "tls-h1": "HTTP/1.1 over TLS 1.3 (ALPN http/1.1), HTTP/1.1 upstreams",
                     "grpc": "unary gRPC over h2c, h2c gRPC upstreams (nginx: grpc_pass)"}[mode]
             print(f"\n## {mode}: {what}")
-            print(f"h2load -t1 -c{CONNECTIONS} -m{STREAMS} -D{DURATION}, 1 proxy worker on CPU 1, "
+            streams = "--h1 -m1" if h1 else f"-m{STREAMS}"
+            print(f"h2load -t1 -c{CONNECTIONS} {streams} -D{DURATION}, 1 proxy worker on CPU 1, "
                   f"h2load and upstreams on CPU 0, {ROUNDS} rounds\n")
             print("| round | proxy | req/s | vs nginx | CPU µs/req | not 2xx |")
             print("|---|---|---|---|---|---|")
@@ -171,7 +178,7 @@ def bench(mode):
                              "--", "sleep", str(DURATION)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     cpu = run.cpu_seconds(pids)
-                    rps, bad, done = h2load(p, tls, grpc, DURATION, d)
+                    rps, bad, done = h2load(p, tls, grpc, DURATION, d, h1)
                     if perf:
                         perf.wait()
                     # h2load's warm-up second is in the CPU time too: a small overestimate,
@@ -203,8 +210,8 @@ def bench(mode):
 
 
 if __name__ == "__main__":
-    modes = sys.argv[1:] or ["h2c", "tls", "grpc"]
+    modes = sys.argv[1:] or ["h2c", "tls", "tls-h1", "grpc"]
     for mode in modes:
-        if mode not in ("h2c", "tls", "grpc"):
-            raise SystemExit(f"unknown mode {mode}: use h2c, tls or grpc")
+        if mode not in ("h2c", "tls", "tls-h1", "grpc"):
+            raise SystemExit(f"unknown mode {mode}: use h2c, tls, tls-h1 or grpc")
         bench(mode)
