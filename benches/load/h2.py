@@ -161,8 +161,8 @@ def bench(mode):
             streams = "--h1 -m1" if h1 else f"-m{STREAMS}"
             print(f"h2load -t1 -c{CONNECTIONS} {streams} -D{DURATION}, 1 proxy worker on CPU 1, "
                   f"h2load and upstreams on CPU 0, {ROUNDS} rounds\n")
-            print("| round | proxy | req/s | vs nginx | CPU µs/req | not 2xx |")
-            print("|---|---|---|---|---|---|")
+            print("| round | proxy | req/s | vs nginx | CPU µs/req | user | system | not 2xx |")
+            print("|---|---|---|---|---|---|---|---|")
             ratios, rps_all = [], {n: [] for n in ports}
             cpu_all = {n: [] for n in ports}
             for r in range(1, ROUNDS + 1):
@@ -177,21 +177,23 @@ def bench(mode):
                              f"{run.TARGET}/perf-h2-{mode}-{n}.data", "-p", str(procs[n].pid),
                              "--", "sleep", str(DURATION)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    cpu = run.cpu_seconds(pids)
+                    before = run.cpu_split(pids)
                     rps, bad, done = h2load(p, tls, grpc, DURATION, d, h1)
                     if perf:
                         perf.wait()
                     # h2load's warm-up second is in the CPU time too: a small overestimate,
                     # alike for both proxies.
-                    cpu = (run.cpu_seconds(pids) - cpu) * 1e6 / max(1, done)
-                    row[n] = (rps, bad, cpu)
+                    user, system = ((b - a) * 1e6 / max(1, done)
+                                    for a, b in zip(before, run.cpu_split(pids)))
+                    cpu = user + system
+                    row[n] = (rps, bad, cpu, user, system)
                     rps_all[n].append(rps)
                     cpu_all[n].append(cpu)
                 ratios.append(row["podgate"][0] / row["nginx"][0])
                 for n in ports:
-                    rps, bad, cpu = row[n]
+                    rps, bad, cpu, user, system = row[n]
                     print(f"| {r} | {n} | {rps:,.0f} | {rps / row['nginx'][0]:.2f} | "
-                          f"{cpu:.1f} | {bad} |")
+                          f"{cpu:.1f} | {user:.1f} | {system:.1f} | {bad} |")
             print(f"\n**{mode}: podgate / nginx req/s, median of {ROUNDS} rounds: "
                   f"{statistics.median(ratios):.2f}** (rounds: "
                   f"{', '.join(f'{x:.2f}' for x in ratios)}); median CPU µs/req nginx "

@@ -4,9 +4,10 @@ machine (the load benches' ratios do not). Only 127.0.0.1 is ever a target.
     python3 benches/load/instructions.py [PODGATE_BINARY] [MODE ...]
 
 Modes: `h1` (HTTP/1.1 keep-alive client, HTTP/1.1 Pod), `h2c` (h2 by prior knowledge, HTTP/1.1
-Pod), `grpc` (unary gRPC over h2c to an h2c Pod), `h1-h2c` (HTTP/1.1 client, h2c Pod); all by
-default. podgate runs under callgrind with one worker thread and the access log off (as in the
-load benches); h2load sends N1 and then N2 requests, the counters zeroed before and dumped after
+Pod), `grpc` (unary gRPC over h2c to an h2c Pod), `h1-h2c` (HTTP/1.1 client, h2c Pod), `h1-log`
+(`h1` with the default access log to a file: what a line costs, the writer thread included),
+`tls-h1` (`h1` over TLS 1.3, ALPN http/1.1); all by default. podgate runs under callgrind with
+one worker thread and the access log off but in `h1-log` (as in the load benches); h2load sends N1 and then N2 requests, the counters zeroed before and dumped after
 each batch, and the figure is (I(N2) - I(N1)) / (N2 - N1): what one more request costs, without
 start-up, connection set-up or the batch's first requests. The Pods are nginx (64-byte answers)
 and `demo-grpc-pod`, neither under valgrind. KEEP=DIR keeps each batch's dump there, for
@@ -48,7 +49,7 @@ def total_ir(path):
 
 def h2load(url, n, mode, d):
     args = ["h2load", "-n", str(n), "-c", str(CONNECTIONS), "-t", "1"]
-    if mode in ("h1", "h1-h2c"):
+    if mode in ("h1", "h1-h2c", "h1-log", "tls-h1"):
         args += ["--h1", "-m", "1"]
     else:
         args += ["-m", str(STREAMS)]
@@ -66,7 +67,11 @@ def measure(podgate, mode):
     with tempfile.TemporaryDirectory() as d:
         with open(f"{d}/grpc-request", "wb") as f:
             f.write(bytes([0, 0, 0, 0, 0]))
-        pod, grpc_pod, plain, h2c, admin = (free_port() for _ in range(5))
+        pod, grpc_pod, plain, h2c, admin, tls = (free_port() for _ in range(6))
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=localhost", "-keyout", f"{d}/key.pem", "-out",
+                        f"{d}/cert.pem"], check=True, capture_output=True)
+        log = (f"path: {d}/access.log" if mode == "h1-log" else "enabled: false")
         with open(f"{d}/nginx.conf", "w") as f:
             f.write(f"""daemon off; master_process off; worker_processes 1; pid {d}/n.pid;
 error_log {d}/n.log; events {{ worker_connections 1024; }}
@@ -79,6 +84,8 @@ http {{ access_log off; keepalive_requests 1000000;
   - address: 127.0.0.1:{plain}
   - address: 127.0.0.1:{h2c}
     h2c: true
+  - address: 127.0.0.1:{tls}
+    tls: {{cert: {d}/cert.pem, key: {d}/key.pem}}
 admin:
   address: 127.0.0.1:{admin}
 server:
@@ -87,7 +94,7 @@ server:
   upgrade_sock: {d}/up.sock
   pid_file: {d}/podgate.pid
 access_log:
-  enabled: false
+  {log}
 upstreams:
   - name: pods
     nodes: [{{address: "127.0.0.1:{pod}"}}]
@@ -116,12 +123,14 @@ routes:
             env=dict(os.environ, RUST_LOG="warn"))
         procs.append(gw)
         try:
-            for p in (pod, grpc_pod, plain, h2c):
+            for p in (pod, grpc_pod, plain, h2c, tls):
                 wait_port(p)
             url = {"h1": f"http://127.0.0.1:{plain}/",
                    "h2c": f"http://127.0.0.1:{h2c}/",
                    "grpc": f"http://127.0.0.1:{h2c}/grpc.health.v1.Health/Check",
-                   "h1-h2c": f"http://127.0.0.1:{plain}/h2pod"}[mode]
+                   "h1-h2c": f"http://127.0.0.1:{plain}/h2pod",
+                   "h1-log": f"http://127.0.0.1:{plain}/",
+                   "tls-h1": f"https://127.0.0.1:{tls}/"}[mode]
             h2load(url, 200, mode, d)  # warm-up: pools, caches
             counts = []
             for n in (N1, N2):
@@ -161,7 +170,7 @@ def main():
     podgate = os.path.join(TARGET, "podgate")
     if args and os.path.sep in args[0]:
         podgate = args.pop(0)
-    for mode in args or ["h1", "h2c", "grpc", "h1-h2c"]:
+    for mode in args or ["h1", "h2c", "grpc", "h1-h2c", "h1-log", "tls-h1"]:
         print(f"{mode}: {measure(podgate, mode):,.0f} instructions per request "
               f"({podgate}, N1={N1}, N2={N2})", flush=True)
 

@@ -100,17 +100,26 @@ def rss_kib(pids):
     return total
 
 
-def cpu_seconds(pids):
-    """User + system CPU time of the processes so far (all their threads)."""
-    total = 0
+def cpu_split(pids):
+    """(user, system) CPU seconds of the processes so far (all their threads). System time is
+    the kernel's work for the proxy's system calls, and on loopback also the receive path of
+    what it sends (the kernel delivers a packet in the sender's context)."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
         except FileNotFoundError:
             pass
-    return total / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_seconds(pids):
+    """User + system CPU time of the processes so far (all their threads)."""
+    return sum(cpu_split(pids))
 
 
 def children(pid):
@@ -383,9 +392,9 @@ def run(mode, logs):
             # sensitive than req/s to other load on the machine (which takes CPU away from the
             # proxy but adds little to its cost per request).
             extra = " futex/req | writes/req | switches/req |" if SYSCALLS else ""
-            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req "
+            print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req | user | system "
                   f"| log lines/req |{extra}")
-            print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if SYSCALLS else ""))
+            print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if SYSCALLS else ""))
             for r in range(1, ROUNDS + 1):
                 row = {}
                 for n in names:
@@ -398,27 +407,30 @@ def run(mode, logs):
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     stat = perf_stat(procs[n].pid, DURATION) if SYSCALLS else None
                     pids = [procs[n].pid] + children(procs[n].pid)
-                    cpu = cpu_seconds(pids)
+                    before = cpu_split(pids)
                     rps, p50, p99, err, total = wrk(PORTS[n], DURATION, pin)
-                    cpu = (cpu_seconds(pids) - cpu) * 1e6 / max(1, total)
+                    user, system = ((b - a) * 1e6 / max(1, total)
+                                    for a, b in zip(before, cpu_split(pids)))
+                    cpu = user + system
                     counts = perf_counts(stat) if stat else {}
                     # podgate's last lines may still sit in its buffers (up to access_log.flush).
                     lines = count_lines(access_log_path(d, n)) / max(1, total)
-                    row[n] = (rps, p50, p99, err, cpu, lines, counts, total)
+                    row[n] = (rps, p50, p99, err, cpu, lines, counts, total, user, system)
                     results[n].append(row[n])
                     if perf:
                         perf.wait()
                 for n in names:
-                    rps, p50, p99, err, cpu, lines, counts, total = row[n]
+                    rps, p50, p99, err, cpu, lines, counts, total, user, system = row[n]
                     ratio = rps / row["nginx"][0]
                     per = lambda *events: sum(counts.get(e, 0) for e in events) / max(1, total)
                     sys_cols = (f" {per(PERF_EVENTS[0]):.3f} | {per(*PERF_EVENTS[1:4]):.3f} | "
                                 f"{per(PERF_EVENTS[4]):.3f} |") if SYSCALLS else ""
                     print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} | {cpu:.1f} "
+                          f"| {user:.1f} | {system:.1f} "
                           f"| {lines:.2f} |{sys_cols}" + (f" {err}" if err else ""))
             print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms "
-                  "| median CPU µs/req | RSS MiB |")
-            print("|---|---|---|---|---|---|---|")
+                  "| median CPU µs/req | user | system | RSS MiB |")
+            print("|---|---|---|---|---|---|---|---|---|")
             for n in names:
                 ratios = [results[n][i][0] / results["nginx"][i][0] for i in range(ROUNDS)]
                 pids = [procs[n].pid] + children(procs[n].pid)
@@ -427,6 +439,8 @@ def run(mode, logs):
                       f"{statistics.median(x[1] for x in results[n]):.2f} | "
                       f"{statistics.median(x[2] for x in results[n]):.2f} | "
                       f"{statistics.median(x[4] for x in results[n]):.1f} | "
+                      f"{statistics.median(x[8] for x in results[n]):.1f} | "
+                      f"{statistics.median(x[9] for x in results[n]):.1f} | "
                       f"{rss_kib(pids) / 1024:.1f} |")
             nginx_rps = statistics.median(x[0] for x in results["nginx"])
             print(f"\nnginx on this machine ({mode}, access logs {logs}): {nginx_rps:,.0f} req/s")
