@@ -6,7 +6,10 @@ started in front of one upstream server (the load bench's nginx upstream), then:
   idle      N keep-alive connections each send one request, read the whole answer, and stay open
             (an edge gateway's ordinary state: mobile clients that keep a connection and go quiet);
   mid-head  N connections each send half a request head (`GET / HTTP/1.1\\r\\nHost: x\\r\\nX-A: `)
-            and then nothing (a slow or malicious client, inside the 60 s head deadline).
+            and then nothing (a slow or malicious client, inside the 60 s head deadline);
+  tls       as `idle`, over TLS (HTTP/1.1 by ALPN, TLS 1.3, the same self-signed P-256 certificate
+            for both gateways; nginx with its default session settings: `ssl_session_cache none`,
+            session tickets on, as podgate's rustls sends tickets too).
 
 The gateway's RSS (VmRSS of all its processes: nginx master and worker) is read before the
 connections open and after they settled; the difference over N is the cost per connection. The
@@ -15,10 +18,10 @@ the gateway did not accept.
 
 Environment: N (default 8000), SETTLE seconds (default 2), PODGATE (a podgate binary; default
 $CARGO_TARGET_DIR/release/podgate or target/release/podgate), PHASES (default "idle midhead"),
-GATEWAYS (default "nginx podgate"). PORT_BASE
+GATEWAYS (default "nginx podgate"); PHASES may add "tls". PORT_BASE
 (default 18200) moves every port. The whole run stops itself after LIMIT seconds (default 110).
 """
-import math, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
+import math, os, resource, signal, socket, ssl, statistics, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -87,25 +90,44 @@ def pids_of(proc):
     return [proc.pid] + load.children(proc.pid)
 
 
-def start_nginx(d):
+def make_cert(d):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=idle.test",
+                    "-addext", "subjectAltName=DNS:idle.test", "-days", "2",
+                    "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem"],
+                   check=True, capture_output=True)
+
+
+def tls_context():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def start_nginx(d, tls):
     port = PORTS["nginx"]
+    listen = f"listen 127.0.0.1:{port} ssl backlog=4096; ssl_certificate {d}/cert.pem; " \
+             f"ssl_certificate_key {d}/key.pem;" if tls else f"listen 127.0.0.1:{port} backlog=4096;"
     # Master and one worker, as nginx runs in production; both count in the RSS.
     load.write(f"{d}/nginx.conf", f"""daemon off; worker_processes 1; pid {d}/nginx.pid;
 worker_rlimit_nofile {N + 1024}; error_log {d}/nginx-error.log;
 events {{ worker_connections {N + 1024}; }}
 http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
   upstream pods {{ server 127.0.0.1:{UPSTREAM}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ proxy_pass http://pods;
+  server {{ {listen} location / {{ proxy_pass http://pods;
     proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
 }}
 """)
     return subprocess.Popen(["nginx", "-p", d, "-c", f"{d}/nginx.conf"])
 
 
-def start_podgate(d, name):
+def start_podgate(d, name, tls):
     port = PORTS[name]
+    cert = f"\n    tls: {{cert: {d}/cert.pem, key: {d}/key.pem}}" if tls else ""
     load.write(f"{d}/podgate.yaml", f"""listeners:
-  - address: 127.0.0.1:{port}
+  - address: 127.0.0.1:{port}{cert}
 admin:
   address: 127.0.0.1:{PODGATE_ADMIN}
 server:
@@ -154,6 +176,7 @@ def read_answer(s):
 def open_clients(port, phase, ips):
     """Opens N connections to `port`; returns them and how many failed."""
     conns, failed = [], 0
+    ctx = tls_context() if phase == "tls" else None
     per_ip = math.ceil(N / len(ips))
     for i in range(N):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -165,7 +188,9 @@ def open_clients(port, phase, ips):
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((ips[i // per_ip], 0))
             s.connect(("127.0.0.1", port))
-            if phase == "idle":
+            if ctx:
+                s = ctx.wrap_socket(s, server_hostname="idle.test")
+            if phase in ("idle", "tls"):
                 s.sendall(REQUEST)
                 read_answer(s)
             else:
@@ -179,9 +204,10 @@ def open_clients(port, phase, ips):
     return conns, failed
 
 
-def warm_up(port):
+def warm_up(port, tls):
     """A few requests on one connection: lazily built state (pools, statics) is not counted."""
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
+    with socket.create_connection(("127.0.0.1", port), 5) as raw:
+        s = tls_context().wrap_socket(raw, server_hostname="idle.test") if tls else raw
         for _ in range(20):
             s.sendall(REQUEST)
             read_answer(s)
@@ -189,11 +215,14 @@ def warm_up(port):
 
 def measure(gateway, phase, ips):
     with tempfile.TemporaryDirectory() as d:
-        proc = start_nginx(d) if gateway == "nginx" else start_podgate(d, gateway)
+        tls = phase == "tls"
+        if tls:
+            make_cert(d)
+        proc = start_nginx(d, tls) if gateway == "nginx" else start_podgate(d, gateway, tls)
         conns = []
         try:
             load.wait_port(PORTS[gateway])
-            warm_up(PORTS[gateway])
+            warm_up(PORTS[gateway], tls)
             time.sleep(0.5)
             pids = pids_of(proc)
             before, socks_before = load.rss_kib(pids), sockets_of(pids)

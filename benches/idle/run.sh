@@ -4,6 +4,7 @@
 # itself within LIMIT seconds (110 by default).
 #   benches/idle/run.sh                 # N=8000, both phases, nginx and podgate
 #   N=15000 PHASES=idle benches/idle/run.sh
+#   N=2000 PHASES="idle tls" benches/idle/run.sh   # adds idle TLS HTTP/1.1 connections
 #   PODGATE=/path/to/podgate benches/idle/run.sh   # another build, no cargo build
 # Needs (Debian): nginx-light. N is bounded by `ulimit -Hn` (the gateways inherit the limit).
 # Results are printed; see benches/RESULTS.md.

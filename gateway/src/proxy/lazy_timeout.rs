@@ -4,15 +4,15 @@
 //! connection, a request head read after the socket said it was readable, a body piece already
 //! in the kernel. `tokio::time::timeout` builds a timer entry (a clock read, a wheel insert, a
 //! removal on drop) before its first poll, ready or not: four per proxied HTTP/1.1 request,
-//! ~1,500 instructions of ~22,500 (callgrind, `benches/load/instructions.py h1`). [`within`] and
-//! [`until`] poll the operation once first and arm a timer only when it has to wait. The bound
+//! ~1,500 instructions of ~22,500 (callgrind, `benches/load/instructions.py h1`). [`within`] polls
+//! the operation once first and arms a timer only when it has to wait. The bound
 //! is the same: a wait starts at the first poll that returned `Pending` (a few microseconds
 //! later than the call), and the operation gets no more than `limit` from then.
 
 use std::future::Future;
 use std::pin::pin;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The operation did not finish in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,17 +27,6 @@ pub async fn within<F: Future>(limit: Duration, op: F) -> Result<F::Output, Elap
     tokio::time::timeout(limit, op).await.map_err(|_| Elapsed)
 }
 
-/// `op`'s output, or [`Elapsed`] if it had not finished at `deadline`.
-pub async fn until<F: Future>(deadline: Instant, op: F) -> Result<F::Output, Elapsed> {
-    let mut op = pin!(op);
-    if let Poll::Ready(v) = poll_once(op.as_mut()).await {
-        return Ok(v);
-    }
-    tokio::time::timeout_at(deadline.into(), op)
-        .await
-        .map_err(|_| Elapsed)
-}
-
 /// Polls `op` once, with the caller's waker (so a `Pending` is woken as usual).
 async fn poll_once<F: Future>(mut op: std::pin::Pin<&mut F>) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(op.as_mut().poll(cx))).await
@@ -46,13 +35,13 @@ async fn poll_once<F: Future>(mut op: std::pin::Pin<&mut F>) -> Poll<F::Output> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn a_ready_operation_needs_no_timer_and_a_waiting_one_is_bounded() {
         // Ready at once: the output, even with a zero limit (no timer was ever polled).
         assert_eq!(within(Duration::ZERO, async { 7 }).await, Ok(7));
-        assert_eq!(until(Instant::now(), async { 8 }).await, Ok(8));
 
         // Waiting for bytes that never come: cut at the limit, not before.
         let (mut ours, _theirs) = tokio::io::duplex(64);
@@ -61,12 +50,6 @@ mod tests {
         let r = within(Duration::from_millis(100), ours.read(&mut buf)).await;
         assert_eq!(r.unwrap_err(), Elapsed);
         assert!(started.elapsed() >= Duration::from_millis(95));
-        let r = until(
-            Instant::now() + Duration::from_millis(50),
-            ours.read(&mut buf),
-        )
-        .await;
-        assert_eq!(r.unwrap_err(), Elapsed);
 
         // Waiting for bytes that come later: the wake-up of the first poll is honoured.
         let (mut ours, mut theirs) = tokio::io::duplex(64);

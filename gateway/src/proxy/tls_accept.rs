@@ -21,7 +21,7 @@
 
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora_core::protocols::{SocketDigest, Stream};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -157,15 +157,21 @@ pub async fn handshake(
         Ok(Err(e)) => return Err(NoSession::Failed(e.to_string())),
     }
     let fd = tcp.as_raw_fd();
-    let mut l4 = L4Stream::from(tcp);
-    // The h2 path reads the client's address from the socket digest.
-    l4.set_socket_digest(SocketDigest::from_raw_fd(fd));
+    let l4 = L4Stream::from(tcp);
     // Boxed: the handshake's state (rustls' connection inline) would otherwise size the
     // connection task for its whole life.
     let shake = Box::pin(acceptor.tls_handshake(l4));
     match tokio::time::timeout_at(deadline, shake).await {
         Err(_) => Err(NoSession::TimedOut),
         Ok(Err(e)) => Err(NoSession::Failed(format!("{peer:?}: {e}"))),
-        Ok(Ok(tls)) => Ok(Box::new(tls)),
+        Ok(Ok(tls)) => {
+            let mut stream: Stream = Box::new(tls);
+            // The h2 path reads the client's address from the socket digest; HTTP/1.1 has it
+            // from the accept, and would keep the digest's 408 B for the connection's life.
+            if stream.selected_alpn_proto() == Some(pingora_core::protocols::ALPN::H2) {
+                stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            }
+            Ok(stream)
+        }
     }
 }

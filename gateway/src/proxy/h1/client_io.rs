@@ -37,17 +37,20 @@ pub fn client_io(transport: Transport, write_timeout: Duration) -> ClientIo {
 impl WriteDeadline<Transport> {
     /// Waits until bytes (or the end) can be read, consuming nothing and holding no buffer. It
     /// may return early (a spurious wake-up): the read that follows waits properly.
+    ///
+    /// For a socket of podgate's own this is the socket's read readiness, whose waker tokio
+    /// keeps in the socket's registration: the wait itself holds no state (`TcpStream::readable`
+    /// would keep a 64-byte waiter in the connection's task while it is idle).
     pub async fn readable(&mut self) -> io::Result<()> {
-        match self.get_mut() {
-            Transport::Tcp(t) => t.readable().await,
+        let inner = self.get_mut();
+        std::future::poll_fn(|cx| match inner {
+            Transport::Tcp(t) => t.poll_read_ready(cx),
             Transport::Pingora(s) => {
-                std::future::poll_fn(|cx| {
-                    let mut none = ReadBuf::new(&mut []);
-                    Pin::new(&mut *s).poll_read(cx, &mut none)
-                })
-                .await
+                let mut none = ReadBuf::new(&mut []);
+                Pin::new(&mut *s).poll_read(cx, &mut none)
             }
-        }
+        })
+        .await
     }
 }
 

@@ -16,7 +16,8 @@
 //! (pure); `client.rs` is the client side of one request for the pipeline (`proxy/pipeline/`),
 //! `pod.rs` the HTTP/1.1 Pod side for every client protocol; `sniff.rs` tells h2c from
 //! HTTP/1.x; `spread.rs` evens connections over threads; `client_io.rs` is the client's
-//! transport.
+//! transport; `deadline.rs` keeps the deadlines of connections waiting for a head (keep-alive,
+//! head, the stop) in per-thread lists, so that an idle connection's task holds no timer.
 //!
 //! Limits toward clients follow nginx: the TLS handshake (`proxy/tls_accept.rs`) and the whole
 //! first request head must arrive within `server.client_header_timeout` of the accept (nginx
@@ -25,7 +26,9 @@
 //! `proxy/write_deadline.rs`), and an idle keep-alive connection is closed after
 //! `server.keepalive_timeout`. A request counts as in flight for the stop
 //! (`proxy/in_flight.rs`) from its head's first byte until its connection is idle or closed.
-//! An idle connection holds no buffer: it waits for readability with an empty read, then reads the head into a 1 KiB buffer that doubles as needed up to
+//! An idle connection holds no buffer and no timer (838 B measured, its task 512 B of it;
+//! `benches/RESULTS.md`): it waits for readability, then reads the head into a 1 KiB buffer
+//! that doubles as needed up to
 //! [`head::MAX_HEAD`]; all buffers of connections still sending a head share one budget,
 //! `server.header_memory`, beyond which a connection asking for more is answered 503 and closed.
 
@@ -33,7 +36,9 @@ pub mod body;
 mod chunked;
 mod client;
 mod client_io;
+mod deadline;
 pub mod head;
+mod limits;
 pub(crate) mod pod;
 #[cfg(test)]
 mod props;
@@ -41,94 +46,30 @@ pub(crate) mod rewrite;
 pub mod sniff;
 pub mod spread;
 
-use crate::config::ServerSettings;
 use crate::proxy::tls_accept::{self, TlsListeners};
 use crate::proxy::write_deadline::CLIENT_WRITE_TIMEOUT;
-use crate::proxy::{error_json, in_flight, lazy_timeout, Gateway};
+use crate::proxy::{error_json, in_flight, Gateway};
 use async_trait::async_trait;
 use bytes::BytesMut;
 use client_io::{client_io, ClientIo, Transport};
+use deadline::{Deadline, Kind};
 use head::{parse_request, Request};
 use http::Method;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use body::BUFFERED_BODY;
+use limits::HeadHold;
+pub use limits::{HeadMemory, Limits};
 /// The first buffer for a request head (nginx's `client_header_buffer_size`).
 const FIRST_HEAD_BUFFER: usize = 1024;
-
-/// Deadlines and memory bounds toward clients (see the module comment).
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    /// Shared by all connections of the process that are reading a head.
-    pub header_memory: Arc<HeadMemory>,
-}
-
-impl Limits {
-    pub fn new(s: &ServerSettings) -> Self {
-        Limits {
-            header_timeout: s.client_header_timeout,
-            body_timeout: s.client_body_timeout,
-            keepalive_timeout: s.keepalive_timeout,
-            header_memory: Arc::new(HeadMemory::new(s.header_memory)),
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            header_timeout: Duration::from_secs(60),
-            body_timeout: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(60),
-            header_memory: Arc::new(HeadMemory::new(128 << 20)),
-        }
-    }
-}
-
-/// The budget of bytes that connections hold for heads not yet complete.
-#[derive(Debug)]
-pub struct HeadMemory {
-    held: AtomicUsize,
-    limit: usize,
-}
-
-impl HeadMemory {
-    pub fn new(limit: usize) -> Self {
-        HeadMemory {
-            held: AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    /// Takes `n` bytes from the budget, if that many are left.
-    fn take(&self, n: usize) -> bool {
-        let before = self.held.fetch_add(n, Ordering::Relaxed);
-        if before.saturating_add(n) > self.limit {
-            self.held.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    fn give(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    /// Bytes held now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-}
 
 /// The proxy application of a listener: HTTP/1.1 here, h2 in `proxy/h2/serve.rs`.
 pub struct Engine {
@@ -142,6 +83,8 @@ pub struct Engine {
     h2c: bool,
     /// The service's TLS listeners: their connections are handshaken here (`tls_accept.rs`).
     tls: TlsListeners,
+    /// The deadlines of connections waiting for a head, per thread (`deadline.rs`).
+    timers: deadline::Timers,
 }
 
 impl Engine {
@@ -154,6 +97,7 @@ impl Engine {
             limits: Limits::default(),
             h2c: false,
             tls: TlsListeners::default(),
+            timers: deadline::Timers::new(linger),
         }
     }
 
@@ -199,26 +143,38 @@ impl ServerApp for Engine {
                     // Pingora's copy leaves this thread's poller and closes; the socket stays
                     // open through the copy.
                     drop(io);
-                    let (engine, shutdown) = (self.clone(), shutdown.clone());
-                    there.spawn(async move {
-                        let _open = open;
-                        match tokio::net::TcpStream::from_std(tcp) {
-                            Ok(tcp) => {
-                                let io = client_io(Transport::Tcp(tcp), engine.limits.body_timeout);
-                                engine.serve(io, addr, false, &shutdown, accepted).await
-                            }
-                            Err(e) => log::warn!("cannot move a client connection: {e}"),
+                    // Registered with the target thread's poller from here, so that the task
+                    // spawned there is `serve` itself: an async block around it would keep a
+                    // second copy of everything it hands `serve` for the connection's life.
+                    let tcp = {
+                        let _there = there.enter();
+                        tokio::net::TcpStream::from_std(tcp)
+                    };
+                    match tcp {
+                        Ok(tcp) => {
+                            let io = client_io(Transport::Tcp(tcp), self.limits.body_timeout);
+                            let client = Client::new(io, addr, false);
+                            there.spawn(self.clone().serve(
+                                client,
+                                shutdown.clone(),
+                                accepted,
+                                Some(open),
+                            ));
                         }
-                    });
+                        Err(e) => log::warn!("cannot move a client connection: {e}"),
+                    }
                     return None;
                 }
             }
         }
-        let _open = self.spread.open_here();
+        let open = self.spread.open_here();
         let addr = peer(&io);
         let tls = io.get_ssl_digest().is_some();
         let io = client_io(Transport::Pingora(io), self.limits.body_timeout);
-        self.serve(io, addr, tls, shutdown, accepted).await;
+        let client = Client::new(io, addr, tls);
+        self.clone()
+            .serve(client, shutdown.clone(), accepted, open)
+            .await;
         None
     }
 
@@ -279,13 +235,15 @@ impl Engine {
         };
         let (engine, shutdown) = (self.clone(), shutdown.clone());
         there.spawn(async move {
-            let _open = open;
             let tcp = match tokio::net::TcpStream::from_std(tcp) {
                 Ok(tcp) => tcp,
                 Err(e) => return log::warn!("cannot move a client connection: {e}"),
             };
             let deadline = accepted + engine.limits.header_timeout;
-            let stream = match tls_accept::handshake(&acceptor, tcp, addr, deadline.into()).await {
+            // Boxed: inline, the handshake's waits would size the task for the connection's
+            // life.
+            let shake = Box::pin(tls_accept::handshake(&acceptor, tcp, addr, deadline.into()));
+            let stream = match shake.await {
                 Ok(stream) => stream,
                 Err(tls_accept::NoSession::TimedOut) => {
                     return log::debug!("client {addr:?}: TLS handshake timed out")
@@ -297,10 +255,12 @@ impl Engine {
             // Boxed, both: inline, the larger of the two (an h2 connection's state) would size
             // the task of every connection still waiting for its ClientHello.
             if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                let _open = open;
                 Box::pin(engine.serve_h2(stream, &shutdown, accepted)).await;
             } else {
                 let io = client_io(Transport::Pingora(stream), engine.limits.body_timeout);
-                Box::pin(engine.serve(io, addr, true, &shutdown, accepted)).await;
+                let client = Client::new(io, addr, true);
+                Box::pin(engine.serve(client, shutdown, accepted, open)).await;
             }
         });
     }
@@ -325,6 +285,16 @@ struct Client {
 }
 
 impl Client {
+    fn new(io: ClientIo, addr: Option<SocketAddr>, tls: bool) -> Self {
+        Client {
+            io,
+            buf: BytesMut::new(),
+            addr,
+            tls,
+            busy: None,
+        }
+    }
+
     /// Writes `bytes` and flushes them; each write must make progress within `timeout`
     /// (the connection's [`WriteDeadline`](crate::proxy::write_deadline::WriteDeadline)), so a
     /// slow client that keeps reading gets even a large head, and one that stopped does not
@@ -342,10 +312,15 @@ impl Client {
     }
 }
 
-/// Waits until the server shuts down and then `linger` more.
-async fn closing(shutdown: &mut ShutdownWatch, linger: Duration) {
-    let _ = shutdown.wait_for(|stopping| *stopping).await;
-    tokio::time::sleep(linger).await;
+/// Closes the connection's sending side (a TLS close_notify), within `timeout`; boxed, as its
+/// timer would otherwise size every connection's task.
+fn close(
+    client: &mut Client,
+    timeout: Duration,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let _ = tokio::time::timeout(timeout, AsyncWriteExt::shutdown(&mut client.io)).await;
+    })
 }
 
 /// Why no request head came.
@@ -398,164 +373,176 @@ fn error_answer(
 }
 
 impl Engine {
-    async fn serve(
-        &self,
-        io: ClientIo,
-        addr: Option<SocketAddr>,
-        tls: bool,
-        shutdown: &ShutdownWatch,
+    /// Serves one HTTP/1.1 client connection to its end: the future the connection's task
+    /// runs. Its parts are owned, and used in place by the `async move` block (an `async fn`
+    /// would keep each argument twice: as given and as its local binding), so that the whole
+    /// task fits 512 B (`deadline.rs` has the measurements).
+    // Not an `async fn` on purpose (see above): clippy's rewrite would double the task.
+    #[allow(clippy::manual_async_fn)]
+    fn serve(
+        self: Arc<Self>,
+        mut client: Client,
+        shutdown: ShutdownWatch,
         accepted: Instant,
-    ) {
-        let mut client = Client {
-            io,
-            buf: BytesMut::new(),
-            addr,
-            tls,
-            busy: None,
-        };
-        let mut shutdown = shutdown.clone();
-        let mut first = true;
-        loop {
-            let req = match self
-                .read_head(&mut client, &mut shutdown, first, accepted)
-                .await
-            {
-                Ok(req) => req,
-                Err(NoHead::Done) => break,
-                Err(NoHead::Answer(status)) => {
-                    let id = if status == 503 {
-                        String::new()
-                    } else {
-                        crate::proxy::pipeline::request_id(None)
-                    };
-                    let answer = error_answer(status, None, false, false, &id);
-                    let _ = client.send(&answer, self.limits.body_timeout).await;
-                    crate::proxy::pipeline::record::refused(&self.gateway, status, Instant::now());
-                    break;
+        open: Option<spread::Open>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let _open = &open;
+            let mut first = true;
+            // No await may come while the head (or the result it came in, 112 B) is still in
+            // scope: the task would hold room for it for the connection's life.
+            let refused = loop {
+                let req = match self
+                    .read_head(&mut client, &shutdown, first, accepted)
+                    .await
+                {
+                    Ok(req) => req,
+                    Err(NoHead::Done) => break None,
+                    Err(NoHead::Answer(status)) => break Some(status),
+                };
+                first = false;
+                let stopping = *shutdown.borrow();
+                // Boxed: the exchange's state is large and only needed while a request is in
+                // flight; inline, every idle connection would carry it.
+                let exchange = Box::pin(self.exchange(&mut client, req, stopping));
+                if !exchange.await {
+                    break None;
+                }
+                // Idle again: nothing in flight until the next head begins.
+                client.busy = None;
+                if client.buf.is_empty() {
+                    // Nothing pipelined: an idle connection keeps no buffer.
+                    client.buf = BytesMut::new();
                 }
             };
-            first = false;
-            let stopping = *shutdown.borrow();
-            // Boxed: the exchange's state is large and only needed while a request is in
-            // flight; inline, every idle connection would carry it.
-            if !Box::pin(self.exchange(&mut client, req, stopping)).await {
-                break;
+            if let Some(status) = refused {
+                self.refuse(&mut client, status).await;
             }
-            // Idle again: nothing in flight until the next head begins.
-            client.busy = None;
-            if client.buf.is_empty() {
-                // Nothing pipelined: an idle connection keeps no buffer.
-                client.buf = BytesMut::new();
-            }
+            close(&mut client, self.limits.body_timeout).await;
         }
-        let _ = tokio::time::timeout(
-            self.limits.body_timeout,
-            AsyncWriteExt::shutdown(&mut client.io),
-        )
-        .await;
+    }
+
+    /// Answers a head refused before it reached the pipeline (boxed: rare, and inline its
+    /// state would size every connection's task).
+    fn refuse<'a>(
+        &'a self,
+        client: &'a mut Client,
+        status: u16,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let id = if status == 503 {
+                String::new()
+            } else {
+                crate::proxy::pipeline::request_id(None)
+            };
+            let answer = error_answer(status, None, false, false, &id);
+            let _ = client.send(&answer, self.limits.body_timeout).await;
+            crate::proxy::pipeline::record::refused(&self.gateway, status, Instant::now());
+        })
     }
 
     /// The next request head. The first head of a connection must be complete
     /// `client_header_timeout` after the accept; a later one that long after its first byte.
-    async fn read_head(
-        &self,
-        c: &mut Client,
-        shutdown: &mut ShutdownWatch,
+    /// Before that first byte a keep-alive connection waits `keepalive_timeout`, or until
+    /// `linger` after the stop. Every wait's deadline is an entry in this thread's list
+    /// (`deadline.rs`), made only when a wait is taken: this future holds no timer.
+    // Not an `async fn` on purpose (see above): clippy's rewrite would double the task.
+    #[allow(clippy::manual_async_fn)]
+    fn read_head<'a>(
+        &'a self,
+        c: &'a mut Client,
+        shutdown: &'a ShutdownWatch,
         first: bool,
         accepted: Instant,
-    ) -> Result<Request, NoHead> {
-        let limits = &self.limits;
-        let deadline = if c.buf.is_empty() {
-            let (wait, started) = if first {
-                (limits.header_timeout, accepted)
+    ) -> impl Future<Output = Result<Request, NoHead>> + Send + 'a {
+        // Not an `async fn`: it would keep every argument twice.
+        async move {
+            let limits = &self.limits;
+            let mut waiting: Option<Deadline> = None;
+            let deadline = if c.buf.is_empty() {
+                let (kind, at) = if first {
+                    (Kind::Head, accepted + limits.header_timeout)
+                } else {
+                    (Kind::Idle, Instant::now() + limits.keepalive_timeout)
+                };
+                let mut readable = std::pin::pin!(c.io.readable());
+                let ready = poll_fn(|cx| {
+                    if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                        return Poll::Ready(r.is_ok());
+                    }
+                    let wait = waiting.get_or_insert_with(|| self.timers.start(kind, at, shutdown));
+                    wait.poll_expired(cx).map(|()| false)
+                })
+                .await;
+                if !ready {
+                    return Err(NoHead::Done);
+                }
+                if first {
+                    // The first head's deadline counts from the accept: the same entry goes on.
+                    accepted + limits.header_timeout
+                } else {
+                    waiting = None;
+                    Instant::now() + limits.header_timeout
+                }
             } else {
-                (limits.keepalive_timeout, Instant::now())
-            };
-            let ready = tokio::select! {
-                biased;
-                r = tokio::time::timeout_at((started + wait).into(), c.io.readable()) => r,
-                _ = closing(shutdown, self.linger), if !first => return Err(NoHead::Done),
-            };
-            match ready {
-                Ok(Ok(())) => {}
-                _ => return Err(NoHead::Done),
-            }
-            if first {
-                accepted + limits.header_timeout
-            } else {
+                // Pipelined bytes: the next head started when the previous request ended.
                 Instant::now() + limits.header_timeout
-            }
-        } else {
-            // Pipelined bytes: the next head started when the previous request ended.
-            Instant::now() + limits.header_timeout
-        };
-        let mut held = HeadHold {
-            memory: &limits.header_memory,
-            bytes: 0,
-        };
-        if !c.buf.is_empty() {
-            c.busy.get_or_insert_with(in_flight::busy);
-        }
-        loop {
+            };
+            let mut held = HeadHold {
+                memory: &limits.header_memory,
+                bytes: 0,
+            };
             if !c.buf.is_empty() {
-                match parse_request(&mut c.buf) {
-                    Ok(Some(req)) => return Ok(req),
-                    Ok(None) => {}
-                    Err(refused) => {
-                        log::debug!("client {:?}: {}", c.addr, refused.why);
-                        return Err(NoHead::Answer(refused.status));
+                c.busy.get_or_insert_with(in_flight::busy);
+            }
+            loop {
+                if !c.buf.is_empty() {
+                    match parse_request(&mut c.buf) {
+                        Ok(Some(req)) => return Ok(req),
+                        Ok(None) => {}
+                        Err(refused) => {
+                            log::debug!("client {:?}: {}", c.addr, refused.why);
+                            return Err(NoHead::Answer(refused.status));
+                        }
+                    }
+                }
+                if c.buf.capacity() == c.buf.len() {
+                    let before = c.buf.capacity();
+                    let want = (before * 2).clamp(FIRST_HEAD_BUFFER, head::MAX_HEAD + 1024);
+                    let more = want.saturating_sub(before).max(FIRST_HEAD_BUFFER);
+                    if !held.grow(more) {
+                        log::warn!(
+                            "client {:?}: connections sending request heads hold {} bytes, the \
+                         limit of server.header_memory; closing this one",
+                            c.addr,
+                            limits.header_memory.held()
+                        );
+                        return Err(NoHead::Answer(503));
+                    }
+                    c.buf.reserve(more);
+                }
+                let mut reading = std::pin::pin!(c.io.read_buf(&mut c.buf));
+                let read = poll_fn(|cx| {
+                    if let Poll::Ready(r) = reading.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    let wait = waiting
+                        .get_or_insert_with(|| self.timers.start(Kind::Head, deadline, shutdown));
+                    wait.poll_expired(cx).map(|()| None)
+                })
+                .await;
+                match read {
+                    Some(Ok(0)) | Some(Err(_)) => return Err(NoHead::Done),
+                    Some(Ok(_)) => {
+                        c.busy.get_or_insert_with(in_flight::busy);
+                    }
+                    None if c.buf.is_empty() => return Err(NoHead::Done),
+                    None => {
+                        log::debug!("client {:?}: request head timed out", c.addr);
+                        return Err(NoHead::Answer(408));
                     }
                 }
             }
-            if c.buf.capacity() == c.buf.len() {
-                let before = c.buf.capacity();
-                let want = (before * 2).clamp(FIRST_HEAD_BUFFER, head::MAX_HEAD + 1024);
-                let more = want.saturating_sub(before).max(FIRST_HEAD_BUFFER);
-                if !held.grow(more) {
-                    log::warn!(
-                        "client {:?}: connections sending request heads hold {} bytes, the \
-                         limit of server.header_memory; closing this one",
-                        c.addr,
-                        limits.header_memory.held()
-                    );
-                    return Err(NoHead::Answer(503));
-                }
-                c.buf.reserve(more);
-            }
-            let read = lazy_timeout::until(deadline, c.io.read_buf(&mut c.buf)).await;
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(NoHead::Done),
-                Ok(Ok(_)) => {
-                    c.busy.get_or_insert_with(in_flight::busy);
-                }
-                Err(_) if c.buf.is_empty() => return Err(NoHead::Done),
-                Err(_) => {
-                    log::debug!("client {:?}: request head timed out", c.addr);
-                    return Err(NoHead::Answer(408));
-                }
-            }
         }
-    }
-}
-
-/// Bytes of [`HeadMemory`] one connection holds while it reads a head; given back when dropped.
-struct HeadHold<'a> {
-    memory: &'a HeadMemory,
-    bytes: usize,
-}
-
-impl HeadHold<'_> {
-    fn grow(&mut self, n: usize) -> bool {
-        let ok = self.memory.take(n);
-        if ok {
-            self.bytes += n;
-        }
-        ok
-    }
-}
-
-impl Drop for HeadHold<'_> {
-    fn drop(&mut self) {
-        self.memory.give(self.bytes);
     }
 }

@@ -50,13 +50,14 @@ thread_local! {
 /// `proxy/in_flight.rs`); uncounted when dropped.
 pub struct Open {
     spread: Arc<Spread>,
-    thread: usize,
+    /// `u32`, not `usize`: the guard lives in every connection's task, and so fits 16 B.
+    thread: u32,
     _counted: crate::proxy::in_flight::Connection,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        let t = &self.spread.threads[self.thread];
+        let t = &self.spread.threads[self.thread as usize];
         let now = t.open.fetch_sub(1, Ordering::Relaxed) - 1;
         if let Some(g) = t.gauge.get() {
             g.set(now as i64);
@@ -122,7 +123,7 @@ impl Spread {
         }
         Open {
             spread: self.clone(),
-            thread,
+            thread: thread as u32,
             _counted: crate::proxy::in_flight::connection(),
         }
     }
