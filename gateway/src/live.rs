@@ -472,6 +472,12 @@ impl Live {
         // Events that reached the previous upstreams between building and swapping are caught up.
         upstreams.rebuild_all();
         self.router.store(Arc::new(router));
+        // Before the series go: a probe of a removed upstream that ends meanwhile then sees it.
+        for (name, up) in &previous.by_name {
+            if !upstreams.by_name.contains_key(name) {
+                up.removed.store(true, Ordering::SeqCst);
+            }
+        }
         crate::telemetry::metrics::forget_removed(&known_series(&new));
         init_series(&new);
 

@@ -217,6 +217,11 @@ pub async fn round(up: &Arc<crate::upstream::Upstream>, conf: &HealthCheckConf) 
             let result = probe(b.addr, &conf, &host, &up.connector).await;
             let label = if result.is_ok() { "success" } else { "failure" };
             CHECKS.with_label_values(&[&up.conf.name, label]).inc();
+            if up.removed.load(std::sync::atomic::Ordering::SeqCst) {
+                // A reload removed the upstream while this probe ran, and with it its series:
+                // the count just made must not bring one back.
+                let _ = CHECKS.remove_label_values(&[&up.conf.name, label]);
+            }
             let flipped = b.info.health.active.observe(result.is_ok(), &conf);
             if flipped.is_some() {
                 // Healthy capacity changed: picks look at health records again (or stop), and

@@ -98,6 +98,9 @@ pub struct Upstream {
     built: AtomicBool,
     /// Whether a timer thread will rebuild this upstream again.
     timer: AtomicBool,
+    /// A reload removed this upstream's name from the config: its metric series are gone, and
+    /// a health probe still in flight must not bring one back (`health_check.rs`).
+    pub removed: AtomicBool,
     /// Tiers, zones and the balance policy; see `policy`.
     pub traffic: Traffic,
     /// Told after every new selection (pooled h2 connections to Pods that left then drain).
@@ -149,6 +152,7 @@ impl Upstream {
             recount: Mutex::new(()),
             built: AtomicBool::new(false),
             timer: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             metrics,
             pool_group,
             views: Mutex::new(vec![ServiceView::default(); conf.services.len()]),
