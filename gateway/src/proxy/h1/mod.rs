@@ -431,7 +431,7 @@ impl Engine {
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             let id = if status == 503 {
-                String::new()
+                crate::proxy::pipeline::RequestId::Sent("")
             } else {
                 crate::proxy::pipeline::request_id(None)
             };
