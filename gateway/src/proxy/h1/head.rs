@@ -3,7 +3,7 @@
 //! §6.3) — or that the framing is ambiguous and the message must be refused.
 //!
 //! Everything here is a pure function of bytes, so it is fuzzed as a whole
-//! (`gateway/tests/head_props.rs`). Field positions are kept as ranges into the head's own
+//! (`gateway/src/proxy/h1/props.rs`). Field positions are kept as ranges into the head's own
 //! buffer; a range is only ever made from a slice that lies inside that buffer ([`inside`]), so
 //! no input can produce an out-of-bounds index (httparse hands back a static `""` for a missing
 //! or non-ASCII reason phrase, which is not inside anything).
