@@ -21,8 +21,13 @@ proxy gets the same request headers. Run with PROXIES="nginx podgate podgate-pol
 SYSCALLS=1 counts, with `perf stat` on each proxy while wrk runs, its futex calls, writes
 (write, writev, pwrite64) and context switches per request. The counting slows every proxy, so
 its req/s are not the ones to quote.
+
+Every round's row also shows how busy each CPU was while wrk ran (pinned: CPU 1 the proxy's, CPU 0
+wrk's and the upstreams') and the CPU the upstreams and wrk spent per request. When CPU 0 is near
+100 % too, the round's req/s is bounded by the load generator as much as by the proxy, and the
+proxy's CPU µs per request is the fairer comparison.
 """
-import os, re, statistics, subprocess, sys, tempfile, time, socket
+import os, re, resource, statistics, subprocess, sys, tempfile, time, socket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -115,6 +120,32 @@ def cpu_split(pids):
             pass
     tick = os.sysconf("SC_CLK_TCK")
     return user / tick, system / tick
+
+
+def core_ticks():
+    """(busy, total) clock ticks of each CPU so far, from /proc/stat."""
+    ticks = []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in values]
+                idle = v[3] + v[4]  # idle + iowait
+                ticks.append((sum(v[:8]) - idle, sum(v[:8])))
+    return ticks
+
+
+def core_busy(before, after):
+    """Percent busy of each CPU between two `core_ticks`: pinned, CPU 1 is the proxy's core and
+    CPU 0 wrk's and the upstreams'. A proxy core below ~100 % means the round's req/s was set by
+    CPU 0 (the load generator), not by the proxy; both near 100 % means both bound it."""
+    return [100.0 * (b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(before, after)]
+
+
+def children_cpu():
+    """User + system CPU seconds of this script's finished children (wrk runs as one)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def cpu_seconds(pids):
@@ -393,8 +424,8 @@ def run(mode, logs):
             # proxy but adds little to its cost per request).
             extra = " futex/req | writes/req | switches/req |" if SYSCALLS else ""
             print("| round | proxy | req/s | p50 ms | p99 ms | vs nginx | CPU µs/req | user | system "
-                  f"| log lines/req |{extra}")
-            print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if SYSCALLS else ""))
+                  f"| log lines/req | CPU 0 / 1 busy % | upstreams µs/req | wrk µs/req |{extra}")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if SYSCALLS else ""))
             for r in range(1, ROUNDS + 1):
                 row = {}
                 for n in names:
@@ -408,26 +439,33 @@ def run(mode, logs):
                     stat = perf_stat(procs[n].pid, DURATION) if SYSCALLS else None
                     pids = [procs[n].pid] + children(procs[n].pid)
                     before = cpu_split(pids)
+                    cores = core_ticks()
+                    others = cpu_seconds([up.pid]), children_cpu()
                     rps, p50, p99, err, total = wrk(PORTS[n], DURATION, pin)
+                    busy = core_busy(cores, core_ticks())
+                    # What the rest of the bench (wrk, the upstreams) spent per request meanwhile.
+                    upstream_us = (cpu_seconds([up.pid]) - others[0]) * 1e6 / max(1, total)
+                    wrk_us = (children_cpu() - others[1]) * 1e6 / max(1, total)
+                    busy = busy + [upstream_us, wrk_us]
                     user, system = ((b - a) * 1e6 / max(1, total)
                                     for a, b in zip(before, cpu_split(pids)))
                     cpu = user + system
                     counts = perf_counts(stat) if stat else {}
                     # podgate's last lines may still sit in its buffers (up to access_log.flush).
                     lines = count_lines(access_log_path(d, n)) / max(1, total)
-                    row[n] = (rps, p50, p99, err, cpu, lines, counts, total, user, system)
+                    row[n] = (rps, p50, p99, err, cpu, lines, counts, total, user, system, busy)
                     results[n].append(row[n])
                     if perf:
                         perf.wait()
                 for n in names:
-                    rps, p50, p99, err, cpu, lines, counts, total, user, system = row[n]
+                    rps, p50, p99, err, cpu, lines, counts, total, user, system, busy = row[n]
                     ratio = rps / row["nginx"][0]
                     per = lambda *events: sum(counts.get(e, 0) for e in events) / max(1, total)
                     sys_cols = (f" {per(PERF_EVENTS[0]):.3f} | {per(*PERF_EVENTS[1:4]):.3f} | "
                                 f"{per(PERF_EVENTS[4]):.3f} |") if SYSCALLS else ""
                     print(f"| {r} | {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio:.2f} | {cpu:.1f} "
                           f"| {user:.1f} | {system:.1f} "
-                          f"| {lines:.2f} |{sys_cols}" + (f" {err}" if err else ""))
+                          f"| {lines:.2f} | {busy[0]:.0f} / {busy[1]:.0f} | {busy[-2]:.1f} | {busy[-1]:.1f} |{sys_cols}" + (f" {err}" if err else ""))
             print("\n| proxy | median req/s | median ratio to nginx | median p50 ms | median p99 ms "
                   "| median CPU µs/req | user | system | RSS MiB |")
             print("|---|---|---|---|---|---|---|---|---|")
